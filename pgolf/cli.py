@@ -1,0 +1,47 @@
+"""The one `pgolf` command. Each package contributes its subcommands through `register`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that define `register(subparsers)`; order is the order of `pgolf --help`.
+_SUBCOMMAND_MODULES = (
+    "pgolf_codec.cli",   # pack, unpack, inspect, verify
+    "pgolf_train.cli",   # data, train, quantize
+    "pgolf_eval.cli",    # eval
+    "pgolf.run",         # run
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgolf", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in _SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:  # a package still being built must not break the others
+            if e.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        print("pgolf: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:  # FormatError, ShardError, ConfigError are ValueErrors
+        print(f"pgolf {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

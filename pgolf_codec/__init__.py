@@ -1,0 +1,1 @@
+"""pgolf_codec"""

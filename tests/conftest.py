@@ -1,0 +1,42 @@
+"""Shared test fixtures: where `../shared/data` is, and hypothesis profiles (derandomized in CI)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, max_examples=60,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("dev", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PGOLF_SHARED", REPO.parent / "shared"))
+DATA = SHARED / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """`../shared/data`: real FineWeb/Wikipedia text and the sp1024 tokenizer (read-only)."""
+    if not (DATA / "tokenizers" / "fineweb_1024_bpe.model").exists():
+        pytest.fail(f"shared data not found at {DATA}; set PGOLF_SHARED")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def sp1024(shared_data: Path) -> Path:
+    return shared_data / "tokenizers" / "fineweb_1024_bpe.model"
+
+
+@pytest.fixture(scope="session")
+def fineweb_docs(shared_data: Path) -> Path:
+    return shared_data / "fineweb" / "parameter_golf_verify_docs_200.jsonl"
+
+
+@pytest.fixture(scope="session")
+def wiki_shard(shared_data: Path) -> Path:
+    return shared_data / "wikipedia" / "enwiki20190720_pages_000.jsonl.xz"
