@@ -1,0 +1,189 @@
+"""The run report: `report.json`, `report.md` and PNG plots, from what the stages wrote."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+CAP_BYTES = 16_000_000
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("pgolf", "torch", "numpy", "numba", "triton", "sentencepiece", "zstandard", "msgpack"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_commit(repo: Path | None = None) -> str | None:
+    """The checkout's commit (with `-dirty` when it has local changes), or None outside git."""
+    repo = repo or Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill: the rest of the log is still good
+    return rows
+
+
+def _tensor_table(artifact: Path) -> tuple[list[dict], dict]:
+    from pgolf_codec import read_artifact
+
+    info = read_artifact(artifact).info
+    d = info if isinstance(info, dict) else (asdict(info) if hasattr(info, "__dataclass_fields__") else vars(info))
+    return list(d.get("tensors", [])), d
+
+
+def plot_curves(log: list[dict], out: Path) -> list[str]:
+    """loss and val bpb against wall time and tokens; returns the PNG names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in log if "loss" in r and "elapsed" in r]
+    val = [r for r in log if r.get("val_bpb") is not None and "elapsed" in r]
+    if not train:
+        return []
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for col, key, label in ((0, "elapsed", "training time (s)"), (1, "tokens", "tokens seen")):
+        xs = [r.get(key, 0) for r in train]
+        axes[0][col].plot(xs, [r["loss"] for r in train], lw=1)
+        axes[0][col].set_ylabel("train loss (nats/token)")
+        axes[0][col].set_xlabel(label)
+        if val:
+            axes[1][col].plot([r.get(key, 0) for r in val], [r["val_bpb"] for r in val], "o-", ms=3)
+        axes[1][col].set_ylabel("val bpb")
+        axes[1][col].set_xlabel(label)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+    return ["curves.png"]
+
+
+def plot_bytes(tensors: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not tensors:
+        return []
+    rows = sorted(tensors, key=lambda t: -t["bytes"])
+    fig, ax = plt.subplots(figsize=(11, max(3, 0.18 * len(rows))))
+    ax.barh([t["name"] for t in rows][::-1], [t["bytes"] for t in rows][::-1])
+    ax.set_xlabel("bytes in the artifact")
+    ax.tick_params(axis="y", labelsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "bytes_per_tensor.png", dpi=110)
+    plt.close(fig)
+    return ["bytes_per_tensor.png"]
+
+
+def write_report(out: Path, *, cfg, summary: dict, evals: dict, stages: dict, manifest: dict,
+                 data_dir: Path, tokenizer: Path) -> dict:
+    """Write report.json, report.md and the plots into `out`; return the report dict."""
+    artifact = Path(summary["artifact"])
+    tensors, info = _tensor_table(artifact)
+    log = read_jsonl(out / "train" / "train.jsonl")
+    final_mode = "plain"
+    for mode in ("ttt", "sliding"):
+        if mode in evals:
+            final_mode = mode
+            break
+    report = {
+        "val_bpb": evals[final_mode]["val_bpb"],
+        "val_bpb_mode": final_mode,
+        "val_bpb_prequant": summary.get("val_bpb_prequant"),
+        "val_bpb_postquant_plain": evals["plain"]["val_bpb"],
+        "evals": evals,
+        "artifact": str(artifact),
+        "artifact_bytes": int(info.get("total_bytes", artifact.stat().st_size)),
+        "model_bytes": int(info.get("model_bytes", summary.get("model_bytes", 0))),
+        "code_bytes": int(info.get("code_bytes", summary.get("code_bytes", 0))),
+        "headroom_bytes": CAP_BYTES - int(info.get("total_bytes", artifact.stat().st_size)),
+        "params": summary.get("params"),
+        "train_seconds": summary.get("train_seconds"),
+        "steps": summary.get("steps"),
+        "tokens_seen": summary.get("tokens_seen"),
+        "stages": stages,
+        "tensors": tensors,
+        "seed": getattr(cfg, "seed", None),
+        "config": asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else dict(cfg),
+        "data": {"dir": str(data_dir), "tokenizer": str(tokenizer), "manifest": manifest},
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "argv": sys.argv,
+    }
+    plots = []
+    try:
+        plots = plot_curves(log, out) + plot_bytes(tensors, out)
+    except ImportError:
+        print("pgolf run: matplotlib is not installed; no plots (pip install 'pgolf[report]')")
+    report["plots"] = plots
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def render_markdown(r: dict) -> str:
+    def f(x, spec=".4f"):
+        return "—" if x is None else format(x, spec)
+
+    lines = [
+        "# pgolf run report", "",
+        f"**val bpb {f(r['val_bpb'])}** ({r['val_bpb_mode']} evaluation of the artifact) · "
+        f"artifact **{r['artifact_bytes']:,} bytes** (headroom {r['headroom_bytes']:,} under 16,000,000)", "",
+        "| measure | value |", "|---|---|",
+        f"| val bpb before quantization | {f(r['val_bpb_prequant'])} |",
+        f"| val bpb after quantization (plain) | {f(r['val_bpb_postquant_plain'])} |",
+    ]
+    for mode, e in r["evals"].items():
+        if mode != "plain":
+            lines.append(f"| val bpb after quantization ({mode}) | {f(e['val_bpb'])} |")
+    lines += [
+        f"| model bytes | {r['model_bytes']:,} |",
+        f"| code bytes | {r['code_bytes']:,} |",
+        f"| total artifact bytes | {r['artifact_bytes']:,} |",
+        f"| parameters | {r['params']:,} |" if r.get("params") else "| parameters | — |",
+        f"| steps | {r['steps']} |",
+        f"| training time (s) | {f(r['train_seconds'], '.1f')} |",
+        f"| tokens seen | {r['tokens_seen']:,} |" if r.get("tokens_seen") else "| tokens seen | — |",
+        f"| seed | {r['seed']} |",
+        f"| git commit | {r['git_commit']} |", "",
+        "## Time per stage", "", "| stage | seconds |", "|---|---|",
+    ]
+    lines += [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in r["stages"].items()]
+    lines += ["", "## Bytes by tensor", "", "| tensor | shape | scheme | coder | bytes | bits/param |",
+              "|---|---|---|---|---|---|"]
+    for t in sorted(r["tensors"], key=lambda t: -t["bytes"]):
+        lines.append(f"| {t['name']} | {'×'.join(map(str, t['shape']))} | {t['scheme']} | {t['coder']} | "
+                     f"{t['bytes']:,} | {t['bits_per_param']:.3f} |")
+    lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
+    if r.get("plots"):
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in r["plots"]] + [""]
+    return "\n".join(lines)

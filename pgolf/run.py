@@ -1,0 +1,123 @@
+"""`pgolf run`: text → shards → train → artifact → score, in one command, with a report.
+
+RUNDIR layout::
+
+    data/            shards + tokenizer (only when --docs is given)
+    train/           the trainer's output: train.jsonl, checkpoint, final_model.safetensors, model.pgolf
+    eval_*.json      one file per evaluation mode run on the artifact
+    report.json      every number below, machine-readable
+    report.md        the same for people
+    *.png            loss/bpb curves and bytes per tensor
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+CAP_BYTES = 16_000_000
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="config name (pgolf_train/configs/NAME.toml) or path")
+    src = p.add_argument_group("data (one of)")
+    src.add_argument("--docs", nargs="+", type=Path, help="documents (.jsonl/.jsonl.xz/.jsonl.zst/.txt); "
+                     "the first --val-docs documents become validation")
+    src.add_argument("--data", type=Path, help="a directory of existing shards (fineweb_train_*.bin, fineweb_val_*.bin)")
+    p.add_argument("--tokenizer", type=Path, help="SentencePiece model; with --docs, reuse it instead of training one")
+    p.add_argument("--val-docs", type=int, default=None, help="validation documents taken from the head of --docs "
+                   "(default: the config's val_docs)")
+    p.add_argument("--out", type=Path, required=True, help="run directory (must be new or empty unless --force)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    p.add_argument("--force", action="store_true", help="reuse a run directory that already holds files")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="data → train → artifact → score, with a report (the main job)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=main)
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ValueError(f"run directory {out} is not empty; pass --force to reuse it (files inside may be replaced)")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _resolve_data(args, cfg, out: Path) -> tuple[Path, Path, dict]:
+    """Return (data_dir, tokenizer_path, prepare_manifest_or_empty)."""
+    if args.docs and args.data:
+        raise ValueError("give either --docs or --data, not both")
+    if args.data:
+        if args.tokenizer is None:
+            raise ValueError("--data needs --tokenizer (the SentencePiece model the shards were made with)")
+        return args.data, args.tokenizer, {}
+    if not args.docs:
+        raise ValueError("give --docs FILE... (raw documents) or --data DIR --tokenizer MODEL (existing shards)")
+    from pgolf_train.prepare import prepare
+
+    data_dir = out / "data"
+    if data_dir.exists() and args.force:
+        shutil.rmtree(data_dir)
+    val_docs = args.val_docs if args.val_docs is not None else cfg.val_docs
+    manifest = prepare(args.docs, data_dir, vocab=cfg.vocab_size, val_docs=val_docs, tokenizer=args.tokenizer)
+    tok = args.tokenizer if args.tokenizer is not None else data_dir / "tokenizer.model"
+    return data_dir, tok, manifest
+
+
+def _eval_modes(cfg) -> list[dict]:
+    """The evaluation modes a config asks for, beyond the trainer's plain post-quantization score."""
+    modes = []
+    if cfg.eval_stride and cfg.eval_stride < cfg.eval_seq_len:
+        modes.append({"mode": "sliding", "stride": cfg.eval_stride})
+    if cfg.eval_ttt:
+        modes.append({"mode": "ttt", "ttt": cfg.eval_ttt, "stride": cfg.eval_stride or None})
+    return modes
+
+
+def main(args) -> int:
+    from pgolf_train.config import load_config
+
+    out = args.out
+    _check_out_dir(out, args.force)
+    cfg = load_config(args.config, args.overrides)
+    stages: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    data_dir, tokenizer, manifest = _resolve_data(args, cfg, out)
+    stages["prepare_s"] = time.perf_counter() - t0
+
+    from pgolf_train.trainer import train
+
+    t0 = time.perf_counter()
+    summary = train(cfg, data_dir, tokenizer, out / "train")
+    stages["train_total_s"] = time.perf_counter() - t0
+
+    evals = {"plain": {"val_bpb": summary["val_bpb"], "mode": "plain"}}
+    if summary.get("eval"):
+        evals["plain"] = summary["eval"]
+    from pgolf_eval.evaluate import evaluate_artifact
+
+    for m in _eval_modes(cfg):
+        t0 = time.perf_counter()
+        kw = {k: v for k, v in m.items() if k != "mode"}
+        res = evaluate_artifact(Path(summary["artifact"]), data_dir, tokenizer, seq_len=cfg.eval_seq_len,
+                                time_budget=cfg.eval_time_budget, **kw)
+        stages[f"eval_{m['mode']}_s"] = time.perf_counter() - t0
+        evals[m["mode"]] = res.to_dict()
+        (out / f"eval_{m['mode']}.json").write_text(json.dumps(res.to_dict(), indent=2))
+
+    from pgolf.report import write_report
+
+    report = write_report(out, cfg=cfg, summary=summary, evals=evals, stages=stages, manifest=manifest,
+                          data_dir=data_dir, tokenizer=tokenizer)
+    print((out / "report.md").read_text())
+    over = report["artifact_bytes"] > CAP_BYTES
+    if over:
+        print(f"pgolf run: the artifact is {report['artifact_bytes']:,} bytes, over the {CAP_BYTES:,}-byte cap")
+    return 1 if over else 0
+
