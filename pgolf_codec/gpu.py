@@ -1,0 +1,467 @@
+"""Device-side dequantization and fused fake-quant (Triton), and a GPU artifact loader.
+
+Codes go to the GPU as bytes (bit-packed, or one code per byte) and are expanded there in one
+pass: every output element reads its code straight from the stream (LSB-first b-bit fields,
+base-3 digits of 5-trit bytes, or a whole byte), its scale (and zero point) from the small
+`(rows, n_groups)` tables, and writes `float32(q) * scale` cast to the output dtype. The
+numerics are exactly those of `pgolf_codec.schemes` (`spec/FORMAT.md`): the kernels are
+bit-identical to `dequantize` and `fake_quant`, on the GPU and under the Triton interpreter
+(`TRITON_INTERPRET=1`) alike.
+
+Triton is optional: it is imported on first use, and every public function falls back to the
+reference torch path on the CPU (or when Triton is missing) with the same numbers.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pgolf_codec import bitpack, schemes
+from pgolf_codec.errors import BadPayload
+from pgolf_codec.schemes import QuantSpec, Quantized, dequantize, n_groups, rows_view_shape
+
+# Bound by `_triton()` on first use, so that importing the codec never imports Triton. The kernel
+# bodies below reference these module globals; Triton resolves them when it compiles.
+triton: Any = None
+tl: Any = None
+
+# How an unsigned code maps to the signed integer q (value = float32(q) * scale). The kind is a
+# compile-time constant of the kernels.
+KIND_SYM = 0  # symmetric b >= 2: q = code - (2^(b-1) - 1)
+KIND_BINARY = 1  # symmetric b = 1: q = 2*code - 1
+KIND_TERNARY = 2  # q = code - 1 (5 trits per byte)
+KIND_ASYM = 3  # q = code - z, z a per-(row, group) integer zero point
+
+# Elements per program. 4096 keeps each program's stores long and contiguous (8 warps x 16 B)
+# while giving ~16K programs on a 64M-element tensor.
+_TILE = 4096
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels (plain functions; `_kernels()` wraps them with `triton.jit` on first use)
+# ---------------------------------------------------------------------------------------------
+
+
+def _tile_index(rows, row_len, WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # A BLOCK_R x BLOCK_C tile of the (rows, row_len) view; i is the row-major element index,
+    # which is also the element's position in the packed code stream.
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    if WIDE:
+        r = r.to(tl.int64)
+    m = (r < rows) & (c < row_len)
+    return r, c, r * row_len + c, m
+
+
+def _scale_index(r, c, n_groups, GROUP: tl.constexpr):
+    # GROUP == 0: one scale per row (a [BLOCK_R, 1] column broadcast over the tile). A constexpr
+    # group size turns `c // GROUP` into a shift or a multiply-high instead of a division.
+    if GROUP == 0:
+        idx = r
+    else:
+        idx = r * n_groups + c // GROUP
+    return idx
+
+
+def _store_out(out_ptr, i, val, m, OUT_BF16_SW: tl.constexpr):
+    if OUT_BF16_SW:
+        # fp32 -> bf16 round-half-to-even done on the bits: the interpreter's own bf16 cast
+        # truncates, and the tests must exercise exactly the arithmetic the GPU runs.
+        u = val.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        u = tl.where(val != val, 0x7FC0, u)  # any NaN -> the canonical quiet NaN, as torch does
+        tl.store(out_ptr + i, u.to(tl.uint16).to(tl.int16, bitcast=True), mask=m)
+    else:
+        tl.store(out_ptr + i, val.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _q_from_code(code, zeros_ptr, sidx, zmask, BITS: tl.constexpr, KIND: tl.constexpr):
+    if KIND == 0:
+        q = code - ((1 << (BITS - 1)) - 1)
+    elif KIND == 1:
+        q = 2 * code - 1
+    elif KIND == 2:
+        q = code - 1
+    else:
+        q = code - tl.load(zeros_ptr + sidx, mask=zmask, other=0).to(tl.int32)
+    return q
+
+
+def _dequant_kernel(payload_ptr, scales_ptr, zeros_ptr, out_ptr, rows, row_len, n_groups, n_bytes,
+                    FIELD: tl.constexpr, BITS: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr,
+                    OUT_BF16_SW: tl.constexpr, WIDE: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # FIELD: bits per code in the stream (8 = one code per byte), 0 = 5 trits per byte.
+    r, c, i, m = _tile_index(rows, row_len, WIDE, BLOCK_R, BLOCK_C)
+    if FIELD == 0:
+        # Trit d of byte v is floor(v / 3^d) mod 3. For v < 256 both steps are exact as
+        # multiply-high: floor(v/3^d) = (v * ceil(2^16/3^d)) >> 16 and t mod 3 = t - 3((171t) >> 9).
+        byte = i // 5
+        d = (i - byte * 5).to(tl.int32)
+        v = tl.load(payload_ptr + byte, mask=m, other=0).to(tl.int32)
+        mul = tl.where(d == 0, 65536, tl.where(d == 1, 21846, tl.where(d == 2, 7282,
+                                                                        tl.where(d == 3, 2428, 810))))
+        t = (v * mul) >> 16
+        code = t - 3 * ((t * 171) >> 9)
+    elif FIELD == 8:
+        code = tl.load(payload_ptr + i, mask=m, other=0).to(tl.int32)
+    else:
+        bit = i * FIELD
+        byte = bit >> 3
+        v = tl.load(payload_ptr + byte, mask=m, other=0).to(tl.int32)
+        if 8 % FIELD != 0:
+            # A field may straddle two bytes (b in {3, 5, 6, 7}); the second byte can lie past the
+            # end of the buffer only for the final field, whose high bits are then absent.
+            hi = tl.load(payload_ptr + byte + 1, mask=m & (byte + 1 < n_bytes), other=0).to(tl.int32)
+            v = v | (hi << 8)
+        code = (v >> (bit & 7).to(tl.int32)) & ((1 << FIELD) - 1)
+    sidx = _scale_index(r, c, n_groups, GROUP)
+    if GROUP == 0:
+        smask = r < rows
+    else:
+        smask = m
+    s = tl.load(scales_ptr + sidx, mask=smask, other=0.0)
+    q = _q_from_code(code, zeros_ptr, sidx, smask, BITS, KIND)
+    # One IEEE multiply of two fp32 values (nothing to contract into an FMA), then the cast.
+    _store_out(out_ptr, i, q.to(tl.float32) * s, m, OUT_BF16_SW)
+
+
+def _fake_quant_kernel(w_ptr, scales_ptr, zeros_ptr, out_ptr, rows, row_len, n_groups,
+                       BITS: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr,
+                       OUT_BF16_SW: tl.constexpr, WIDE: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r, c, i, m = _tile_index(rows, row_len, WIDE, BLOCK_R, BLOCK_C)
+    w = tl.load(w_ptr + i, mask=m, other=0.0).to(tl.float32)
+    sidx = _scale_index(r, c, n_groups, GROUP)
+    if GROUP == 0:
+        smask = r < rows
+    else:
+        smask = m
+    s = tl.load(scales_ptr + sidx, mask=smask, other=1.0)
+    # IEEE-rounded division (Triton's `/` on fp32 is the approximate one), then rint.
+    t = tl.div_rn(w, s)
+    # rint by the fp32 adder: for |t| < 2^22, (t + 1.5*2^23) - 1.5*2^23 is t rounded half to
+    # even (libdevice `rint` has no interpreter implementation); larger |t| is clamped anyway.
+    x = (t + 12582912.0) - 12582912.0
+    if KIND == 0:
+        qmax = (1 << (BITS - 1)) - 1
+        code = (tl.minimum(tl.maximum(x, -qmax), qmax) + qmax).to(tl.int32)
+    elif KIND == 1:
+        code = (t >= 0).to(tl.int32)  # the sign of the unrounded quotient (-0.0 counts as >= 0)
+    elif KIND == 2:
+        code = (tl.minimum(tl.maximum(x, -1.0), 1.0) + 1.0).to(tl.int32)
+    else:
+        z = tl.load(zeros_ptr + sidx, mask=smask, other=0).to(tl.float32)
+        code = tl.minimum(tl.maximum(x + z, 0.0), (1 << BITS) - 1).to(tl.int32)
+    # Dequantize exactly as `_dequant_kernel` does, from the integer code.
+    q = _q_from_code(code, zeros_ptr, sidx, smask, BITS, KIND)
+    _store_out(out_ptr, i, q.to(tl.float32) * s, m, OUT_BF16_SW)
+
+
+_JIT_HELPERS = ("_tile_index", "_scale_index", "_store_out", "_q_from_code")
+_JIT_KERNELS = ("_dequant_kernel", "_fake_quant_kernel")
+
+
+def _triton() -> bool:
+    """Import Triton and compile-wrap the kernels once; False when Triton is not installed.
+
+    Whether the kernels run interpreted is fixed here, by `TRITON_INTERPRET` at first use.
+    """
+    global triton, tl
+    if triton is not None:
+        return True
+    try:
+        import triton as _t
+        import triton.language as _tl
+    except ImportError:
+        return False
+    tl = _tl
+    g = globals()
+    # Helpers first: the kernels find them (already wrapped) through these module globals.
+    for name in _JIT_HELPERS + _JIT_KERNELS:
+        g[name] = _t.jit(g[name])
+    triton = _t
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+
+_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernels_available(device: torch.device | str = "cuda") -> bool:
+    """True when tensors on `device` are expanded by the Triton kernels.
+
+    That is a CUDA device with Triton installed, or the CPU under `TRITON_INTERPRET=1` (how the
+    tests run the kernels). Everything else takes the reference torch path.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and _triton()
+    return dev.type == "cpu" and _interpreting() and _triton()
+
+
+def _kind(spec: QuantSpec) -> int:
+    if spec.kind == "ternary":
+        return KIND_TERNARY
+    if not spec.symmetric:
+        return KIND_ASYM
+    return KIND_BINARY if spec.bits == 1 else KIND_SYM
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    rows: int
+    row_len: int
+    n_groups: int
+    group: int  # kernel GROUP: 0 when the row has a single scale
+    block_r: int
+    block_c: int
+    wide: bool  # int64 element and bit indices
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (-(-self.rows // self.block_r), -(-self.row_len // self.block_c))
+
+
+def _geometry(shape: tuple[int, ...], spec: QuantSpec) -> _Geometry:
+    rows, row_len = rows_view_shape(shape)
+    ng = n_groups(row_len, spec.group)
+    # Tiles span whole short rows (several rows per tile) or BLOCK_C-long slices of long ones,
+    # so a tile never needs a per-element division by row_len.
+    block_c = min(1 << max(row_len - 1, 0).bit_length(), _TILE)
+    return _Geometry(rows, row_len, ng, spec.group if ng > 1 else 0, _TILE // block_c, block_c,
+                     rows * row_len * 8 >= 2**31)
+
+
+def _check_tables(scales: torch.Tensor, zeros: torch.Tensor | None, spec: QuantSpec,
+                  rows: int, ng: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated, contiguous float32 scales and uint8 zero points (a dummy when symmetric)."""
+    if tuple(scales.shape) != (rows, ng):
+        raise ValueError(f"scales: expected shape {(rows, ng)}, got {tuple(scales.shape)}")
+    if scales.dtype != torch.float32 or scales.device != device:
+        raise ValueError(f"scales: expected float32 on {device}, got {scales.dtype} on {scales.device}")
+    if spec.symmetric:
+        if zeros is not None:
+            raise ValueError(f"zeros: a symmetric spec ({spec}) has no zero points")
+        return scales.contiguous(), scales  # never read: KIND != ASYM
+    if zeros is None or tuple(zeros.shape) != (rows, ng) or zeros.device != device:
+        raise ValueError(f"zeros: asymmetric {spec} needs zero points of shape {(rows, ng)} on {device}")
+    if zeros.dtype != torch.uint8:
+        # fake_quant carries zero points as integer-valued float32; they are 0..2^b-1 exactly.
+        zeros = zeros.to(torch.uint8)
+    return scales.contiguous(), zeros.contiguous()
+
+
+def stream_nbytes(numel: int, spec: QuantSpec, packed: bool = True) -> int:
+    """Bytes of the code stream of `numel` codes: packed (`bitpack` layout: b bits each, or
+    5 trits per byte) or one code per byte."""
+    if not packed:
+        return numel
+    if spec.kind == "ternary":
+        return bitpack.trits_len(numel)
+    return bitpack.packed_len(numel, spec.bits)
+
+
+def check_stream(payload: torch.Tensor, numel: int, spec: QuantSpec, packed: bool = True) -> None:
+    """Raise `BadPayload` unless `payload` is a valid code stream of `numel` codes.
+
+    The rules are `bitpack.unpack`'s, so every code sequence has exactly one stream: the exact
+    length, zero padding bits (or trits) in the last byte, no byte >= 243 in a trit stream,
+    and, one code per byte, every code below the alphabet size. Runs where the payload is
+    (one reduction at most, plus a one-byte look at the tail).
+    """
+    want = stream_nbytes(numel, spec, packed)
+    if payload.numel() != want:
+        raise BadPayload(f"code stream has {payload.numel()} bytes, {numel} codes of {spec.name} need {want}")
+    if numel == 0:
+        return
+    if not packed:
+        if int(payload.max()) >= spec.levels:
+            raise BadPayload(f"code {int(payload.max())} is outside the alphabet of {spec.levels}")
+        return
+    last = int(payload[-1])
+    if spec.kind == "ternary":
+        if int(payload.max()) >= 243:
+            raise BadPayload("trit stream has a byte >= 243")
+        if last >= 3 ** (numel - 5 * (want - 1)):  # trits past the last code must be zero
+            raise BadPayload("trit stream has a non-zero padding trit")
+        return
+    used = numel * spec.bits - 8 * (want - 1)  # bits of the last byte that hold codes
+    if last >> used:
+        raise BadPayload("packed stream has non-zero padding bits")
+
+
+def _out_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(result, what the kernel writes to, software bf16 rounding?)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    sw = dtype == torch.bfloat16 and _interpreting()
+    return out, (out.view(torch.int16) if sw else out), sw
+
+
+def dequantize_packed(payload: torch.Tensor, shape: tuple[int, ...], spec: QuantSpec,
+                      scales: torch.Tensor, zeros: torch.Tensor | None = None,
+                      dtype: torch.dtype = torch.float32, *, packed: bool = True,
+                      validate: bool = True) -> torch.Tensor:
+    """Expand a code stream into a tensor of `shape` and `dtype`, on payload's device.
+
+    payload: uint8, 1-D: `stream_nbytes(prod(shape), spec, packed)` bytes, codes row-major,
+      bit-packed in the `bitpack` layout (b-bit LSB-first fields, or 5 trits per byte) or,
+      with packed=False, one code per byte.
+    scales: float32 (rows, n_groups), values already rounded to the stored scale dtype.
+    zeros: uint8 (rows, n_groups) integer zero points for an asymmetric spec, else None.
+    validate: run `check_stream` first (skip only for streams already checked on the host).
+    Bit-identical to `schemes.dequantize(Quantized(spec, shape, codes, scales, zeros), dtype)`.
+    """
+    if spec.is_float:
+        raise ValueError(f"dequantize_packed: {spec} is a float passthrough, it has no codes")
+    if payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise ValueError(f"payload: expected a 1-D uint8 tensor, got {payload.dtype} {tuple(payload.shape)}")
+    if dtype not in _OUT_DTYPES:
+        raise ValueError(f"dtype: expected one of {_OUT_DTYPES}, got {dtype}")
+    shape = tuple(int(d) for d in shape)
+    numel = math.prod(shape)
+    if validate:
+        check_stream(payload, numel, spec, packed)
+    device = payload.device
+    rows, row_len = rows_view_shape(shape)
+    ng = n_groups(row_len, spec.group)
+    scales, zt = _check_tables(scales, zeros, spec, rows, ng, device)
+    if numel == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if not kernels_available(device):
+        codes = _unpack_host(payload, numel, spec) if packed else payload
+        q = Quantized(spec, shape, codes.to(device).view(rows, row_len), scales, None if spec.symmetric else zt)
+        return dequantize(q, dtype)
+    geo = _geometry(shape, spec)
+    out, target, sw = _out_buffer(shape, dtype, device)
+    field = 8 if not packed else 0 if spec.kind == "ternary" else spec.bits
+    _dequant_kernel[geo.grid](
+        payload, scales, zt, target, rows, row_len, max(ng, 1), payload.numel(),
+        FIELD=field, BITS=spec.bits, KIND=_kind(spec), GROUP=geo.group, OUT_BF16_SW=sw,
+        WIDE=geo.wide, BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, num_warps=8)
+    return out
+
+
+def _unpack_host(payload: torch.Tensor, numel: int, spec: QuantSpec) -> torch.Tensor:
+    buf = payload.cpu().numpy()
+    if spec.kind == "ternary":
+        return torch.from_numpy(bitpack.unpack_trits(buf, numel))
+    return torch.from_numpy(bitpack.unpack(buf, spec.bits, numel))
+
+
+def group_scales(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scales (float32 (rows, n_groups), rounded to the stored dtype) and zero points
+    (integer-valued float32, asymmetric only) that `schemes.quantize` picks for `w`.
+
+    Runs in torch on w's device: the clip statistic and the scale rounding are reductions over
+    groups, cheap next to the per-element pass that the fused kernel does.
+    """
+    rows, row_len = rows_view_shape(tuple(w.shape))
+    w2 = w.detach().float().reshape(rows, row_len)
+    if spec.clip == "mse":
+        # The clip search quantizes every candidate anyway; take its choice whole.
+        _, scale, zero, _, _, _ = schemes._quantize_grouped(w2, spec)
+        return scale, zero
+    wg, count, g = schemes._grouped(w2, spec)
+    lo, hi = schemes._clip_bounds(wg, count, g, spec)
+    scale, zero, _, _ = schemes._scale_and_zero(lo, hi, spec)
+    return scale, zero
+
+
+def fake_quant_with_scales(w: torch.Tensor, spec: QuantSpec, scales: torch.Tensor,
+                           zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused divide / round / clamp / dequantize of `w` under given scale tables (no autograd).
+
+    w: float32, bfloat16 or float16 of any shape, on a device `kernels_available` accepts.
+    scales, zeros: as returned by `group_scales` (zeros may also be uint8).
+    Returns a tensor of w's shape and dtype: float32(q) * scale rounded to w.dtype.
+    """
+    if spec.is_float:
+        raise ValueError(f"fake_quant_with_scales: {spec} is a float passthrough")
+    if w.dtype not in _OUT_DTYPES:
+        raise ValueError(f"w: expected one of {_OUT_DTYPES}, got {w.dtype}")
+    if not kernels_available(w.device):
+        raise RuntimeError(f"fake_quant_with_scales: no Triton kernels for device {w.device}")
+    shape = tuple(int(d) for d in w.shape)
+    geo = _geometry(shape, spec)
+    scales, zt = _check_tables(scales, zeros, spec, geo.rows, geo.n_groups, w.device)
+    if w.numel() == 0:
+        return torch.zeros_like(w)
+    out, target, sw = _out_buffer(shape, w.dtype, w.device)
+    _fake_quant_kernel[geo.grid](
+        w.detach().contiguous(), scales, zt, target, geo.rows, geo.row_len, max(geo.n_groups, 1),
+        BITS=spec.bits, KIND=_kind(spec), GROUP=geo.group, OUT_BF16_SW=sw, WIDE=geo.wide,
+        BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, num_warps=8)
+    return out
+
+
+def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """`schemes.fake_quant(w, spec)`, bit for bit, with the per-element pass fused on the GPU.
+
+    Falls back to `schemes.fake_quant` for passthrough specs, empty tensors, other dtypes and
+    devices without kernels. No gradient (use `fake_quant_ste` for QAT).
+    """
+    if (spec.is_float or w.numel() == 0 or w.dtype not in _OUT_DTYPES
+            or not kernels_available(w.device)):
+        return schemes.fake_quant(w.detach(), spec)
+    scales, zeros = group_scales(w, spec)
+    return fake_quant_with_scales(w, spec, scales, zeros)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Forward: fake_quant(w); backward: the identity (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        return fake_quant(w, spec)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def fake_quant_ste(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """QAT fake-quant: forward value exactly `schemes.fake_quant(w, spec)` (w's shape and
+    dtype), gradient passed straight through to w unchanged."""
+    return _FakeQuantSTE.apply(w, spec)
+
+
+def load_to_device(path: str | Path, device: str | torch.device = "cuda",
+                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Read an artifact and return name -> tensor (original shape, `dtype`) on `device`.
+
+    The file is validated and entropy-decoded on the host (`container.read_artifact`), the
+    uint8 codes and the small scale/zero tables are copied to the device, and one kernel pass
+    per tensor writes the values there: no float32 copy of the model crosses the bus. With
+    dtype=float32 the result is bit-identical to `pgolf_codec.load(path)` (the CPU path),
+    which is also what a device without kernels gets.
+    """
+    from pgolf_codec.container import read_artifact
+
+    if dtype not in _OUT_DTYPES:
+        raise ValueError(f"dtype: expected one of {_OUT_DTYPES}, got {dtype}")
+    dev = torch.device(device)
+    art = read_artifact(path)
+    out: dict[str, torch.Tensor] = {}
+    for name, q in art.quantized.items():
+        if q.spec.is_float:
+            out[name] = q.codes.to(dev, non_blocking=True).float().reshape(q.shape).to(dtype)
+            continue
+        # read_artifact already checked every code against the alphabet: no second pass here.
+        codes = q.codes.reshape(-1).to(dev, non_blocking=True)
+        zeros = None if q.zeros is None else q.zeros.to(dev, non_blocking=True)
+        out[name] = dequantize_packed(codes, q.shape, q.spec, q.scales.to(dev, non_blocking=True), zeros,
+                                      dtype, packed=False, validate=False)
+    return out

@@ -1,0 +1,269 @@
+"""Triton dequant and fused fake-quant kernels, run on the CPU through the Triton interpreter,
+compared bit for bit with the reference in `pgolf_codec.schemes`."""
+from __future__ import annotations
+
+import os
+
+# Must precede the first kernel use: `pgolf_codec.gpu` wraps its kernels at that moment, and
+# `triton.jit` picks the interpreter only when this is set.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import dataclasses  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+pytest.importorskip("triton")
+
+from pgolf_codec import bitpack, gpu, schemes  # noqa: E402
+from pgolf_codec.errors import BadPayload  # noqa: E402
+from pgolf_codec.schemes import QuantSpec, Quantized  # noqa: E402
+
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The interpreter runs a kernel as numpy on whole tiles: a handful of examples per property
+# covers every code path without making the file slow.
+FEW = settings(max_examples=12, deadline=None)
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor, so that equality also distinguishes -0.0 and NaNs."""
+    t = t.contiguous().reshape(-1)
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def assert_bit_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape)
+    diff = (bits_of(a) != bits_of(b)).nonzero()
+    assert diff.numel() == 0, f"{diff.numel()} elements differ, first at {diff[0].item()}: " \
+        f"{a.reshape(-1)[diff[0]].item()!r} vs {b.reshape(-1)[diff[0]].item()!r}"
+
+
+def test_kernels_run_interpreted() -> None:
+    # Everything below would silently test the torch fallback if this failed.
+    assert gpu.kernels_available("cpu")
+
+
+def pack_codes(q: Quantized, packed: bool) -> torch.Tensor:
+    codes = q.codes.reshape(-1).numpy()
+    if not packed:
+        return torch.from_numpy(codes.copy())
+    if q.spec.kind == "ternary":
+        return torch.from_numpy(bitpack.pack_trits(codes))
+    return torch.from_numpy(bitpack.pack(codes, q.spec.bits))
+
+
+@st.composite
+def specs(draw) -> QuantSpec:
+    kind = draw(st.sampled_from(["int", "int", "int", "ternary"]))
+    bits = draw(st.integers(1, 8)) if kind == "int" else 2
+    symmetric = kind == "ternary" or draw(st.booleans())
+    clip, clip_param = draw(st.sampled_from([("max", 0.0), ("max", 0.0), ("sdclip", 2.5)]))
+    return QuantSpec(kind=kind, bits=bits, symmetric=symmetric,
+                     group=draw(st.sampled_from([0, 0, 1, 7, 16, 32, 128])),
+                     scale_dtype=draw(st.sampled_from(["fp16", "bf16", "q8"])),
+                     clip=clip, clip_param=clip_param)
+
+
+shapes = st.one_of(
+    st.tuples(st.integers(1, 300)),
+    st.tuples(st.integers(1, 40), st.integers(1, 300)),
+    st.tuples(st.integers(1, 6), st.integers(1, 9), st.integers(1, 40)),
+)
+
+
+def weights(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape[:1] + (1,) * (len(shape) - 1), generator=g))
+    w[torch.rand(shape, generator=g) < 0.05] = 0.0  # exact zeros: code at the zero point
+    return w.to(dtype)
+
+
+@FEW
+@given(spec=specs(), shape=shapes, seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from(OUT_DTYPES), packed=st.booleans())
+def test_dequant_matches_reference(spec, shape, seed, dtype, packed) -> None:
+    q = schemes.quantize(weights(shape, seed), spec)
+    got = gpu.dequantize_packed(pack_codes(q, packed), shape, spec, q.scales, q.zeros, dtype, packed=packed)
+    assert_bit_equal(got, schemes.dequantize(q, dtype))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_dequant_every_width_every_code(bits: int) -> None:
+    # Every code value at every bit offset: 8 rows x (2^b + 5) codes covers all field
+    # alignments, and row_len not a multiple of 8 makes fields straddle row boundaries.
+    for symmetric in (True, False):
+        spec = QuantSpec(kind="int", bits=bits, symmetric=symmetric, group=5)
+        row_len = (1 << bits) + 5
+        codes = (torch.arange(8 * row_len) * 7 % (1 << bits)).to(torch.uint8).view(8, row_len)
+        ng = schemes.n_groups(row_len, 5)
+        scales = torch.rand(8, ng, generator=torch.Generator().manual_seed(bits)).half().float() + 0.01
+        zeros = None if symmetric else (torch.arange(8 * ng) % (1 << bits)).to(torch.uint8).view(8, ng)
+        q = Quantized(spec, (8, row_len), codes, scales, zeros)
+        payload = pack_codes(q, True)
+        for dtype in OUT_DTYPES:
+            assert_bit_equal(gpu.dequantize_packed(payload, (8, row_len), spec, scales, zeros, dtype),
+                             schemes.dequantize(q, dtype))
+
+
+def test_dequant_ternary_every_byte() -> None:
+    # All 243 valid bytes, each of its five trits decoded at every position.
+    spec = QuantSpec(kind="ternary")
+    codes = torch.from_numpy(np.array([(v // 3**d) % 3 for v in range(243) for d in range(5)], np.uint8))
+    q = Quantized(spec, (5, 243), codes.view(5, 243), torch.full((5, 1), 0.75))
+    payload = pack_codes(q, True)
+    assert payload.numel() == 243 and sorted(payload.tolist()) == list(range(243))
+    assert_bit_equal(gpu.dequantize_packed(payload, (5, 243), spec, q.scales), schemes.dequantize(q))
+
+
+def test_bf16_output_rounds_half_to_even() -> None:
+    # q * scale landing exactly halfway between two bf16 values: 1 + 2^-8 rounds down to 1,
+    # 1 + 3*2^-8 rounds up to 1 + 2^-6 (RNE), and the same for negatives.
+    spec = QuantSpec(kind="int", bits=4)
+    scales = torch.tensor([[1 + 2**-8], [1 + 3 * 2**-8], [1 + 2**-7 + 2**-8]], dtype=torch.float32)
+    codes = torch.arange(16, dtype=torch.uint8).repeat(3, 1)
+    q = Quantized(spec, (3, 16), codes, scales)
+    got = gpu.dequantize_packed(pack_codes(q, True), (3, 16), spec, scales, dtype=torch.bfloat16)
+    assert_bit_equal(got, schemes.dequantize(q, torch.bfloat16))
+    assert got[0, 8].item() == 1.0 and got[1, 8].item() == 1 + 2**-6
+
+
+@FEW
+@given(spec=specs(), shape=shapes, seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from(OUT_DTYPES))
+def test_fake_quant_matches_reference(spec, shape, seed, dtype) -> None:
+    w = weights(shape, seed, dtype)
+    assert_bit_equal(gpu.fake_quant(w, spec), schemes.fake_quant(w, spec))
+
+
+@pytest.mark.parametrize("text", ["int6", "int3:group=4", "int8:asym", "int1", "ternary", "int2:asym:group=3"])
+def test_fake_quant_ties_round_half_to_even(text: str) -> None:
+    # Rows whose max pins the scale to a power of two, and whose other entries are exact
+    # half-integer multiples of it: every quotient is a tie, and only round-half-to-even on an
+    # IEEE quotient reproduces the reference codes.
+    spec = QuantSpec.parse(text)
+    qmax = 1 if spec.kind == "ternary" or spec.bits == 1 else (1 << (spec.bits - 1)) - 1
+    halves = torch.arange(-2 * qmax - 3, 2 * qmax + 4, dtype=torch.float32) / 2
+    s = 2.0**-5
+    row = torch.cat([halves, torch.tensor([float(qmax), -float(qmax)])]) * s
+    w = torch.stack([row, row.flip(0), -row])
+    assert_bit_equal(gpu.fake_quant(w, spec), schemes.fake_quant(w, spec))
+
+
+def test_fake_quant_mse_and_percentile_clips() -> None:
+    w = weights((12, 96), 3)
+    for text in ["int5:mse=4", "int4:pct=99:group=32", "int3:asym:mse=3:group=48", "ternary:mse=5"]:
+        spec = QuantSpec.parse(text)
+        assert_bit_equal(gpu.fake_quant(w, spec), schemes.fake_quant(w, spec))
+
+
+def test_fake_quant_ste_gradient_is_identity() -> None:
+    spec = QuantSpec.parse("int4:group=16")
+    w = weights((6, 40), 11).requires_grad_(True)
+    y = gpu.fake_quant_ste(w, spec)
+    assert_bit_equal(y.detach(), schemes.fake_quant(w.detach(), spec))
+    g = torch.randn(6, 40)
+    y.backward(g)
+    assert_bit_equal(w.grad, g)
+
+
+def test_float_specs_and_empty_tensors_fall_back() -> None:
+    w = weights((4, 9), 5)
+    for text in ["fp16", "bf16", "fp32"]:
+        spec = QuantSpec.parse(text)
+        assert_bit_equal(gpu.fake_quant(w, spec), schemes.fake_quant(w, spec))
+    spec = QuantSpec.parse("int6:group=4")
+    for shape in [(0,), (0, 7), (3, 0)]:
+        q = schemes.quantize(torch.zeros(shape), spec)
+        got = gpu.dequantize_packed(torch.zeros(0, dtype=torch.uint8), shape, spec, q.scales)
+        assert got.shape == shape
+        assert gpu.fake_quant(torch.zeros(shape), spec).shape == shape
+
+
+def test_wide_indexing_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tensors of >= 2^28 elements switch to int64 indices; the interpreter cannot afford one,
+    # so force the flag on a small tensor and check the arithmetic is unchanged.
+    real = gpu._geometry
+    monkeypatch.setattr(gpu, "_geometry", lambda shape, spec: dataclasses.replace(real(shape, spec), wide=True))
+    for text in ["int5:group=8", "ternary", "int7:asym"]:
+        spec = QuantSpec.parse(text)
+        w = weights((9, 70), 2)
+        q = schemes.quantize(w, spec)
+        assert_bit_equal(gpu.dequantize_packed(pack_codes(q, True), (9, 70), spec, q.scales, q.zeros),
+                         schemes.dequantize(q))
+        assert_bit_equal(gpu.fake_quant(w, spec), schemes.fake_quant(w, spec))
+
+
+def test_fallback_without_kernels_gives_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = QuantSpec.parse("int3:asym:group=16")
+    w = weights((10, 50), 8)
+    q = schemes.quantize(w, spec)
+    payload = pack_codes(q, True)
+    fast = gpu.dequantize_packed(payload, (10, 50), spec, q.scales, q.zeros, torch.bfloat16)
+    monkeypatch.setattr(gpu, "kernels_available", lambda device="cuda": False)
+    slow = gpu.dequantize_packed(payload, (10, 50), spec, q.scales, q.zeros, torch.bfloat16)
+    assert_bit_equal(fast, slow)
+    with pytest.raises(RuntimeError):
+        gpu.fake_quant_with_scales(w, spec, *gpu.group_scales(w, spec))
+    assert_bit_equal(gpu.fake_quant(w, spec), schemes.fake_quant(w, spec))
+
+
+def test_bad_streams_are_rejected() -> None:
+    spec6 = QuantSpec.parse("int6")
+    q = schemes.quantize(weights((3, 7), 1), spec6)  # 21 codes * 6 bits = 15.75 bytes
+    good = pack_codes(q, True)
+    gpu.check_stream(good, 21, spec6)
+    with pytest.raises(BadPayload, match="bytes"):
+        gpu.dequantize_packed(good[:-1], (3, 7), spec6, q.scales)
+    padded = good.clone()
+    padded[-1] |= 0x80  # a bit past the last code
+    with pytest.raises(BadPayload, match="padding"):
+        gpu.dequantize_packed(padded, (3, 7), spec6, q.scales)
+    with pytest.raises(BadPayload, match="alphabet"):
+        gpu.dequantize_packed(torch.full((21,), 64, dtype=torch.uint8), (3, 7), spec6, q.scales, packed=False)
+
+    tern = QuantSpec.parse("ternary")
+    with pytest.raises(BadPayload, match="243"):
+        gpu.dequantize_packed(torch.tensor([243, 0], dtype=torch.uint8), (10,), tern, torch.ones(1, 1))
+    with pytest.raises(BadPayload, match="padding trit"):  # 7 trits: the last byte holds 2
+        gpu.dequantize_packed(torch.tensor([0, 9], dtype=torch.uint8), (7,), tern, torch.ones(1, 1))
+
+    with pytest.raises(ValueError, match="scales"):
+        gpu.dequantize_packed(good, (3, 7), spec6, torch.ones(3, 2))
+    with pytest.raises(ValueError, match="scales"):
+        gpu.dequantize_packed(good, (3, 7), spec6, torch.ones(3, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="zero points"):
+        gpu.dequantize_packed(good, (3, 7), spec6, q.scales, torch.zeros(3, 1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="zero points"):
+        gpu.dequantize_packed(good, (3, 7), QuantSpec.parse("int6:asym"), q.scales)
+    with pytest.raises(ValueError, match="dtype"):
+        gpu.dequantize_packed(good, (3, 7), spec6, q.scales, dtype=torch.float64)
+    with pytest.raises(ValueError, match="1-D uint8"):
+        gpu.dequantize_packed(good.to(torch.int16), (3, 7), spec6, q.scales)
+
+
+def test_load_to_device_matches_cpu_load(tmp_path) -> None:
+    from pgolf_codec import container
+
+    tensors = {
+        "tok_emb.weight": weights((64, 32), 1),
+        "blocks.0.attn.q.weight": weights((32, 32), 2),
+        "blocks.0.mlp.fc.weight": weights((48, 32), 3, torch.bfloat16),
+        "blocks.0.mlp.proj.weight": weights((32, 48), 4),
+        "blocks.0.attn.k.weight": weights((16, 32), 5),
+        "blocks.0.norm.weight": weights((32,), 6),
+        "empty": torch.zeros(0, 4),
+    }
+    recipe = ("tok_emb*=int8:group=16;*.q.*=int5:asym:group=8;*.fc.*=ternary;*.proj.*=int3:scale=q8;"
+              "*.k.*=int1:scale=bf16;*norm*=fp16;*=int6")
+    path = tmp_path / "model.pgolf"
+    container.write_artifact(path, tensors, recipe)
+    ref = container.load(path)
+    got = gpu.load_to_device(path, "cpu")
+    assert sorted(got) == sorted(ref)
+    for name in ref:
+        assert_bit_equal(got[name], ref[name])
+    half = gpu.load_to_device(path, "cpu", torch.bfloat16)
+    for name in ref:
+        assert_bit_equal(half[name], ref[name].to(torch.bfloat16))
