@@ -1,0 +1,496 @@
+"""Coder 4: interleaved rANS for quantized weight codes, near the order-0 entropy.
+
+A coded blob carries its own model; the caller supplies only what the container already
+knows (``n`` symbols, the ``alphabet``, and the ``rows x row_len`` view of the tensor).
+Two models, the encoder keeps whichever blob is smaller:
+
+* **static** (kind 0): one frequency table for the whole tensor, stored as varints over
+  the used code range ``[lo, hi]``.
+* **parametric** (kind 1): every row has its own discretized distribution
+  ``p(c) ∝ (1 + d²/(m·a²))^(-m)`` with ``d = c - center`` (a Student-t-like family:
+  ``m = 1`` is Cauchy-like, large ``m`` tends to a Gaussian); ``m`` is one byte per tensor
+  and the width ``a² = 2^((j - 64)/8)`` is one byte ``j`` per row, itself rANS-coded with
+  a static model. No table is stored, so rows of different width each get their own
+  distribution for ~2-5 bits of side information per row.
+
+Determinism of the parametric tables (encoder and decoder may be different machines): they
+are built with IEEE-754 float64 ``+ - * /`` only, in a fixed order (powers by a fixed
+square-and-multiply chain, sums by a sequential ``np.add.accumulate``, ``2^(k/8)`` from
+literal constants and ``ldexp``), then floored to integers and completed by a stable sort.
+Basic float64 operations are correctly rounded on every IEEE machine, and no libm
+transcendental (``exp``, ``pow``, ``log``) is involved, so every machine gets the same
+integers.
+
+Blob layout (little-endian; normative text in ``spec/FORMAT.md``, "Coder 4: rANS")::
+
+    u8 kind (0 static, 1 parametric) | u8 P (probability bits, 8..16) | u8 K (lanes, 1..32)
+    | u8 lo | u8 hi                                        -- used code range
+    static:     varint freq[hi - lo + 1]                   -- sums to 2^P
+    parametric: u16 center2 (2 x center) | u8 m | varint len | static blob of row widths j
+    | u32 state[K] | u16 word[...]                         -- to the end of the blob
+
+Symbol ``i`` belongs to lane ``i mod K``. States live in ``[2^16, 2^32)``; the encoder runs
+backwards emitting 16-bit words, the decoder reads them forwards, and a valid stream ends
+with every state back at ``2^16`` and every word consumed (checked: a corrupt blob fails).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+from pgolf_codec.errors import BadPayload
+
+__all__ = ["RansCoder", "encode", "decode", "entropy_bits", "STATIC", "PARAMETRIC"]
+
+STATIC = 0
+PARAMETRIC = 1
+_L = 1 << 16          # lower bound of a state; 16-bit renormalization keeps states < 2^32
+_PROB_BITS = 15       # frequency tables sum to 2^15: tails down to 3e-5 are still representable
+_LANES = 8            # interleaved states: independent dependency chains for the CPU
+_MIN_PROB_BITS, _MAX_PROB_BITS = 8, 16
+_MAX_LANES = 32
+_WIDTH_OFFSET = 64    # a² = 2^((j - 64)/8): j = 0..255 spans a from 2^-4 to ~2^12 codes
+_SHAPES = (1, 2, 3, 4, 6, 10, 24, 128)   # candidate m, heavy-tailed to near-Gaussian
+# 2^(k/8) for k = 0..7 as float64 literals (decimal → double parsing is correctly rounded).
+_ROOT8 = (1.0, 1.0905077326652577, 1.189207115002721, 1.2968395546510096,
+          1.4142135623730951, 1.5422108254079407, 1.681792830507429, 1.8340080864093424)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@numba.njit(cache=True, nogil=True)
+def _encode_kernel(sym, row_model, row_len, freq, cum, prob_bits, lanes, out):  # pragma: no cover
+    """Encode ``sym`` (uint8, already offset by ``lo``) backwards into the tail of ``out``.
+
+    Returns ``(states, first_word)``; ``first_word = -1`` means a symbol had zero frequency.
+    """
+    states = np.full(lanes, _L, dtype=np.int64)
+    pos = out.size
+    rows = row_model.size
+    shift = 32 - prob_bits
+    for r in range(rows - 1, -1, -1):
+        j = row_model[r]
+        base = r * row_len
+        for c in range(row_len - 1, -1, -1):
+            i = base + c
+            lane = i % lanes
+            s = sym[i]
+            f = freq[j, s]
+            if f == 0:
+                return states, -1
+            x = states[lane]
+            if x >= (f << shift):
+                pos -= 1
+                out[pos] = x & 0xFFFF
+                x >>= 16
+            states[lane] = ((x // f) << prob_bits) + (x % f) + cum[j, s]
+    return states, pos
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode_kernel(words, n_words, states0, row_model, row_len, sym_tab, freq, cum,
+                   prob_bits, out):  # pragma: no cover
+    """Decode ``out.size`` symbols; returns 0 on success, else a negative error code.
+
+    ``words`` has one zero sentinel after the ``n_words`` real words, so the branch-free
+    renormalization may read it; every index is clamped, and over-reading is reported at
+    the end (-1). -2: the final states are not the initial ones, -3: words left unread.
+    """
+    lanes = states0.size
+    x = states0.copy()
+    mask = (1 << prob_bits) - 1
+    pos = 0
+    lane = 0
+    i = 0
+    for r in range(row_model.size):
+        j = row_model[r]
+        for _ in range(row_len):
+            v = x[lane]
+            slot = v & mask
+            s = sym_tab[j, slot]
+            v = freq[j, s] * (v >> prob_bits) + slot - cum[j, s]
+            # Branch-free renormalization: one step always suffices (v >= 1 after decoding).
+            w = np.int64(words[min(pos, n_words)])
+            need = v < _L
+            v = ((v << 16) | w) if need else v
+            pos += need
+            x[lane] = v
+            out[i] = s
+            i += 1
+            lane += 1
+            if lane == lanes:
+                lane = 0
+    if pos > n_words:
+        return -1
+    for k in range(lanes):
+        if x[k] != _L:
+            return -2
+    if pos != n_words:
+        return -3
+    return 0
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+class _Reader:
+    """Bounds-checked cursor over a blob; every failure is a BadPayload (a FormatError) naming the field."""
+
+    def __init__(self, blob: bytes, pos: int = 0) -> None:
+        self.blob = blob
+        self.pos = pos
+
+    def take(self, k: int, what: str) -> bytes:
+        if self.pos + k > len(self.blob):
+            raise BadPayload(f"rANS blob truncated reading {what}")
+        b = self.blob[self.pos:self.pos + k]
+        self.pos += k
+        return b
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def varint(self, what: str, max_bytes: int = 5) -> int:
+        v = 0
+        for k in range(max_bytes):
+            b = self.u8(what)
+            v |= (b & 0x7F) << (7 * k)
+            if b < 0x80:
+                return v
+        raise BadPayload(f"rANS varint too long in {what}")
+
+
+def _normalize_counts(counts: np.ndarray, prob_bits: int) -> np.ndarray:
+    """Integer frequencies summing to 2^prob_bits, >= 1 wherever ``counts > 0``.
+
+    Starts from proportional rounding and then moves single units where they cost the
+    fewest coded bits (greedy on ``count · log2`` differences), so the coded size is close
+    to optimal for these counts. Encoder-side only: the result is stored in the blob.
+    """
+    M = 1 << prob_bits
+    live = np.flatnonzero(counts)
+    c = counts[live].astype(np.float64)
+    f = np.maximum(1, np.round(c * (M / c.sum()))).astype(np.int64)
+    diff = M - int(f.sum())
+    while diff > 0:    # add a unit where it saves most: c·log2((f+1)/f)
+        k = int(np.argmax(c * np.log2((f + 1) / f)))
+        f[k] += 1
+        diff -= 1
+    while diff < 0:    # remove a unit where it costs least, never below 1
+        loss = np.where(f > 1, c * np.log2(f / np.maximum(f - 1, 1)), np.inf)
+        k = int(np.argmin(loss))
+        f[k] -= 1
+        diff += 1
+    out = np.zeros(counts.size, dtype=np.int64)
+    out[live] = f
+    return out
+    return f
+
+
+def _width_sq(j: np.ndarray) -> np.ndarray:
+    """a² = 2^((j - 64)/8) exactly as the format defines it (literal roots and ldexp)."""
+    k = j.astype(np.int64) - _WIDTH_OFFSET
+    return np.ldexp(np.asarray(_ROOT8, dtype=np.float64)[k % 8], k // 8)
+
+
+def _param_freqs(js: np.ndarray, m: int, lo: int, hi: int, center2: int,
+                 prob_bits: int) -> np.ndarray:
+    """Deterministic integer tables ``int64[len(js), hi - lo + 1]`` summing to 2^prob_bits.
+
+    Only IEEE float64 + - * / in a fixed order (see the module docstring), so encoder and
+    decoder machines agree to the last integer. Every symbol in [lo, hi] gets >= 1.
+    """
+    A = hi - lo + 1
+    M = 1 << prob_bits
+    d = (np.arange(lo, hi + 1, dtype=np.float64) * 2.0 - float(center2)) * 0.5  # exact
+    t = (d * d)[None, :] / (float(m) * _width_sq(js))[:, None]
+    base = 1.0 + t
+    # p = (base_min / base)^m: the code nearest the center gets exactly 1.0, so the total is
+    # >= 1 and nothing overflows. The power is a fixed square-and-multiply chain over the
+    # bits of m. Every intermediate is <= 1 and only shrinks, so a value that ever became
+    # subnormal ends below 2^-1000; zeroing those makes the result independent of
+    # flush-to-zero CPU modes.
+    r = base.min(axis=1, keepdims=True) / base
+    p = np.ones_like(r)
+    with np.errstate(under="ignore"):
+        for bit in bin(m)[2:]:
+            p = p * p
+            if bit == "1":
+                p = p * r
+    p[p < 2.0 ** -1000] = 0.0
+    total = np.add.accumulate(p, axis=1)[:, -1:]          # sequential: order is fixed
+    spare = float(M - A)
+    v = (p * spare) / total
+    fl = np.floor(v)
+    f = fl.astype(np.int64) + 1
+    # Largest-remainder completion; a stable sort breaks ties by symbol index.
+    left = M - f.sum(axis=1)
+    order = np.argsort(-(v - fl), axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(A)[None, :].repeat(len(js), 0), axis=1)
+    f += ranks < left[:, None]
+    return f
+
+
+def _tables(freq: np.ndarray, prob_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative starts ``int64[J, A]`` and the slot → symbol table ``uint8[J, 2^P]``."""
+    cum = np.zeros_like(freq)
+    np.cumsum(freq[:, :-1], axis=1, out=cum[:, 1:])
+    A = freq.shape[1]
+    sym = np.repeat(np.tile(np.arange(A, dtype=np.uint8), freq.shape[0]), freq.ravel())
+    return cum, sym.reshape(freq.shape[0], 1 << prob_bits)
+
+
+def entropy_bits(data: np.ndarray) -> float:
+    """Empirical order-0 entropy of ``data`` in total bits (the static-model limit)."""
+    data = np.asarray(data).ravel()
+    if data.size == 0:
+        return 0.0
+    c = np.bincount(data).astype(np.float64)
+    c = c[c > 0]
+    return float(-(c * np.log2(c / data.size)).sum())
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def _pack(head: bytes, states: np.ndarray, words: np.ndarray) -> bytes:
+    return head + states.astype("<u4").tobytes() + words.astype("<u2").tobytes()
+
+
+def _run_encoder(sym: np.ndarray, row_model: np.ndarray, row_len: int, freq: np.ndarray,
+                 prob_bits: int, lanes: int) -> tuple[np.ndarray, np.ndarray]:
+    cum, _ = _tables(freq, prob_bits)
+    out = np.empty(sym.size + 1, dtype=np.uint16)   # at most one word per symbol
+    states, pos = _encode_kernel(sym, row_model.astype(np.int32), row_len, freq, cum,
+                                 prob_bits, lanes, out)
+    if pos < 0:
+        raise ValueError("rANS model gives a coded symbol zero frequency")
+    return states, out[pos:]
+
+
+def _encode_static(sym: np.ndarray, alphabet: int, prob_bits: int, lanes: int) -> bytes:
+    """Static-model blob. ``prob_bits`` is an upper bound: a coarser table (fewer varint
+    bytes) is used where its exactly computed total size is smaller, as for small tensors."""
+    if sym.size == 0:
+        lo = hi = 0
+        freq = np.array([1 << prob_bits], dtype=np.int64)
+        table = _varint(int(freq[0]))
+    else:
+        lo, hi = int(sym.min()), int(sym.max())
+        counts = np.bincount(sym - lo, minlength=hi - lo + 1)
+        live = counts > 0
+        best = None
+        for p in range(max(_MIN_PROB_BITS, int(live.sum() - 1).bit_length()), prob_bits + 1):
+            f = _normalize_counts(counts, p)
+            t = b"".join(_varint(int(v)) for v in f)
+            bits = float((counts[live] * (p - np.log2(f[live]))).sum()) + 8 * len(t)
+            if best is None or bits < best[0]:
+                best = (bits, p, f, t)
+        _, prob_bits, freq, table = best
+    head = bytes([STATIC, prob_bits, lanes, lo, hi]) + table
+    states, words = _run_encoder((sym - lo).astype(np.uint8), np.zeros(1, np.int32), sym.size,
+                                 freq[None, :], prob_bits, lanes)
+    return _pack(head, states, words)
+
+
+def _fit_parametric(sym: np.ndarray, rows: int, row_len: int, lo: int, hi: int,
+                    center2: int, prob_bits: int) -> tuple[int, np.ndarray, np.ndarray, float]:
+    """Pick the shape ``m`` and each row's width byte minimizing the exact coded bits.
+
+    Returns ``(m, j_per_row, freq_per_used_j, bits)``; costs use the very integer tables the
+    decoder rebuilds, so the choice is the optimum within the family and grid.
+    """
+    A = hi - lo + 1
+    hist = np.bincount((np.arange(rows).repeat(row_len) * A + (sym - lo)),
+                       minlength=rows * A).reshape(rows, A).astype(np.float64)
+    # Search only widths near the rows' spread: second moments of d bound the useful a².
+    d = (np.arange(lo, hi + 1) - center2 / 2.0)
+    msd = (hist @ (d * d)) / max(row_len, 1)
+    lo_j = max(0, int(np.floor(8 * np.log2(max(msd.min(), 1e-3) / 64))) + _WIDTH_OFFSET)
+    hi_j = min(255, int(np.ceil(8 * np.log2(max(msd.max(), 1e-3) * 4))) + _WIDTH_OFFSET)
+    js = np.arange(lo_j, max(hi_j, lo_j) + 1)
+    best = None
+    for m in _SHAPES:
+        freq = _param_freqs(js, m, lo, hi, center2, prob_bits)
+        cost = hist @ (prob_bits - np.log2(freq)).T           # bits, (rows, len(js))
+        pick = np.argmin(cost, axis=1)
+        bits = float(cost[np.arange(rows), pick].sum())
+        if best is None or bits < best[3]:
+            best = (m, js[pick], freq, bits)
+    m, jrow, freq_all, bits = best
+    return m, jrow.astype(np.uint8), freq_all, bits
+
+
+def _encode_parametric(sym: np.ndarray, alphabet: int, rows: int, row_len: int,
+                       prob_bits: int, lanes: int, center2: int) -> bytes:
+    lo, hi = int(sym.min()), int(sym.max())
+    m, jrow, _, _ = _fit_parametric(sym, rows, row_len, lo, hi, center2, prob_bits)
+    used, row_model = np.unique(jrow, return_inverse=True)
+    freq = _param_freqs(used, m, lo, hi, center2, prob_bits)
+    side = _encode_static(jrow, 256, prob_bits, lanes=1)
+    head = (bytes([PARAMETRIC, prob_bits, lanes, lo, hi]) + int(center2).to_bytes(2, "little")
+            + bytes([m]) + _varint(len(side)) + side)
+    states, words = _run_encoder((sym - lo).astype(np.uint8), row_model, row_len, freq,
+                                 prob_bits, lanes)
+    return _pack(head, states, words)
+
+
+def default_center2(alphabet: int) -> int:
+    """Twice the symmetric code center: 2^(b-1)-1 for int b >= 2, 1 for ternary, 0.5 for b = 1."""
+    if alphabet == 3:
+        return 2
+    if alphabet == 2:
+        return 1
+    return alphabet - 2      # 2·(2^(b-1) - 1) = 2^b - 2
+
+
+def encode(data: np.ndarray, alphabet: int, rows: int = 1, row_len: int | None = None, *,
+           model: str = "auto", lanes: int = _LANES, prob_bits: int = _PROB_BITS,
+           center2: int | None = None) -> bytes:
+    """rANS-code ``data`` (codes ``0..alphabet-1``, ``rows * row_len`` of them, row-major).
+
+    ``model``: ``"static"``, ``"parametric"`` or ``"auto"`` (encode both, keep the smaller).
+    ``center2`` is twice the code the parametric model is centered on (default: the
+    symmetric code center of ``alphabet``). Returns the self-describing blob.
+    """
+    sym = np.ascontiguousarray(np.asarray(data).ravel())
+    if sym.dtype != np.uint8:
+        if sym.size and (sym.min() < 0 or sym.max() > 255):
+            raise ValueError("rANS codes must be in 0..255")
+        sym = sym.astype(np.uint8)
+    if not 1 <= alphabet <= 256:
+        raise ValueError(f"alphabet must be 1..256, got {alphabet}")
+    if sym.size and int(sym.max()) >= alphabet:
+        raise ValueError(f"code {int(sym.max())} out of alphabet {alphabet}")
+    row_len = sym.size if row_len is None else row_len
+    if rows * row_len != sym.size:
+        raise ValueError(f"rows*row_len = {rows}*{row_len} != {sym.size} symbols")
+    if not 1 <= lanes <= _MAX_LANES or not _MIN_PROB_BITS <= prob_bits <= _MAX_PROB_BITS:
+        raise ValueError("lanes must be 1..32 and prob_bits 8..16")
+    if model not in ("auto", "static", "parametric"):
+        raise ValueError(f"unknown rANS model {model!r}")
+    c2 = default_center2(alphabet) if center2 is None else int(center2)
+    if not 0 <= c2 <= 2 * (alphabet - 1):
+        raise ValueError(f"center2 {c2} outside the alphabet")
+    blobs = []
+    if model in ("auto", "static") or sym.size == 0:
+        blobs.append(_encode_static(sym, alphabet, prob_bits, lanes))
+    if model in ("auto", "parametric") and sym.size:
+        blobs.append(_encode_parametric(sym, alphabet, rows, row_len, prob_bits, lanes, c2))
+    return min(blobs, key=len)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def _read_static_freq(r: _Reader, lo: int, hi: int, prob_bits: int) -> np.ndarray:
+    freq = np.array([r.varint("frequency table", 3) for _ in range(hi - lo + 1)], np.int64)
+    if int(freq.sum()) != 1 << prob_bits:
+        raise BadPayload("rANS frequency table does not sum to 2^P")
+    return freq
+
+
+def _decode_at(blob: bytes, r: _Reader, n: int, alphabet: int, rows: int,
+               row_len: int, *, nested: bool = False) -> np.ndarray:
+    kind, prob_bits, lanes, lo, hi = r.take(5, "header")
+    if kind not in (STATIC, PARAMETRIC) or (nested and kind != STATIC):
+        raise BadPayload(f"rANS: unknown model kind {kind}")
+    if not _MIN_PROB_BITS <= prob_bits <= _MAX_PROB_BITS:
+        raise BadPayload(f"rANS: probability bits {prob_bits} outside 8..16")
+    if not 1 <= lanes <= _MAX_LANES:
+        raise BadPayload(f"rANS: {lanes} lanes outside 1..32")
+    if lo > hi or hi >= alphabet:
+        raise BadPayload(f"rANS: code range [{lo}, {hi}] outside alphabet {alphabet}")
+    if kind == STATIC:
+        freq = _read_static_freq(r, lo, hi, prob_bits)[None, :]
+        row_model = np.zeros(1, np.int32)
+        rows_k, row_len_k = 1, n
+    else:
+        center2 = int.from_bytes(r.take(2, "center"), "little")
+        m = r.u8("shape")
+        if center2 > 2 * (alphabet - 1) or m == 0:
+            raise BadPayload("rANS: bad parametric center or shape")
+        side_len = r.varint("width length")
+        end = r.pos + side_len
+        if end > len(blob):
+            raise BadPayload("rANS blob truncated in row widths")
+        sub = _Reader(blob[:end], r.pos)
+        jrow = _decode_at(blob[:end], sub, rows, 256, 1, rows, nested=True)
+        if sub.pos != end:
+            raise BadPayload("rANS: row width block has trailing bytes")
+        r.pos = end
+        used, row_model = np.unique(jrow, return_inverse=True)
+        freq = _param_freqs(used, m, lo, hi, center2, prob_bits)
+        rows_k, row_len_k = rows, row_len
+    state_bytes = r.take(4 * lanes, "states")
+    states = np.frombuffer(state_bytes, "<u4").astype(np.int64)
+    if (states < _L).any():
+        raise BadPayload("rANS: initial state below 2^16")
+    rest = len(blob) - r.pos      # the words run to the end (of the nested block, if nested)
+    if rest % 2:
+        raise BadPayload("rANS: word stream has an odd number of bytes")
+    words = np.zeros(rest // 2 + 1, dtype=np.uint16)
+    words[:-1] = np.frombuffer(blob, "<u2", count=rest // 2, offset=r.pos)
+    r.pos += rest
+    cum, sym_tab = _tables(freq, prob_bits)
+    out = np.empty(n, dtype=np.uint8)
+    err = _decode_kernel(words, rest // 2, states, row_model.astype(np.int32), row_len_k,
+                         sym_tab, freq, cum, prob_bits, out)
+    if err:
+        raise BadPayload({-1: "rANS: word stream truncated",
+                           -2: "rANS: final states do not match (corrupt stream)",
+                           -3: "rANS: trailing words after the stream"}[err])
+    if lo:
+        out += np.uint8(lo)
+    return out
+
+
+def decode(blob: bytes, n: int, alphabet: int, rows: int = 1,
+           row_len: int | None = None) -> np.ndarray:
+    """Inverse of :func:`encode`: ``uint8[n]`` codes. Any bad blob raises ``BadPayload`` (a ``FormatError``)."""
+    row_len = n if row_len is None else row_len
+    if rows * row_len != n or n < 0:
+        raise ValueError(f"rows*row_len = {rows}*{row_len} != {n} symbols")
+    blob = bytes(blob)
+    return _decode_at(blob, _Reader(blob), n, alphabet, rows, row_len)
+
+
+# ----------------------------------------------------------------------------- registry
+
+def _row_view(ctx: Any) -> tuple[int, int]:
+    """The tensor's (rows, row_len) when it describes this stream, else one row of n."""
+    if ctx.rows * ctx.row_len == ctx.n and ctx.rows > 0:
+        return ctx.rows, ctx.row_len
+    return 1, ctx.n
+
+
+class RansCoder:
+    """Registry entry for coder id 4 (``pgolf_codec.coders``): duck-types its ``Coder``.
+
+    It does not import ``coders`` (which registers it), so either module may load first.
+    Uses ``ctx.n``, ``ctx.alphabet`` and the row view ``ctx.rows x ctx.row_len``; row widths
+    are measured from the codes, so ``ctx.scales`` is not needed (with per-row scales the
+    code widths do not follow the scales anyway).
+    """
+
+    id = 4
+    name = "rans"
+
+    def supports(self, ctx: Any) -> bool:
+        """Only one-code-per-byte streams with a row view (bit-packed or float bytes: no gain)."""
+        return ctx.rows * ctx.row_len == ctx.n and ctx.alphabet <= 256
+
+    def encode(self, data: np.ndarray, ctx: Any) -> bytes:
+        return encode(data, ctx.alphabet, *_row_view(ctx))
+
+    def decode(self, blob: bytes, ctx: Any) -> np.ndarray:
+        return decode(blob, ctx.n, ctx.alphabet, *_row_view(ctx))
