@@ -1,0 +1,569 @@
+"""The artifact container, format v1 (normative description: spec/FORMAT.md).
+
+    0   4  magic b"PGLF"
+    4   1  major (1)            5  1  minor (0)
+    6   1  header coding: 0 msgpack, 1 zstd(msgpack)      7  1  flags (0)
+    8   4  header stored length H (u32 LE)               12  4  header decoded length (u32 LE)
+   16   H  header
+ 16+H   P  payload: tensor streams in header order, then the code section
+  end   4  CRC-32 of every preceding byte (u32 LE)
+
+Readers validate every declared size against `Limits` before allocating, and raise a
+`FormatError` subclass naming the problem on any bad input.
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import msgpack
+import numpy as np
+import torch
+import zstandard
+
+from .coders import CODERS, StreamDesc, coder_by_name, decode_stream, encode_stream
+from .errors import (ArtifactTooLarge, BadHeader, BadMagic, BadPayload, ChecksumMismatch, FormatError,
+                     LimitExceeded, Limits, Truncated, UnsupportedVersion)
+from .schemes import (SCALE_BYTES, Q8_TABLE, Quantized, QuantSpec, Recipe, dequantize, n_groups, quantize,
+                      rows_view_shape)
+
+MAGIC = b"PGLF"
+MAJOR, MINOR = 1, 0
+FORMAT_VERSION = f"{MAJOR}.{MINOR}"
+BUDGET_BYTES = 16_000_000
+_PREFIX = struct.Struct("<4sBBBBII")
+FIXED_BYTES = _PREFIX.size + 4  # prefix + trailing CRC
+_SOURCE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                  torch.float64: "float64"}
+_FLOAT_WIDTH = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+# ----------------------------------------------------------------------------- tensor streams
+
+def _stream_descs(spec: QuantSpec, shape: tuple[int, ...], scales: np.ndarray | None = None) -> dict[str, StreamDesc]:
+    """The streams a tensor of this spec and shape stores, in payload order."""
+    rows, row_len = rows_view_shape(shape)
+    n = rows * row_len
+    if spec.is_float:
+        w = _FLOAT_WIDTH[spec.kind]
+        return {"codes": StreamDesc(n * w, 256, w, rows, row_len * w)}
+    ng = n_groups(row_len, spec.group)
+    d = {"codes": StreamDesc(n, spec.levels, 1, rows, row_len, scales)}
+    if spec.scale_dtype == "q8":
+        d["scales"] = StreamDesc(4 + rows * ng)  # float32 reference, then one code per group
+    else:
+        d["scales"] = StreamDesc(rows * ng * 2, 256, 2)
+    if not spec.symmetric:
+        d["zeros"] = StreamDesc(rows * ng, 1 << spec.bits)
+    return d
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+def _stream_bytes(q: Quantized) -> dict[str, np.ndarray]:
+    """The decoded bytes of every stream of q (little-endian)."""
+    spec = q.spec
+    if spec.is_float:
+        c = q.codes
+        raw = _np(c.view(torch.int16)).astype("<i2") if spec.kind == "bf16" else _np(c).astype(
+            "<f2" if spec.kind == "fp16" else "<f4")
+        return {"codes": raw.view(np.uint8).ravel()}
+    out = {"codes": _np(q.codes).ravel()}
+    if spec.scale_dtype == "q8":
+        ref = np.array([float(q.scale_ref)], dtype="<f4").view(np.uint8)
+        out["scales"] = np.concatenate([ref, _np(q.scale_codes).ravel()])
+    elif spec.scale_dtype == "bf16":
+        out["scales"] = _np(q.scales.to(torch.bfloat16).view(torch.int16)).astype("<i2").view(np.uint8).ravel()
+    else:
+        out["scales"] = _np(q.scales).astype("<f2").view(np.uint8).ravel()
+    if not spec.symmetric:
+        out["zeros"] = _np(q.zeros).ravel()
+    return out
+
+
+def _check_quantized(q: Quantized, name: str) -> None:
+    """Refuse to write a Quantized whose decode would not reproduce it exactly."""
+    spec = q.spec
+    rows, row_len = rows_view_shape(q.shape)
+    if tuple(q.codes.shape) != (rows, row_len):
+        raise ValueError(f"{name}: codes shape {tuple(q.codes.shape)} != {(rows, row_len)}")
+    if spec.is_float:
+        return
+    ng = n_groups(row_len, spec.group)
+    if q.codes.dtype != torch.uint8 or (q.codes.numel() and int(q.codes.max()) >= spec.levels):
+        raise ValueError(f"{name}: codes must be uint8 below {spec.levels}")
+    if tuple(q.scales.shape) != (rows, ng) or q.scales.dtype != torch.float32:
+        raise ValueError(f"{name}: scales must be float32 of shape {(rows, ng)}")
+    if (q.zeros is None) != spec.symmetric:
+        raise ValueError(f"{name}: zero points {'missing' if q.zeros is None else 'given'} for {spec}")
+    if q.zeros is not None and (q.zeros.dtype != torch.uint8 or tuple(q.zeros.shape) != (rows, ng)
+                                or (q.zeros.numel() and int(q.zeros.max()) >= 1 << spec.bits)):
+        raise ValueError(f"{name}: zero points must be uint8 < 2^bits of shape {(rows, ng)}")
+    s = q.scales.detach().cpu()
+    if spec.scale_dtype == "q8":
+        if q.scale_codes is None or q.scale_ref is None:
+            raise ValueError(f"{name}: q8 scales need scale_codes and scale_ref")
+        expect = q.scale_ref.detach().cpu().float() * Q8_TABLE[q.scale_codes.detach().cpu().long()]
+    else:
+        expect = s.to(torch.float16 if spec.scale_dtype == "fp16" else torch.bfloat16).float()
+    if not torch.equal(expect, s):
+        raise ValueError(f"{name}: scales are not exactly representable as {spec.scale_dtype}")
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    """One tensor's coded streams: name -> (transform, coder id, blob), in payload order."""
+
+    streams: dict[str, tuple[int, int, bytes]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for _, _, b in self.streams.values())
+
+
+def encode_tensor(q: Quantized, coder: str | int = "auto", name: str = "tensor") -> EncodedTensor:
+    """Code every stream of a Quantized (exactly what the container stores for it)."""
+    _check_quantized(q, name)
+    scales = _np(q.scales).astype(np.float32) if not q.spec.is_float else None
+    descs = _stream_descs(q.spec, q.shape, scales)
+    data = _stream_bytes(q)
+    # Scales and zero points are small; "auto" is always worth it there even when the codes
+    # coder is fixed, but a named coder is honoured for every stream to keep runs comparable.
+    return EncodedTensor({k: encode_stream(data[k], d, coder) for k, d in descs.items()})
+
+
+def encoded_size(x: torch.Tensor | Quantized, spec: QuantSpec | str | None = None,
+                 coder: str | int = "auto") -> int:
+    """Exact payload bytes the container spends on one tensor (codes + scales + zero points).
+
+    `x` is a float tensor (quantized under `spec`) or a `Quantized` (spec ignored).  The
+    header entry (name, shape, scheme, lengths, CRC; ~20–60 bytes before header
+    compression) is not included.
+    """
+    if not isinstance(x, Quantized):
+        if spec is None:
+            raise ValueError("encoded_size: a spec is needed to quantize a tensor")
+        x = quantize(x, QuantSpec.parse(spec) if isinstance(spec, str) else spec)
+    return encode_tensor(x, coder).nbytes
+
+
+# ----------------------------------------------------------------------------- info
+
+@dataclass
+class ArtifactInfo:
+    """Sizes of an artifact, as `pgolf inspect --json` prints them (bytes, bits)."""
+
+    total_bytes: int
+    model_bytes: int  # everything but the code section: header, fixed bytes, tensor payloads
+    code_bytes: int  # the compressed code section
+    header_bytes: int  # the fixed 20 bytes + the stored header
+    format_version: str
+    tensors: list[dict] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(t["numel"] for t in self.tensors)
+
+    @property
+    def headroom_bytes(self) -> int:
+        return BUDGET_BYTES - self.total_bytes
+
+    def to_dict(self) -> dict:
+        params = self.params
+        return {"total_bytes": self.total_bytes, "model_bytes": self.model_bytes, "code_bytes": self.code_bytes,
+                "header_bytes": self.header_bytes, "format_version": self.format_version,
+                "budget_bytes": BUDGET_BYTES, "headroom_bytes": self.headroom_bytes, "params": params,
+                "bits_per_param": 8 * self.total_bytes / params if params else 0.0,
+                "tensors": self.tensors}
+
+
+def _tensor_info(entry: dict, spec: QuantSpec, coders: dict[str, int], sizes: dict[str, int]) -> dict:
+    numel = math.prod(entry["shape"])
+    nbytes = sum(sizes.values())
+    return {"name": entry["name"], "shape": list(entry["shape"]), "numel": numel, "scheme": str(spec),
+            "bits": spec.bits, "coder": CODERS[coders["codes"]].name, "bytes": nbytes,
+            "bits_per_param": 8 * nbytes / numel if numel else 0.0,
+            "stream_bytes": dict(sizes), "dtype": entry["dtype"]}
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _canonical(obj: Any, where: str = "metadata") -> Any:
+    """Metadata as msgpack-able plain data with sorted keys (determinism); ValueError otherwise."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        if isinstance(obj, int) and not isinstance(obj, bool) and not -(1 << 63) <= obj < 1 << 64:
+            raise ValueError(f"{where}: integer {obj} does not fit in 64 bits")
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, Mapping):
+        if not all(isinstance(k, str) for k in obj):
+            raise ValueError(f"{where}: keys must be strings")
+        return {k: _canonical(obj[k], f"{where}.{k}") for k in sorted(obj)}
+    raise ValueError(f"{where}: {type(obj).__name__} cannot be stored (use str, int, float, bool, None, list, dict)")
+
+
+def build_artifact(tensors: Mapping[str, torch.Tensor | Quantized], recipe: Recipe | str | QuantSpec,
+                   *, metadata: Mapping[str, Any] | None = None, code: Mapping[str, str] | None = None,
+                   coder: str | int = "auto") -> tuple[bytes, ArtifactInfo]:
+    """The artifact bytes (deterministic: same inputs, same bytes) and their `ArtifactInfo`.
+
+    tensors: name -> float tensor (quantized by the first matching `recipe` rule) or an
+    already `Quantized` tensor (e.g. from GPTQ; the recipe is not consulted).  Tensors are
+    stored sorted by name; `code` files (name -> source text) likewise.
+    """
+    recipe = Recipe.coerce(recipe)
+    if coder != "auto":
+        coder_by_name(coder)
+    entries, blobs, infos = [], [], []
+    offset = 0
+    for name in sorted(tensors):
+        if not isinstance(name, str) or not name or len(name.encode()) > Limits().max_name_bytes:
+            raise ValueError(f"tensor name {name!r} must be a non-empty string of at most 1024 bytes")
+        x = tensors[name]
+        if isinstance(x, Quantized):
+            q, dtype = x, "float32"
+        else:
+            if not isinstance(x, torch.Tensor) or x.dtype not in _SOURCE_DTYPES:
+                raise ValueError(f"tensor {name!r}: expected a float tensor, got {getattr(x, 'dtype', type(x))}")
+            try:
+                q = quantize(x, recipe.spec_for(name))
+            except ValueError as e:
+                raise ValueError(f"tensor {name!r}: {e}") from None
+            dtype = _SOURCE_DTYPES[x.dtype]
+        enc = encode_tensor(q, coder, name)
+        payload = b"".join(b for _, _, b in enc.streams.values())
+        entry = {"name": name, "shape": list(q.shape), "dtype": dtype, "scheme": str(q.spec), "offset": offset,
+                 "crc": zlib.crc32(payload)}
+        entry.update({k: [t, c, len(b)] for k, (t, c, b) in enc.streams.items()})
+        entries.append(entry)
+        blobs.append(payload)
+        infos.append(_tensor_info(entry, q.spec, {k: c for k, (_, c, _) in enc.streams.items()},
+                                  {k: len(b) for k, (_, _, b) in enc.streams.items()}))
+        offset += len(payload)
+    files = sorted((code or {}).items())
+    for fname, text in files:
+        if not isinstance(fname, str) or not fname or not isinstance(text, str):
+            raise ValueError(f"code file {fname!r}: needs a non-empty name and str source")
+    code_raw = b"".join(t.encode("utf-8") for _, t in files)
+    c_t, c_id, code_blob = encode_stream(np.frombuffer(code_raw, np.uint8), StreamDesc(len(code_raw)),
+                                         "auto" if coder == "auto" else coder)
+    header = {"tensors": entries, "metadata": _canonical(dict(metadata or {})),
+              "code": {"files": [[n, len(t.encode("utf-8"))] for n, t in files], "coder": c_id,
+                       "offset": offset, "length": len(code_blob), "crc": zlib.crc32(code_blob)}}
+    packed = msgpack.packb(header, use_bin_type=True)
+    zh = zstandard.ZstdCompressor(level=22, write_checksum=False, write_content_size=True,
+                                  write_dict_id=False).compress(packed)
+    hcoding, hstored = (1, zh) if len(zh) < len(packed) else (0, packed)
+    body = _PREFIX.pack(MAGIC, MAJOR, MINOR, hcoding, 0, len(hstored), len(packed)) + hstored
+    body += b"".join(blobs) + code_blob
+    data = body + struct.pack("<I", zlib.crc32(body))
+    info = ArtifactInfo(total_bytes=len(data), model_bytes=len(data) - len(code_blob), code_bytes=len(code_blob),
+                        header_bytes=FIXED_BYTES + len(hstored), format_version=FORMAT_VERSION, tensors=infos)
+    return data, info
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, *, overwrite: bool = False) -> None:
+    """Write via a temp file in the same directory, then rename; never clobbers unless asked."""
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists (pass overwrite=True / --force to replace it)")
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if path appeared meanwhile: no silent clobber
+            os.unlink(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_artifact(path: str | Path, tensors: Mapping[str, torch.Tensor | Quantized],
+                   recipe: Recipe | str | QuantSpec, *, metadata: Mapping[str, Any] | None = None,
+                   code: Mapping[str, str] | None = None, coder: str | int = "auto",
+                   max_bytes: int | None = None, overwrite: bool = False) -> ArtifactInfo:
+    """Quantize, code and write an artifact atomically; returns its `ArtifactInfo`.
+
+    Raises `ArtifactTooLarge` (nothing written) when the file would exceed `max_bytes`,
+    `FileExistsError` when `path` exists and `overwrite` is False.
+    """
+    data, info = build_artifact(tensors, recipe, metadata=metadata, code=code, coder=coder)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ArtifactTooLarge(f"artifact would be {len(data):,} bytes, over the limit of {max_bytes:,} "
+                               f"(model {info.model_bytes:,} + code {info.code_bytes:,})")
+    write_bytes_atomic(path, data, overwrite=overwrite)
+    return info
+
+
+# ----------------------------------------------------------------------------- reading
+
+@dataclass
+class Artifact:
+    """A decoded artifact: float32 tensors, the Quantized they came from, metadata, code, sizes."""
+
+    quantized: dict[str, Quantized]
+    metadata: dict
+    code: dict[str, str]
+    info: ArtifactInfo
+    _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """name -> float32 CPU tensor (dequantized on first access)."""
+        if self._tensors is None:
+            self._tensors = {k: dequantize(q) for k, q in self.quantized.items()}
+        return self._tensors
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _field(d: Mapping, key: str, kind, where: str):
+    if key not in d:
+        raise BadHeader(f"{where}: missing field {key!r}")
+    v = d[key]
+    ok = _is_int(v) if kind is int else isinstance(v, kind)
+    if not ok:
+        raise BadHeader(f"{where}: field {key!r} has type {type(v).__name__}, expected {getattr(kind, '__name__', kind)}")
+    return v
+
+
+def _u32(v: Any, where: str) -> int:
+    if not _is_int(v) or not 0 <= v < 1 << 32:
+        raise BadHeader(f"{where} must be an unsigned 32-bit integer")
+    return v
+
+
+def _parse_prefix(data: bytes, limits: Limits) -> tuple[int, bytes]:
+    """Check fixed bytes, lengths and the file CRC; return (payload start, stored header)."""
+    if len(data) > limits.max_file_bytes:
+        raise LimitExceeded(f"file is {len(data)} bytes, limit {limits.max_file_bytes}")
+    if data[:4] != MAGIC[: len(data[:4])]:
+        raise BadMagic(f"not a pgolf artifact: magic {data[:4]!r}, expected {MAGIC!r}")
+    if len(data) < FIXED_BYTES:
+        raise Truncated(f"file is {len(data)} bytes, shorter than the {FIXED_BYTES}-byte minimum")
+    magic, major, minor, hcoding, flags, hlen, hraw = _PREFIX.unpack_from(data)
+    if major != MAJOR:
+        raise UnsupportedVersion(f"format major version {major} (this reader implements {MAJOR}.x)")
+    if hcoding not in (0, 1) or flags != 0:
+        raise BadHeader(f"unknown header coding {hcoding} or flags {flags}")
+    if hlen > len(data) - FIXED_BYTES:
+        raise Truncated(f"header declares {hlen} bytes, only {len(data) - FIXED_BYTES} follow")
+    if hraw > limits.max_header_bytes:
+        raise LimitExceeded(f"header declares {hraw} decoded bytes, limit {limits.max_header_bytes}")
+    if hcoding == 0 and hraw != hlen:
+        raise BadHeader("uncompressed header with differing stored and decoded lengths")
+    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    if zlib.crc32(memoryview(data)[:-4]) != crc:
+        raise ChecksumMismatch("file CRC-32 does not match (corrupted or truncated file)")
+    return _PREFIX.size + hlen, data[_PREFIX.size:_PREFIX.size + hlen]
+
+
+def _decode_header(stored: bytes, hcoding_raw: tuple[int, int]) -> dict:
+    hcoding, hraw = hcoding_raw
+    if hcoding == 1:
+        try:
+            if zstandard.frame_content_size(stored) != hraw:
+                raise BadHeader("compressed header size does not match its declared length")
+            raw = zstandard.ZstdDecompressor(max_window_size=1 << 27).decompress(
+                stored, max_output_size=max(hraw, 1), allow_extra_data=False)
+        except zstandard.ZstdError as e:
+            raise BadHeader(f"header does not decompress: {e}") from None
+        if len(raw) != hraw:
+            raise BadHeader("header decompresses to the wrong length")
+    else:
+        raw = stored
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # msgpack raises several unrelated types on hostile input
+        raise BadHeader(f"header is not valid msgpack: {type(e).__name__}: {e}") from None
+    if not isinstance(header, dict):
+        raise BadHeader("header is not a map")
+    return header
+
+
+def _check_entry(e: Any, i: int, limits: Limits) -> tuple[QuantSpec, tuple[int, ...], dict[str, StreamDesc]]:
+    where = f"tensor #{i}"
+    if not isinstance(e, dict):
+        raise BadHeader(f"{where}: entry is not a map")
+    name = _field(e, "name", str, where)
+    where = f"tensor {name[:80]!r}"
+    if not name or len(name.encode()) > limits.max_name_bytes:
+        raise BadHeader(f"{where}: name is empty or longer than {limits.max_name_bytes} bytes")
+    shape = _field(e, "shape", list, where)
+    if len(shape) > limits.max_ndim or not all(_is_int(d) and 0 <= d < 1 << 62 for d in shape):
+        raise BadHeader(f"{where}: bad shape (at most {limits.max_ndim} non-negative dims)")
+    numel = math.prod(shape)
+    if numel > limits.max_tensor_elements:
+        raise LimitExceeded(f"{where}: {numel} elements, limit {limits.max_tensor_elements}")
+    if _field(e, "dtype", str, where) not in _SOURCE_DTYPES.values():
+        raise BadHeader(f"{where}: unknown source dtype {e['dtype']!r}")
+    try:
+        spec = QuantSpec.parse(_field(e, "scheme", str, where))
+    except ValueError as err:
+        raise BadHeader(f"{where}: {err}") from None
+    _u32(e.get("crc"), f"{where}: crc")
+    descs = _stream_descs(spec, tuple(shape))
+    for k, d in descs.items():
+        if d.nbytes > limits.max_stream_bytes:
+            raise LimitExceeded(f"{where}: {k} stream of {d.nbytes} bytes, limit {limits.max_stream_bytes}")
+        s = _field(e, k, list, where)
+        if len(s) != 3 or not all(_is_int(v) and v >= 0 for v in s):
+            raise BadHeader(f"{where}: {k} must be [transform, coder, length]")
+    for k in ("codes", "scales", "zeros"):
+        if k not in descs and k in e:
+            raise BadHeader(f"{where}: scheme {spec} has no {k} stream")
+    return spec, tuple(shape), descs
+
+
+def read_artifact_bytes(data: bytes, limits: Limits = Limits()) -> Artifact:
+    """Validate and decode an artifact held in memory (see `read_artifact`)."""
+    data = bytes(data)
+    payload_start, stored = _parse_prefix(data, limits)
+    header = _decode_header(stored, (data[6], struct.unpack_from("<I", data, 12)[0]))
+    payload_end = len(data) - 4
+    entries = _field(header, "tensors", list, "header")
+    if len(entries) > limits.max_tensors:
+        raise LimitExceeded(f"{len(entries)} tensors, limit {limits.max_tensors}")
+    metadata = _field(header, "metadata", dict, "header")
+    code_hdr = _field(header, "code", dict, "header")
+    checked, names, total, offset = [], set(), 0, 0
+    for i, e in enumerate(entries):
+        spec, shape, descs = _check_entry(e, i, limits)
+        if e["name"] in names:
+            raise BadHeader(f"duplicate tensor name {e['name']!r}")
+        names.add(e["name"])
+        total += math.prod(shape)
+        if total > limits.max_total_elements:
+            raise LimitExceeded(f"tensors hold more than {limits.max_total_elements} elements in all")
+        if _field(e, "offset", int, f"tensor {e['name']!r}") != offset:
+            raise BadHeader(f"tensor {e['name']!r}: offset {e['offset']} != {offset} (streams must be contiguous)")
+        offset += sum(e[k][2] for k in descs)
+        if payload_start + offset > payload_end:
+            raise Truncated(f"tensor {e['name']!r} ends past the end of the payload")
+        checked.append((e, spec, shape, descs))
+    files = _field(code_hdr, "files", list, "code")
+    if len(files) > limits.max_code_files:
+        raise LimitExceeded(f"{len(files)} code files, limit {limits.max_code_files}")
+    if not all(isinstance(f, list) and len(f) == 2 and isinstance(f[0], str) and f[0] and _is_int(f[1])
+               and f[1] >= 0 for f in files):
+        raise BadHeader("code: files must be [name, byte length] pairs")
+    if len({f[0] for f in files}) != len(files):
+        raise BadHeader("code: duplicate file name")
+    code_raw_len = sum(f[1] for f in files)
+    if code_raw_len > limits.max_code_bytes:
+        raise LimitExceeded(f"code section declares {code_raw_len} bytes, limit {limits.max_code_bytes}")
+    c_coder = _field(code_hdr, "coder", int, "code")
+    c_len = _field(code_hdr, "length", int, "code")
+    if _field(code_hdr, "offset", int, "code") != offset or c_len < 0:
+        raise BadHeader("code section must directly follow the tensor payloads")
+    if payload_start + offset + c_len != payload_end:
+        raise (Truncated if payload_start + offset + c_len > payload_end else BadHeader)(
+            f"declared payload ends at {payload_start + offset + c_len}, file payload ends at {payload_end}")
+    quantized, infos = {}, []
+    mv = memoryview(data)
+    for e, spec, shape, descs in checked:
+        start = payload_start + e["offset"]
+        end = start + sum(e[k][2] for k in descs)
+        if zlib.crc32(mv[start:end]) != e["crc"]:
+            raise ChecksumMismatch(f"tensor {e['name']!r}: payload CRC-32 mismatch")
+        streams, pos = {}, start
+        for k, d in descs.items():
+            t, c, n = e[k]
+            try:
+                streams[k] = decode_stream(mv[pos:pos + n], t, c, d, limits)
+            except FormatError as err:
+                raise type(err)(f"tensor {e['name']!r} {k}: {err}") from None
+            pos += n
+        quantized[e["name"]] = _to_quantized(spec, shape, streams, e["name"])
+        infos.append(_tensor_info(e, spec, {k: e[k][1] for k in descs}, {k: e[k][2] for k in descs}))
+    cstart = payload_start + offset
+    if zlib.crc32(mv[cstart:cstart + c_len]) != _u32(code_hdr.get("crc"), "code: crc"):
+        raise ChecksumMismatch("code section CRC-32 mismatch")
+    try:
+        raw = decode_stream(mv[cstart:cstart + c_len], 0, c_coder, StreamDesc(code_raw_len), limits).tobytes()
+    except FormatError as err:
+        raise type(err)(f"code section: {err}") from None
+    code, pos = {}, 0
+    for fname, n in files:
+        try:
+            code[fname] = raw[pos:pos + n].decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadPayload(f"code file {fname!r} is not valid UTF-8") from None
+        pos += n
+    info = ArtifactInfo(total_bytes=len(data), model_bytes=len(data) - c_len, code_bytes=c_len,
+                        header_bytes=FIXED_BYTES + len(stored), format_version=f"{data[4]}.{data[5]}", tensors=infos)
+    return Artifact(quantized=quantized, metadata=metadata, code=code, info=info)
+
+
+def _to_quantized(spec: QuantSpec, shape: tuple[int, ...], streams: dict[str, np.ndarray], name: str) -> Quantized:
+    rows, row_len = rows_view_shape(shape)
+    if spec.is_float:
+        raw = streams["codes"]
+        if spec.kind == "bf16":
+            codes = torch.from_numpy(raw.view("<i2").astype(np.int16)).view(torch.bfloat16)
+        else:
+            codes = torch.from_numpy(raw.view("<f2" if spec.kind == "fp16" else "<f4").astype(
+                np.float16 if spec.kind == "fp16" else np.float32))
+        return Quantized(spec, shape, codes.reshape(rows, row_len), torch.zeros((rows, 0)))
+    ng = n_groups(row_len, spec.group)
+    codes = torch.from_numpy(streams["codes"]).reshape(rows, row_len)
+    sraw = streams["scales"]
+    sc = ref = None
+    if spec.scale_dtype == "q8":
+        ref = torch.from_numpy(sraw[:4].view("<f4").astype(np.float32)).reshape(())
+        sc = torch.from_numpy(sraw[4:].copy()).reshape(rows, ng)
+        scales = ref * Q8_TABLE[sc.long()]
+        bad_ref = not (math.isfinite(float(ref)) and float(ref) >= 0)
+    else:
+        if spec.scale_dtype == "bf16":
+            scales = torch.from_numpy(sraw.view("<i2").astype(np.int16)).view(torch.bfloat16).float()
+        else:
+            scales = torch.from_numpy(sraw.view("<f2").astype(np.float16)).float()
+        scales = scales.reshape(rows, ng)
+        bad_ref = False
+    if bad_ref or (scales.numel() and not bool((torch.isfinite(scales) & (scales > 0)).all())):
+        raise BadPayload(f"tensor {name!r}: scales must be finite and positive")
+    zeros = None if spec.symmetric else torch.from_numpy(streams["zeros"]).reshape(rows, ng)
+    return Quantized(spec, shape, codes, scales, zeros, sc, ref)
+
+
+def read_artifact(path: str | Path, limits: Limits = Limits()) -> Artifact:
+    """Read, validate and decode an artifact file.  Any defect raises a `FormatError` subclass."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > limits.max_file_bytes:
+        raise LimitExceeded(f"{path}: file is {size} bytes, limit {limits.max_file_bytes}")
+    with open(path, "rb") as f:
+        data = f.read(limits.max_file_bytes + 1)
+    return read_artifact_bytes(data, limits)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """name -> float32 tensor on `device`, dequantized there (bit-identical on CPU and CUDA)."""
+    if torch.device(device).type == "cuda":  # one Triton pass per tensor (torch without Triton)
+        from .gpu import load_to_device
+        return load_to_device(path, device)
+    art = read_artifact(path)
+    out = {}
+    for name, q in art.quantized.items():
+        moved = Quantized(q.spec, q.shape, q.codes.to(device), q.scales.to(device),
+                          None if q.zeros is None else q.zeros.to(device), q.scale_codes, q.scale_ref)
+        out[name] = dequantize(moved)
+    return out
