@@ -465,8 +465,13 @@ def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def fake_quant_ste(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Straight-through estimator for QAT: forward = fake_quant(w), gradient = identity."""
-    return w + (fake_quant(w.detach(), spec) - w).detach()
+    """Straight-through estimator for QAT: forward = fake_quant(w) bit for bit, gradient = identity.
+
+    Written as `q + (w - w.detach())` rather than `w + (q - w).detach()`: the latter rounds
+    (w + (q - w) != q in float32), so the trained forward would not be what the codec decodes.
+    Here the added term is exactly zero, and q + 0 == q.
+    """
+    return fake_quant(w.detach(), spec) + (w - w.detach())
 
 
 class Recipe:

@@ -1,0 +1,117 @@
+"""Muon (momentum + Newton–Schulz orthogonalization) for 2-D weight matrices, and the parameter
+split that decides which optimizer trains which tensor."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pgolf_train.model import CastedLinear
+
+
+def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalize G: [rows, cols] (returns bf16, same shape).
+
+    The quintic's coefficients are tuned for speed, not convergence: singular values land in
+    roughly [0.7, 1.2] rather than exactly 1, which trains just as well."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    X = X / (X.norm() + eps)  # Frobenius norm >= spectral norm, so all singular values start <= 1
+    transposed = G.size(0) > G.size(1)
+    if transposed:  # iterate on the wide orientation: the Gram matrix X·Xᵀ is the smaller one
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if transposed else X
+
+
+@functools.cache
+def _compiled_newton_schulz():
+    # On GPU the iteration is launch-bound in eager mode; compiling fuses its elementwise work.
+    return torch.compile(newton_schulz)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D parameters. Group fields: lr, momentum (read every step, so it can be warmed up),
+    nesterov, backend_steps, weight_decay (decoupled: p ← p·(1 − lr·wd)), row_normalize.
+
+    With torch.distributed initialized, rank r orthogonalizes parameters r, r+W, r+2W, ... into a
+    flat bf16 buffer and one all_reduce(SUM) hands every rank every update; ranks must hold identical
+    gradients (as after DDP), and then they apply identical updates. One process runs the same path
+    without the collective, so results match bit for bit."""
+
+    def __init__(self, params, lr: float = 0.04, momentum: float = 0.95, nesterov: bool = True,
+                 backend_steps: int = 5, weight_decay: float = 0.0, row_normalize: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, backend_steps=backend_steps,
+                        weight_decay=weight_decay, row_normalize=row_normalize)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon trains 2-D matrices only, got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world == rank and p.grad is not None:
+                    g = p.grad
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:  # only the owning rank keeps momentum
+                        state["momentum_buffer"] = torch.zeros_like(g)
+                    buf = state["momentum_buffer"]
+                    buf.mul_(group["momentum"]).add_(g)
+                    if group["nesterov"]:
+                        g = g.add(buf, alpha=group["momentum"])
+                    orthogonalize = _compiled_newton_schulz() if g.is_cuda else newton_schulz
+                    u = orthogonalize(g, group["backend_steps"]).float()
+                    if group["row_normalize"]:  # equalize per-output-row step sizes
+                        u = u / (u.square().mean(dim=1, keepdim=True).sqrt() + 1e-7)
+                    # Orthogonal rows have unit norm; tall matrices need larger entries for the same RMS.
+                    u *= max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    flat[offset : offset + p.numel()] = u.flatten()
+                offset += p.numel()
+            if distributed and world > 1:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                if p.grad is not None:  # every rank sees the same grads, so skips agree across ranks
+                    if group["weight_decay"]:
+                        p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+        return loss
+
+
+def split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Optimizer groups for a GPT: `matrix` (CastedLinear weights inside blocks → Muon), `embed`
+    (tok_emb, embed_proj → Adam at tied_embed_lr), `scalar` (vectors, gains, mixes, skip weights →
+    Adam at scalar_lr), `head` (an untied lm_head → Adam at head_lr). Every parameter lands in
+    exactly one group; a group may be empty."""
+    groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embed": [], "scalar": [], "head": []}
+    matrix_ids = {id(m.weight) for m in model.blocks.modules() if isinstance(m, CastedLinear)}
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        if id(p) in matrix_ids:
+            groups["matrix"].append(p)
+        elif top in ("tok_emb", "embed_proj"):
+            groups["embed"].append(p)
+        elif top == "lm_head":
+            groups["head"].append(p)
+        else:
+            groups["scalar"].append(p)
+    return groups
