@@ -1,0 +1,133 @@
+"""`pgolf eval ARTIFACT --data DIR --tokenizer MODEL ...`: exact val bpb of an artifact.
+
+Under ``torchrun`` every rank runs the same command; windows (or TTT documents) are split across
+ranks and rank 0 prints the report and writes the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="exact val bpb of an artifact (plain, sliding, long-context, TTT)",
+                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("artifact", type=Path, help="the .pgolf artifact")
+    p.add_argument("--data", type=Path, required=True, help="directory with fineweb_val_*.bin (and byte sidecars)")
+    p.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model the shards were made with")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's training context)")
+    p.add_argument("--stride", type=int, default=None, help="sliding stride in tokens (default: = seq-len, no overlap)")
+    p.add_argument("--truncate", action="store_true",
+                   help="score only whole windows, as the challenge's evaluation does (default: every token)")
+    p.add_argument("--doc-isolated", action="store_true", help="restart the context at every document's BOS")
+    p.add_argument("--rope-scaling", choices=("ntk", "yarn"), default=None, help="RoPE scaling for long contexts")
+    p.add_argument("--rope-factor", type=float, default=None, help="context factor (default: seq-len / training seq-len)")
+    p.add_argument("--ttt", choices=("lora", "full"), default=None, help="legal score-first test-time training")
+    p.add_argument("--ttt-rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--ttt-lr", type=float, default=None, help="Adam lr (default 1e-3 LoRA, 1e-5 full)")
+    p.add_argument("--ttt-epochs", type=int, default=1, help="gradient steps per chunk")
+    p.add_argument("--ttt-chunk", type=int, default=256, help="targets scored, then trained on, per step")
+    p.add_argument("--ttt-reset", choices=("doc", "carry"), default="doc", help="adapted state per document or carried")
+    p.add_argument("--ttt-targets", default="q,v", help="LoRA targets: q,k,v,o,up,down,mlp,attn or module-name globs")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds; TTT stops adapting past it")
+    p.add_argument("--batch-tokens", type=int, default=None, help="forward positions per batch")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N val tokens (quick checks)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: the local rank's GPU if any)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the scorer")
+    p.add_argument("--trust-code", action="store_true", help="run the artifact's embedded model source")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a report")
+    p.add_argument("--out", type=Path, default=None, help="write the result JSON here")
+    p.set_defaults(func=main)
+
+
+def _device(arg: str | None) -> str:
+    import torch
+
+    if arg:
+        return arg
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def _init_distributed(device: str) -> bool:
+    """Join the ``torchrun`` process group when launched by it (NCCL on CUDA, else gloo)."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return False
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return True
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"pgolf eval: warning: {message}", file=sys.stderr, flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluate import DEFAULT_BATCH_TOKENS, dist_rank_world, evaluate_artifact
+    from .ttt import TTTConfig
+
+    warnings.showwarning = _show_warning
+    device = _device(args.device)
+    ttt = None
+    if args.ttt:
+        ttt = TTTConfig(kind=args.ttt, rank=args.ttt_rank, lr=args.ttt_lr, epochs=args.ttt_epochs,
+                        chunk=args.ttt_chunk, reset=args.ttt_reset,
+                        targets=tuple(t.strip() for t in args.ttt_targets.split(",") if t.strip()))
+        if args.stride is not None:
+            raise ValueError("--stride does not apply with --ttt: the chunk (--ttt-chunk) is the stride")
+    owns_group = _init_distributed(device)
+    try:
+        res = evaluate_artifact(args.artifact, args.data, args.tokenizer, device=device, trust_code=args.trust_code,
+                                rope_scaling=args.rope_scaling, rope_factor=args.rope_factor,
+                                max_tokens=args.max_tokens, seq_len=args.seq_len, stride=args.stride,
+                                truncate=args.truncate, doc_isolated=args.doc_isolated, ttt=ttt,
+                                time_budget=args.time_budget, compile=args.compile,
+                                batch_tokens=args.batch_tokens or DEFAULT_BATCH_TOKENS)
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
+    if dist_rank_world()[0] != 0 or int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    d = res.to_dict()
+    d.update(device=device, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             command="pgolf eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:]))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(d, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        print(format_report(d))
+    return 0
+
+
+def format_report(d: dict) -> str:
+    """A short human-readable report of one evaluation (the dict of ``EvalResult.to_dict``)."""
+    ex = d.get("extra", {})
+    lines = [f"artifact      {ex.get('artifact', '?')} ({ex.get('artifact_bytes', 0):,} bytes)",
+             f"mode          {d['mode']}  seq_len {d['seq_len']}  stride {d['stride']}  coverage {d['coverage']}"
+             f"{'  doc-isolated' if d['doc_isolated'] else ''}  world {d['world_size']}"]
+    if ex.get("rope_scaling"):
+        lines.append(f"rope          {ex['rope_scaling']} x{ex['rope_factor']:g}")
+    if "ttt" in ex:
+        t = ex["ttt"]
+        lines.append(f"ttt           {t['kind']} lr {t['lr']:g} epochs {t['epochs']} chunk {t['chunk']} reset {t['reset']}"
+                     f"  adapted {t['adapted_chunks']}/{t['chunks']} chunks"
+                     f"{'  TIME BUDGET EXCEEDED' if t['budget_exceeded'] else ''}")
+    tps = d.get("tokens_per_second") or 0
+    lines += [f"tokens        {d['tokens']:,}   bytes {d['bytes']:,} ({ex.get('byte_source', '?')})",
+              f"val_loss      {d['val_loss']:.6f} nats/token",
+              f"val_bpb       {d['val_bpb']:.6f}",
+              f"time          {d['seconds']:.1f} s  ({tps:,.0f} tokens/s)"]
+    return "\n".join(lines)

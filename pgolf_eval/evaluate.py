@@ -1,0 +1,280 @@
+"""Exact validation bits per byte: plain, sliding-window, document-isolated and TTT evaluation.
+
+bpb is the challenge's definition: per-token cross-entropy in nats, summed in float64, divided by
+ln 2 and by the UTF-8 bytes of the scored targets (byte tables of the tokenizer, or a per-token
+byte sidecar). Under ``torchrun`` the windows (or, for TTT, the documents) are split across ranks
+and the sums are combined exactly with one all_reduce.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pgolf_train.shards import BOS_ID, list_shards, read_shard
+from pgolf_train.tokenizer import ByteTables, token_bytes
+
+from .sliding import WindowPlan, document_segments, plan_windows
+
+DEFAULT_BATCH_TOKENS = 1 << 17  # forward positions per batch: ~128 windows of 1024 on one GPU
+PAD_ID = 0  # fills batch rows past a window's end; causal attention keeps it out of real positions
+Log = Callable[[str], None]
+
+
+@dataclass
+class EvalResult:
+    """One evaluation. ``val_loss`` is mean nats per scored token; ``bytes`` the targets' UTF-8 bytes."""
+
+    val_loss: float
+    val_bpb: float
+    tokens: int
+    bytes: int
+    seconds: float
+    mode: str  # "plain", "sliding" or "ttt"
+    seq_len: int = 0
+    stride: int = 0
+    coverage: str = "full"  # "full": every target scored; "truncate": whole windows only (challenge)
+    doc_isolated: bool = False
+    world_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tokens_per_second"] = self.tokens / self.seconds if self.seconds > 0 else None
+        return d
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialized process group, else ``(0, 1)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    """Sum float64 values over ranks (identity without a process group).
+
+    Loss sums, token and byte counts all travel as float64: counts are exact up to 2**53.
+    """
+    if dist_rank_world()[1] == 1:
+        return values
+    dev = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def stderr_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """Rate-limited progress lines: done/total, tokens/s and ETA (rank 0 only)."""
+
+    def __init__(self, label: str, total: int, log: Log | None, every_s: float = 10.0) -> None:
+        self.label, self.total, self.every_s = label, total, every_s
+        self.log = log if dist_rank_world()[0] == 0 else None
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done: int, note: str = "") -> None:
+        now = time.perf_counter()
+        if self.log is None or (now - self.last < self.every_s and done < self.total):
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        self.log(f"{self.label}: {done:,}/{self.total:,} tokens  {rate:,.0f} tok/s  "
+                 f"elapsed {now - self.t0:.0f}s  eta {eta:.0f}s{note}")
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (the challenge's evaluation precision); a no-op elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def gather_windows(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                   width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of windows, int64 ``(B, width)`` each, right-padded with ``PAD_ID``."""
+    offs = np.arange(width + 1, dtype=np.int64)[None, :]
+    seq = tokens[np.minimum(starts[:, None] + offs, len(tokens) - 1)].astype(np.int64)
+    # a row's inputs are its first `length` tokens and its targets the `length` after the first:
+    # nothing past the window's last target reaches the model, not even as padding
+    x = np.where(offs[:, :-1] < lengths[:, None], seq[:, :-1], PAD_ID)
+    y = np.where(offs[:, :-1] < lengths[:, None], seq[:, 1:], PAD_ID)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def score_mask(lengths: np.ndarray, score_from: np.ndarray, width: int) -> torch.Tensor:
+    """bool ``(B, width)``: the positions each window scores."""
+    p = np.arange(width)[None, :]
+    return torch.from_numpy((p >= score_from[:, None]) & (p < lengths[:, None]))
+
+
+def _batches(plan: WindowPlan, batch_tokens: int) -> list[np.ndarray]:
+    """Window indices per batch: windows of like length together, at most ``batch_tokens`` each."""
+    order = np.argsort(-plan.lengths, kind="stable")
+    out, i = [], 0
+    while i < len(order):
+        width = int(plan.lengths[order[i]])
+        n = max(1, batch_tokens // width)
+        out.append(order[i:i + n])
+        i += n
+    return out
+
+
+@torch.inference_mode()
+def score_plan(model: torch.nn.Module, tokens: np.ndarray, plan: WindowPlan, *, device: torch.device,
+               batch_tokens: int = DEFAULT_BATCH_TOKENS, scorer: Callable | None = None,
+               log: Log | None = None, label: str = "eval") -> tuple[float, int]:
+    """Sum of the scored targets' losses (nats, float64) and their count, for this process's plan.
+
+    ``scorer(idx, targets) -> float32 (B, T)`` defaults to ``model.token_losses``.
+    """
+    scorer = scorer or model.token_losses
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count, done = 0, 0
+    progress = Progress(label, plan.scored, log)
+    for idx in _batches(plan, batch_tokens):
+        lengths, score_from = plan.lengths[idx], plan.score_from[idx]
+        width = int(lengths.max())
+        x, y = gather_windows(tokens, plan.starts[idx], lengths, width)
+        mask = score_mask(lengths, score_from, width).to(device, non_blocking=True)
+        with autocast_for(device):
+            losses = scorer(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        # float64 accumulation on the device: no host sync per batch
+        total += torch.where(mask, losses.float(), 0.0).sum(dtype=torch.float64)
+        n = int((lengths - score_from).sum())
+        count += n
+        done += n
+        progress.update(done)
+    return float(total.item()), count
+
+
+def target_bytes(tokens: np.ndarray, byte_source: ByteTables | np.ndarray, lo: int, hi: int) -> int:
+    """UTF-8 bytes of targets ``lo..hi-1`` (target j is ``tokens[j + 1]``).
+
+    ``byte_source`` is the tokenizer's :class:`ByteTables` or a per-token byte sidecar aligned with
+    ``tokens`` (uint16, same length), which then decides.
+    """
+    if hi <= lo:
+        return 0
+    if isinstance(byte_source, ByteTables):
+        return int(token_bytes(tokens[lo + 1:hi + 1], byte_source, tokens[lo:hi]).sum(dtype=np.int64))
+    side = np.asarray(byte_source)
+    if side.shape != (len(tokens),):
+        raise ValueError(f"byte sidecar has shape {side.shape}, tokens have ({len(tokens)},)")
+    return int(side[lo + 1:hi + 1].sum(dtype=np.int64))
+
+
+def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTables | np.ndarray, *,
+                    seq_len: int, stride: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                    device: str | torch.device = "cpu", doc_isolated: bool = False, ttt: Any = None,
+                    time_budget: float | None = None, truncate: bool = False, bos_id: int = BOS_ID,
+                    compile: bool = False, log: Log | None = stderr_log) -> EvalResult:
+    """Evaluate ``model`` on the token stream ``tokens`` (shape ``(N,)``; targets ``tokens[1:]``).
+
+    ``stride`` None or ``seq_len`` scores non-overlapping windows; a smaller stride slides.
+    ``doc_isolated`` restarts the context at every BOS. ``ttt`` (a :class:`pgolf_eval.ttt.TTTConfig`)
+    runs legal score-first test-time training on a copy of the adapted parameters, within
+    ``time_budget`` seconds of adaptation. ``tables`` may be a per-token byte sidecar instead.
+    Under an initialized process group each rank must pass the same arguments; the result is global.
+    """
+    device = torch.device(device)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.size < 2:
+        raise ValueError(f"need a 1-D stream of at least 2 tokens, got shape {tokens.shape}")
+    stride = seq_len if stride is None else stride
+    rank, world = dist_rank_world()
+    n_targets = len(tokens) - 1
+    t0 = time.perf_counter()
+    model.eval()
+    extra: dict[str, Any] = {}
+    if ttt is not None:
+        from .ttt import run_ttt  # local: TTT pulls in the optimizer machinery only when used
+
+        if truncate:
+            raise ValueError("--truncate applies to plain/sliding evaluation, not TTT")
+        loss_sum, count, lo, hi, extra["ttt"] = run_ttt(
+            model, tokens, ttt, seq_len=seq_len, device=device, doc_isolated=doc_isolated,
+            time_budget=time_budget, bos_id=bos_id, batch_tokens=batch_tokens, log=log)
+        mode, stride = "ttt", ttt.chunk
+        doc_isolated = doc_isolated or ttt.reset == "doc"  # per-document state keeps context in the document
+    else:
+        segments = document_segments(tokens, bos_id) if doc_isolated else None
+        plan = plan_windows(n_targets, seq_len, stride, segments=segments, truncate=truncate)
+        mine = plan.shard(rank, world)
+        scorer = torch.compile(model.token_losses) if compile else None
+        loss_sum, count = score_plan(model, tokens, mine, device=device, batch_tokens=batch_tokens,
+                                     scorer=scorer, log=log, label=f"eval seq_len={seq_len} stride={stride}")
+        lo, hi = mine.target_range()
+        mode = "plain" if stride == seq_len else "sliding"
+        extra["forward_tokens"] = plan.input_tokens
+    n_bytes = target_bytes(tokens, tables, lo, hi)
+    loss_sum, count, n_bytes = all_reduce_sums([loss_sum, float(count), float(n_bytes)], device)
+    count, n_bytes = int(count), int(n_bytes)
+    if count == 0 or n_bytes == 0:
+        raise ValueError(f"nothing to score: {count} tokens, {n_bytes} bytes (stream of {len(tokens)} tokens, "
+                         f"seq_len {seq_len}{', truncated' if truncate else ''})")
+    seconds = time.perf_counter() - t0
+    return EvalResult(val_loss=loss_sum / count, val_bpb=loss_sum / math.log(2) / n_bytes, tokens=count,
+                      bytes=n_bytes, seconds=seconds, mode=mode, seq_len=seq_len, stride=stride,
+                      coverage="truncate" if truncate else "full", doc_isolated=doc_isolated,
+                      world_size=world, extra=extra)
+
+
+def load_val_tokens(data_dir: str | os.PathLike, vocab_size: int) -> np.ndarray:
+    """The concatenated ``fineweb_val_*.bin`` shards (uint16), every token checked below ``vocab_size``."""
+    paths = list_shards(data_dir, "val")
+    if not paths:
+        raise FileNotFoundError(f"no fineweb_val_*.bin shards in {data_dir}")
+    parts = [read_shard(p, vocab_size=vocab_size) for p in paths]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def evaluate_artifact(path: str | os.PathLike, data_dir: str | os.PathLike, tokenizer: str | os.PathLike,
+                      *, device: str = "cpu", trust_code: bool = False, rope_scaling: str | None = None,
+                      rope_factor: float | None = None, max_tokens: int | None = None,
+                      seq_len: int | None = None, ttt: Any = None, **kw: Any) -> EvalResult:
+    """Load an artifact alone and evaluate it on ``data_dir``'s val shards.
+
+    The tokenizer must match the artifact's vocabulary (a hash mismatch is a warning); bytes come
+    from a byte sidecar when ``data_dir`` has one, else from the tokenizer's tables. ``seq_len``
+    defaults to the model's training context; ``rope_scaling`` (``ntk``/``yarn``) with
+    ``rope_factor`` (default eval / training context) evaluates longer contexts. ``ttt`` is a
+    :class:`pgolf_eval.ttt.TTTConfig` or its kind (``"lora"``/``"full"``). ``max_tokens``
+    evaluates a prefix of the stream (quick checks). Other keywords go to :func:`evaluate_tokens`.
+    """
+    from pgolf_train.tokenizer import byte_tables, load_byte_sidecar
+
+    from .loader import apply_rope_scaling, check_tokenizer, model_from_artifact
+    from .ttt import TTTConfig
+
+    model, art = model_from_artifact(path, device=device, trust_code=trust_code)
+    vocab = check_tokenizer(art.metadata, tokenizer, model_vocab=int(model.cfg.vocab_size))
+    seq_len = int(seq_len or model.cfg.seq_len)
+    if rope_scaling and rope_scaling != "none":
+        rope_factor = apply_rope_scaling(model, rope_scaling, rope_factor, seq_len)
+    tokens = load_val_tokens(data_dir, vocab)
+    sidecar = load_byte_sidecar(data_dir)
+    byte_source: ByteTables | np.ndarray = sidecar if sidecar is not None else byte_tables(tokenizer, vocab)
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+        if sidecar is not None:
+            byte_source = sidecar[:max_tokens]
+    if isinstance(ttt, str):
+        ttt = TTTConfig(kind=ttt)
+    result = evaluate_tokens(model, tokens, byte_source, device=device, seq_len=seq_len, ttt=ttt, **kw)
+    result.extra.update(artifact=str(Path(path)), artifact_bytes=int(art.info.total_bytes),
+                        byte_source="sidecar" if sidecar is not None else "tables",
+                        rope_scaling=rope_scaling if rope_scaling and rope_scaling != "none" else None,
+                        rope_factor=rope_factor if rope_scaling and rope_scaling != "none" else None)
+    return result

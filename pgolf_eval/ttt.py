@@ -1,0 +1,251 @@
+"""Legal test-time training (TTT): score a chunk, then adapt on it, one left-to-right pass.
+
+The field's four conditions hold by construction: the model stays causal and scores with a
+normalized softmax over the vocabulary (``token_losses``); every chunk is scored under
+``torch.inference_mode`` *before* any gradient step sees it; each document (or the carried stream)
+is traversed once, in order. Chunks are the windows of the sliding planner with
+``stride = chunk``, so each target is scored exactly once with up to ``seq_len`` of context.
+
+Two variants: LoRA adapters on the model's ``CastedLinear`` layers, attached with forward hooks
+(the model file is untouched), and full-weight fine-tuning. With per-document reset and LoRA,
+many documents adapt in parallel, each with its own adapter slice of a batched bank; Adam is
+element-wise and the loss is a sum of per-document means, so the documents stay independent.
+With ``reset="carry"`` the adapted state flows from one document to the next, sequentially.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .evaluate import Log, Progress, autocast_for, dist_rank_world, gather_windows, score_mask
+from .sliding import WindowPlan, document_segments, segment_windows
+
+# Short target names → the module-name suffixes they select in pgolf_train.model.GPT.
+TARGET_ALIASES = {
+    "q": ("attn.c_q",), "k": ("attn.c_k",), "v": ("attn.c_v",), "o": ("attn.proj",),
+    "up": ("mlp.fc",), "down": ("mlp.proj",), "mlp": ("mlp.fc", "mlp.proj"),
+    "attn": ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj"),
+}
+
+
+@dataclass(frozen=True)
+class TTTConfig:
+    """Test-time training settings.
+
+    ``kind``: "lora" or "full"; ``rank``: LoRA rank; ``lr``: Adam learning rate (None: 1e-3 for
+    LoRA, 1e-5 for full weights); ``epochs``: gradient steps per chunk; ``chunk``: targets scored
+    (then trained on) per step; ``reset``: "doc" (fresh state per document, context within the
+    document) or "carry"; ``targets``: LoRA targets, aliases of :data:`TARGET_ALIASES` or globs
+    over module names.
+    """
+
+    kind: str = "lora"
+    rank: int = 8
+    lr: float | None = None
+    epochs: int = 1
+    chunk: int = 256
+    reset: str = "doc"
+    targets: tuple[str, ...] = ("q", "v")
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("lora", "full"):
+            raise ValueError(f"TTT kind must be 'lora' or 'full', got {self.kind!r}")
+        if self.reset not in ("doc", "carry"):
+            raise ValueError(f"TTT reset must be 'doc' or 'carry', got {self.reset!r}")
+        for name, v, lo in (("rank", self.rank, 1), ("epochs", self.epochs, 0), ("chunk", self.chunk, 1)):
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"TTT {name} must be an integer >= {lo}, got {v!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TTT lr must be a positive number, got {self.lr!r}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-3 if self.kind == "lora" else 1e-5)
+
+
+def select_targets(model: torch.nn.Module, targets: tuple[str, ...]) -> list[tuple[str, torch.nn.Linear]]:
+    """The linear layers (``CastedLinear``/``nn.Linear``) named by ``targets``, in model order."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    chosen = []
+    for name, m in linears:
+        for t in targets:
+            suffixes = TARGET_ALIASES.get(t)
+            hit = any(name == s or name.endswith("." + s) for s in suffixes) if suffixes else fnmatch.fnmatch(name, t)
+            if hit:
+                chosen.append((name, m))
+                break
+    if not chosen:
+        raise ValueError(f"TTT targets {list(targets)} match no linear layer (have e.g. {[n for n, _ in linears[:6]]})")
+    return chosen
+
+
+class LoRABank:
+    """Rank-``r`` adapters on ``modules``, one independent slice per lane: ``W x + B_i A_i x``.
+
+    A: float32 ``(lanes, r, in)``, B: float32 ``(lanes, out, r)`` (zero, so a fresh adapter is the
+    base model exactly). ``rows`` (int64 ``(b,)``) picks the lanes of the current batch rows.
+    """
+
+    def __init__(self, modules: list[tuple[str, torch.nn.Linear]], rank: int, lanes: int,
+                 device: torch.device, seed: int) -> None:
+        self.modules, self.rank, self.lanes = modules, rank, lanes
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.A = [torch.zeros(lanes, rank, m.in_features, device=device, requires_grad=True) for _, m in modules]
+        self.B = [torch.zeros(lanes, m.out_features, rank, device=device, requires_grad=True) for _, m in modules]
+        self.rows = torch.arange(lanes, device=device)
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(modules)]
+        self.reset()
+
+    def _hook(self, i: int):
+        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+            x = inputs[0]  # (b, T, in)
+            a, b = self.A[i][self.rows].to(x.dtype), self.B[i][self.rows].to(x.dtype)
+            return out + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)).to(out.dtype)
+        return hook
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for a, (_, m) in zip(self.A, self.modules):
+            bound = 1.0 / math.sqrt(m.in_features)  # kaiming-uniform-like scale for the down projection
+            a.copy_(torch.rand(a.shape, generator=self.gen).mul_(2 * bound).sub_(bound))
+        for b in self.B:
+            b.zero_()
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self.A + self.B
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _split_segments(segments: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's contiguous run of segments, balanced by token count (documents stay whole)."""
+    if world == 1 or len(segments) == 0:
+        return segments
+    cum = np.cumsum(segments[:, 1] - segments[:, 0])
+    mid = cum - (segments[:, 1] - segments[:, 0]) // 2
+    bounds = np.searchsorted(mid, [int(cum[-1]) * r // world for r in range(world + 1)])
+    bounds[-1] = len(segments)
+    return segments[bounds[rank]:bounds[rank + 1]]
+
+
+def _lanes(segments: np.ndarray, cfg: TTTConfig, seq_len: int, doc_isolated: bool) -> list[WindowPlan]:
+    """Sequences of windows processed in order: one per document (reset) or one stream (carry)."""
+    if len(segments) == 0:
+        return []
+    if cfg.reset == "doc" or doc_isolated:
+        plans = [WindowPlan(*segment_windows(int(b), int(e), seq_len, cfg.chunk)) for b, e in segments]
+        if cfg.reset == "doc":
+            return plans
+        return [WindowPlan(*(np.concatenate([getattr(p, f) for p in plans]) for f in ("starts", "lengths", "score_from")))]
+    return [WindowPlan(*segment_windows(int(segments[0, 0]), int(segments[-1, 1]), seq_len, cfg.chunk))]
+
+
+def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_len: int, device: torch.device,
+            doc_isolated: bool = False, time_budget: float | None = None, bos_id: int = 1,
+            batch_tokens: int = 1 << 17, log: Log | None = None) -> tuple[float, int, int, int, dict[str, Any]]:
+    """Score ``tokens`` with score-first TTT; returns ``(loss_sum_nats, tokens, lo, hi, info)``.
+
+    This rank scores targets ``lo..hi-1``. ``time_budget`` (seconds from the start) bounds
+    adaptation: past it, the remaining chunks are scored without further updates and
+    ``info["budget_exceeded"]`` is set. The model's weights are restored before returning.
+    """
+    if cfg.chunk > seq_len:
+        raise ValueError(f"TTT chunk {cfg.chunk} exceeds seq_len {seq_len}")
+    rank, world = dist_rank_world()
+    segments = _split_segments(document_segments(tokens, bos_id), rank, world)
+    lanes = _lanes(segments, cfg, seq_len, doc_isolated)
+    lo, hi = (int(segments[0, 0]), int(segments[-1, 1])) if len(segments) else (0, 0)
+    group = max(1, batch_tokens // seq_len) if (cfg.kind == "lora" and cfg.reset == "doc") else 1
+    lanes.sort(key=len, reverse=True)  # like-length documents share a batch
+
+    params = list(model.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    snapshot = [p.detach().clone() for p in params] if cfg.kind == "full" else None
+    bank = None
+    if cfg.kind == "lora":
+        bank = LoRABank(select_targets(model, cfg.targets), cfg.rank, group, device, cfg.seed)
+        trainable = bank.parameters()
+    else:
+        trainable = [p for p in params if p.is_floating_point()]
+        for p in trainable:
+            p.requires_grad_(True)
+
+    t0 = time.perf_counter()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = adapted = 0
+    n_chunks = sum(len(l) for l in lanes)
+    adapting, stopped_at = cfg.epochs > 0, None
+    progress = Progress(f"ttt {cfg.kind} chunk={cfg.chunk}", sum(l.scored for l in lanes), log)
+    model.eval()
+    try:
+        for g in range(0, len(lanes), group):
+            members = lanes[g:g + group]
+            if bank is not None:
+                bank.reset()
+            elif cfg.reset == "doc":
+                with torch.no_grad():
+                    for p, s in zip(params, snapshot):
+                        p.copy_(s)
+            opt = torch.optim.Adam(trainable, lr=cfg.learning_rate)
+            for k in range(len(members[0])):
+                rows = [i for i, lane in enumerate(members) if len(lane) > k]
+                starts = np.array([members[i].starts[k] for i in rows])
+                lengths = np.array([members[i].lengths[k] for i in rows])
+                score_from = np.array([members[i].score_from[k] for i in rows])
+                width = int(lengths.max())
+                x, y = (t.to(device, non_blocking=True) for t in gather_windows(tokens, starts, lengths, width))
+                mask = score_mask(lengths, score_from, width).to(device)
+                if bank is not None:
+                    bank.rows = torch.as_tensor(rows, device=device)
+                # 1. score: no gradient can flow from these losses into any update
+                with torch.inference_mode(), autocast_for(device):
+                    losses = model.token_losses(x, y)
+                    total += torch.where(mask, losses.float(), 0.0).sum(dtype=torch.float64)
+                count += int((lengths - score_from).sum())
+                # 2. adapt on the chunk just scored, where a later chunk can still benefit
+                if adapting and time_budget is not None and time.perf_counter() - t0 > time_budget:
+                    adapting, stopped_at = False, time.perf_counter() - t0
+                keep = [j for j, i in enumerate(rows) if cfg.reset == "carry" or len(members[i]) > k + 1]
+                if adapting and keep and not (cfg.reset == "carry" and k + 1 == len(members[0])):
+                    _adapt(model, opt, bank, x[keep], y[keep], mask[keep], [rows[j] for j in keep], cfg, device)
+                    adapted += len(keep)
+                progress.update(count, "  (time budget spent: scoring only)" if stopped_at is not None else "")
+    finally:
+        if bank is not None:
+            bank.remove()
+        if snapshot is not None:
+            with torch.no_grad():
+                for p, s in zip(params, snapshot):
+                    p.copy_(s)
+        for p, flag in zip(params, saved_flags):
+            p.requires_grad_(flag)
+    info = {"kind": cfg.kind, "rank": cfg.rank if cfg.kind == "lora" else None, "lr": cfg.learning_rate,
+            "epochs": cfg.epochs, "chunk": cfg.chunk, "reset": cfg.reset, "targets": list(cfg.targets),
+            "adapted_modules": len(bank.modules) if bank is not None else None,
+            "documents_in_parallel": group, "chunks": n_chunks, "adapted_chunks": adapted,
+            "time_budget": time_budget, "budget_exceeded": stopped_at is not None,
+            "stopped_adapting_at_s": stopped_at}
+    return float(total.item()), count, lo, hi, info
+
+
+def _adapt(model: torch.nn.Module, opt: torch.optim.Optimizer, bank: LoRABank | None, x: torch.Tensor,
+           y: torch.Tensor, mask: torch.Tensor, rows: list[int], cfg: TTTConfig, device: torch.device) -> None:
+    """``cfg.epochs`` Adam steps on the scored positions of ``x``/``y`` (already scored)."""
+    if bank is not None:
+        bank.rows = torch.as_tensor(rows, device=device)
+    weight = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)  # per-document mean: lanes independent
+    for _ in range(cfg.epochs):
+        opt.zero_grad(set_to_none=True)
+        with autocast_for(device):
+            losses = model.token_losses(x, y)
+        (losses.float() * weight).sum().backward()
+        opt.step()

@@ -1,0 +1,80 @@
+"""`pgolf eval`: report and JSON, one-line errors (exit 2) for corrupt artifacts and bad shards."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pgolf.cli import main
+from pgolf_eval.evaluate import evaluate_artifact
+from pgolf_train.shards import write_shard
+
+
+def test_json_report_matches_api(artifact, val_dir, sp1024, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = main(["eval", str(artifact), "--data", str(val_dir), "--tokenizer", str(sp1024), "--stride", "8",
+               "--json", "--out", str(out)])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads(out.read_text())
+    for d in (printed, written):
+        assert {"val_bpb", "val_loss", "tokens", "bytes", "seconds", "mode", "coverage"} <= set(d)
+        assert d["mode"] == "sliding" and d["coverage"] == "full" and d["device"] == "cpu"
+    api = evaluate_artifact(artifact, val_dir, sp1024, stride=8, log=None)
+    assert written["val_bpb"] == pytest.approx(api.val_bpb, rel=1e-9) and written["tokens"] == api.tokens
+    rc = main(["eval", str(artifact), "--data", str(val_dir), "--tokenizer", str(sp1024), "--truncate"])
+    report = capsys.readouterr().out
+    assert rc == 0 and "val_bpb" in report and "coverage truncate" in report
+
+
+def one_line_error(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pgolf eval: error")]
+    assert len(err) == 1
+    return err[0]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_corrupt_artifact_is_a_one_line_format_error(artifact, val_dir, sp1024, tmp_path, capsys, damage):
+    data = bytearray(artifact.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    elif damage == "truncate":
+        data = data[: len(data) // 3]
+    else:
+        data = bytearray(b"not an artifact at all" * 10)
+    bad = tmp_path / "bad.pgolf"
+    bad.write_bytes(bytes(data))
+    rc = main(["eval", str(bad), "--data", str(val_dir), "--tokenizer", str(sp1024)])
+    assert rc == 2
+    line = one_line_error(capsys)
+    assert str(bad) in line
+    from pgolf_codec import errors
+    assert any(f" {name}:" in line for name, c in vars(errors).items()
+               if isinstance(c, type) and issubclass(c, errors.FormatError))
+
+
+def test_token_beyond_vocab_is_a_clear_error(artifact, tmp_path, sp1024, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    write_shard(d / "fineweb_val_000000.bin", np.array([1, 5, 9, 1500, 7], np.uint16))
+    rc = main(["eval", str(artifact), "--data", str(d), "--tokenizer", str(sp1024)])
+    assert rc == 2
+    line = one_line_error(capsys)
+    assert "ShardError" in line and "fineweb_val_000000.bin" in line and "1500" in line and "1024" in line
+
+
+def test_benchmark_runs_tiny(tmp_path, artifact, val_dir, sp1024):
+    import importlib.util
+
+    from .conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("eval_bench", REPO_ROOT / "benchmarks" / "eval_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny", "--tokens", "512", "--seq-len", "32", "--out", str(out),
+                       "--artifact", str(artifact), "--data", str(val_dir), "--tokenizer", str(sp1024)]) == 0
+    d = json.loads(out.read_text())
+    assert {"command", "date", "device"} <= set(d) and len(d["speed"]) == 3 and len(d["quality"]) == 3
+    assert all(r["tokens_per_s"] > 0 for r in d["speed"]) and d["quality"][0]["delta_vs_plain"] == 0
