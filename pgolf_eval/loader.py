@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from pgolf_codec.errors import FormatError
+from pgolf_codec.gptq import apply_lowrank
 
 
 class EvalWarning(UserWarning):
@@ -97,16 +98,17 @@ def model_from_artifact(path: str | os.PathLike, device: str | torch.device = "c
     cfg = module.GPTConfig.from_dict(dict(cfg_dict))
     model = module.GPT(cfg)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(art.tensors))
-    unexpected = sorted(set(art.tensors) - set(expected))
+    tensors = apply_lowrank(art.tensors)  # fold stored low-rank corrections (NAME.lr_a/lr_b) into NAME
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path}: tensors do not match the model: missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{'...' if len(unexpected) > 5 else ''}")
     for k, v in expected.items():
-        if tuple(art.tensors[k].shape) != tuple(v.shape):
-            raise ValueError(f"{path}: tensor {k} has shape {tuple(art.tensors[k].shape)}, the model needs {tuple(v.shape)}")
-    model.load_state_dict(art.tensors, strict=True)
+        if tuple(tensors[k].shape) != tuple(v.shape):
+            raise ValueError(f"{path}: tensor {k} has shape {tuple(tensors[k].shape)}, the model needs {tuple(v.shape)}")
+    model.load_state_dict(tensors, strict=True)
     model.to(device).eval()
     for p in model.parameters():  # evaluation needs no gradients; TTT turns on what it adapts
         p.requires_grad_(False)

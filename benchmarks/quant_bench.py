@@ -1,0 +1,160 @@
+"""Post-quantization bpb at fixed total bytes: hand recipes vs GPTQ vs the rate–distortion allocator.
+
+CPU (default): trains a small model for ``--train-seconds`` on real FineWeb text (sp1024), then
+for each regime (matrices at B bits, embedding at B+2) compares round-to-nearest (max clip),
+percentile clip, k·σ clip, GPTQ (k·σ), GPTQ + allocator and GPTQ + allocator + low-rank, the
+allocator getting the smallest hand-recipe size as its budget. GPU: pass ``--checkpoint`` (and
+``--model-config``) of a trained model and ``--data`` with real shards.
+
+    python benchmarks/quant_bench.py [--train-seconds 60] [--checkpoint model.pt --data DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pgolf_codec.container import build_artifact, read_artifact_bytes  # noqa: E402
+from pgolf_codec.gptq import apply_lowrank, gptq_quantize  # noqa: E402
+from pgolf_codec.schemes import QuantSpec, quantize  # noqa: E402
+from pgolf_eval.evaluate import evaluate_tokens, load_val_tokens  # noqa: E402
+from pgolf_train.calibrate import calibrate, shard_batches  # noqa: E402
+from pgolf_train.model import GPT, GPTConfig  # noqa: E402
+from pgolf_train.quantize import MODEL_SOURCE, QuantizeOptions, load_checkpoint_weights, quantize_model  # noqa: E402
+from pgolf_train.shards import BOS_ID, read_shard, write_shard  # noqa: E402
+from pgolf_train.tokenizer import byte_tables  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+SMALL = dict(vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, seq_len=128)
+
+
+def make_shards(out: Path, sp_model: Path) -> None:
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    docs = [json.loads(line)["text"] for line in (DATA / "fineweb" / "parameter_golf_verify_docs_200.jsonl").read_text().splitlines()]
+    toks = [np.array([BOS_ID] + sp.encode(d), dtype=np.uint16) for d in docs]
+    write_shard(out / "fineweb_val_000000.bin", np.concatenate(toks[:40]))
+    write_shard(out / "fineweb_train_000000.bin", np.concatenate(toks[40:]))
+
+
+def train_small(data: Path, seconds: float, device: str) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL)).to(device)
+    toks = torch.from_numpy(read_shard(data / "fineweb_train_000000.bin").astype(np.int64))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    t0, step = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        i = torch.randint(0, len(toks) - SMALL["seq_len"] - 1, (16,))
+        b = torch.stack([toks[j:j + SMALL["seq_len"] + 1] for j in i]).to(device)
+        loss = model(b[:, :-1], b[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            print(f"train step {step} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    return model.eval()
+
+
+def evaluate_bytes(data: bytes, cfg: GPTConfig, tokens, tables, device: str) -> float:
+    art = read_artifact_bytes(data)
+    m = GPT(cfg)
+    m.load_state_dict(apply_lowrank(art.tensors))
+    return evaluate_tokens(m.to(device).eval(), tokens, tables, seq_len=cfg.seq_len, device=device, log=None).val_bpb
+
+
+def hand_recipe(state, hessians, bits: int, method: str, meta, code) -> bytes:
+    """Matrices at `bits` (tied embedding at bits+2), other tensors fp16, by one fixed rule."""
+    tensors = {}
+    for name, w in state.items():
+        if name not in hessians:
+            tensors[name] = quantize(w, QuantSpec.parse("fp16"))
+            continue
+        b = min(8, bits + 2) if name == "tok_emb.weight" else bits
+        clip = {"rtn-max": "", "percentile": ":percentile=99.99", "sdclip": ":sdclip=12.5", "gptq": ":sdclip=12.5"}[method]
+        spec = QuantSpec.parse(f"int{b}{clip}")
+        tensors[name] = gptq_quantize(w, hessians[name], spec) if method == "gptq" else quantize(w, spec)
+    data, _ = build_artifact(tensors, "fp32", metadata=meta, code=code)
+    return data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--model-config")
+    ap.add_argument("--data", help="shard directory (default: built from the shared FineWeb docs)")
+    ap.add_argument("--tokenizer", default=str(DATA / "tokenizers" / "fineweb_1024_bpe.model"))
+    ap.add_argument("--train-seconds", type=float, default=60.0)
+    ap.add_argument("--bits", default="4,6", help="hand-recipe regimes (matrix bit widths)")
+    ap.add_argument("--calib-tokens", type=int, default=32_768)
+    ap.add_argument("--val-tokens", type=int, default=60_000)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quant_bench.json"))
+    args = ap.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # small matrices: thread hand-offs cost more than the math
+
+    tmp = tempfile.TemporaryDirectory()
+    data = Path(args.data) if args.data else Path(tmp.name)
+    if not args.data:
+        make_shards(data, Path(args.tokenizer))
+    if args.checkpoint:
+        state, cfg = load_checkpoint_weights(args.checkpoint, args.model_config)
+        model = GPT(cfg).to(args.device)
+        model.load_state_dict({k: v.to(args.device) for k, v in state.items()})
+    else:
+        model = train_small(data, args.train_seconds, args.device)
+        cfg = model.cfg
+        state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    model.eval()
+    tokens = load_val_tokens(data, cfg.vocab_size)[:args.val_tokens]
+    tables = byte_tables(args.tokenizer, cfg.vocab_size)
+    base = evaluate_tokens(model, tokens, tables, seq_len=cfg.seq_len, device=args.device, log=None).val_bpb
+    calib = calibrate(model, source="shards", data_dir=data, tokens=args.calib_tokens, seq_len=cfg.seq_len, batch_size=8)
+    hessians = {k: v.cpu() for k, v in calib.hessians.items()}
+    probe = next(shard_batches(data, seq_len=cfg.seq_len + 1, batch_size=8, vocab_size=cfg.vocab_size))
+    meta = {"model_config": cfg.to_dict(), "model_code": "model.py"}
+    code = {"model.py": MODEL_SOURCE.read_text(encoding="utf-8")}
+
+    rows = []
+    for bits in (int(b) for b in args.bits.split(",")):
+        hand = {m: hand_recipe(state, hessians, bits, m, meta, code) for m in ("rtn-max", "percentile", "sdclip", "gptq")}
+        budget = min(len(d) for d in hand.values())  # the allocator gets no more bytes than any hand recipe
+        results = {m: (len(d), evaluate_bytes(d, cfg, tokens, tables, args.device)) for m, d in hand.items()}
+        grid = QuantizeOptions(bits=tuple(range(max(2, bits - 2), min(8, bits + 2) + 1)), clips=(6, 8, 10, 12.5, 16),
+                               gptq="on")
+        for label, lowrank in (("gptq+alloc", 0), ("gptq+alloc+lowrank", 8)):
+            opts = QuantizeOptions(**{**grid.__dict__, "lowrank": lowrank})
+            d, info, alloc, labels = quantize_model(state, cfg, hessians, budget, opts, metadata=meta, probe=probe,
+                                                    device=args.device)
+            results[label] = (len(d), evaluate_bytes(d, cfg, tokens, tables, args.device))
+        for m, (nb, bpb) in results.items():
+            rows.append({"regime_bits": bits, "method": m, "bytes": nb, "budget": budget, "val_bpb": bpb,
+                         "delta_bpb": bpb - base})
+
+    print(f"\nunquantized val_bpb {base:.5f}  ({len(tokens):,} val tokens)")
+    print(f"{'regime':>6} {'method':22s} {'bytes':>10} {'val_bpb':>9} {'Δbpb':>9}")
+    for r in rows:
+        print(f"{r['regime_bits']:>6} {r['method']:22s} {r['bytes']:>10,} {r['val_bpb']:>9.5f} {r['delta_bpb']:>+9.5f}")
+    out = {"command": " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "device": args.device if args.device != "cuda" else torch.cuda.get_device_name(),
+           "host": platform.node(), "model_config": cfg.to_dict(), "unquantized_bpb": base,
+           "val_tokens": len(tokens), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

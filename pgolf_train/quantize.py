@@ -1,0 +1,349 @@
+"""``pgolf quantize``: a trained checkpoint → the artifact with the lowest distortion that fits
+the byte budget (model + code), by GPTQ candidates and the rate–distortion allocator.
+
+Pipeline: load weights and config → calibration Hessians (training shards or self-generated)
+→ for every matrix with a Hessian, candidates over bits × k·σ clips × {GPTQ, round-to-nearest}
+(optionally + a low-rank correction), each with its exact coded size and Hessian-weighted error
+(optionally rescaled by a measured per-tensor loss sensitivity) → allocation within the budget
+left after code, header and the small float tensors → artifact → val bpb of the artifact and of
+the unquantized model. The artifact is only moved into place when the bpb loss is within
+``--tolerance`` (or ``--allow-degradation``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pgolf_codec.allocate import AllocationResult, Candidate, allocate
+from pgolf_codec.container import build_artifact, encoded_size, read_artifact, write_bytes_atomic
+from pgolf_codec.gptq import LOWRANK_A, LOWRANK_B, apply_lowrank, gptq_quantize, hessian_error, lowrank_correction
+from pgolf_codec.schemes import Quantized, QuantSpec, dequantize, quantize
+from pgolf_train.model import GPT, GPTConfig
+
+__all__ = ["QuantizeOptions", "build_candidates", "quantize_model", "load_checkpoint_weights", "add_parser"]
+
+MODEL_SOURCE = Path(__file__).with_name("model.py")
+HEADER_SLACK = 512  # bytes kept back for header-size changes between the estimate and the build
+
+
+def _log(msg: str) -> None:
+    print(f"[quantize] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class QuantizeOptions:
+    """Candidate grid and allocation knobs. ``clips``: k of the k·σ clip; ``gptq``: "on", "off"
+    or "both"; ``group``: 0 = per-row scales; ``other``: spec of tensors without a Hessian
+    (norm gains, mixes, untied embeddings); ``lowrank``: rank of the optional correction, tried
+    on the ``lowrank_tensors`` highest-error matrices; ``sensitivity``: "hessian" (raw error)
+    or "measured" (error × Δloss/error of one probe per tensor on a calibration batch)."""
+
+    bits: tuple[int, ...] = (4, 5, 6, 7, 8)
+    clips: tuple[float, ...] = (8.0, 10.0, 12.0, 14.0, 16.0)
+    gptq: str = "both"
+    group: int = 0
+    other: str = "fp16"
+    lowrank: int = 0
+    lowrank_tensors: int = 3
+    lowrank_spec: str = "int8"
+    sensitivity: str = "measured"
+    block_size: int = 128
+    damp: float = 0.01
+    coder: str = "auto"
+
+
+def load_checkpoint_weights(path: str | os.PathLike, model_config: str | None = None
+                            ) -> tuple[dict[str, torch.Tensor], GPTConfig]:
+    """State dict (float32, CPU) and ``GPTConfig`` of a ``.safetensors`` or ``.pt`` checkpoint.
+
+    The config comes from ``model_config`` (a JSON file or inline JSON; GPTConfig fields, extra
+    TrainConfig fields ignored), else the checkpoint's own ``config`` (trainer ``checkpoint.pt``),
+    else ``train_summary.json`` / ``config.json`` next to it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    cfg_dict: dict | None = None
+    if path.suffix == ".safetensors":
+        from pgolf_codec.safetensors_io import read_safetensors
+
+        state, _ = read_safetensors(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a trainer checkpoint.pt
+            cfg_dict = state.get("config")
+            state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    if model_config:
+        text = Path(model_config).read_text() if Path(model_config).is_file() else model_config
+        try:
+            cfg_dict = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--model-config is neither a JSON file nor JSON: {e}") from None
+    if cfg_dict is None:
+        for name in ("train_summary.json", "config.json"):
+            side = path.with_name(name)
+            if side.is_file():
+                data = json.loads(side.read_text())
+                cfg_dict = data.get("model_config") or data.get("config") or data
+                break
+    if not isinstance(cfg_dict, dict):
+        raise ValueError(f"no model config for {path}: pass --model-config or keep train_summary.json next to it")
+    cfg_dict = cfg_dict.get("model_config", cfg_dict)
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    cfg = GPTConfig.from_dict({k: v for k, v in cfg_dict.items() if k in fields})
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}, cfg
+
+
+def _spec(bits: int, clip: float, group: int) -> QuantSpec:
+    return QuantSpec(kind="int", bits=bits, group=group, clip="sdclip", clip_param=float(clip))
+
+
+@torch.no_grad()
+def _probe_loss(model: GPT, batch: torch.Tensor) -> float:
+    return float(model(batch[:, :-1], batch[:, 1:]))
+
+
+@torch.no_grad()
+def build_candidates(model: GPT, hessians: dict[str, torch.Tensor], opts: QuantizeOptions,
+                     probe: torch.Tensor | None = None) -> dict[str, list[Candidate]]:
+    """Candidates for every weight with a Hessian: name → list of ``Candidate`` whose payload is
+    ``{"q": Quantized, "lowrank": (Quantized, Quantized) | None}``; ``nbytes`` is the exact
+    coded payload (codes + scales (+ factors)); ``distortion`` the Hessian-weighted error,
+    times the tensor's measured sensitivity when ``opts.sensitivity == "measured"`` (needs
+    ``probe``: a long ``[B, T+1]`` calibration batch)."""
+    state = model.state_dict()
+    out: dict[str, list[Candidate]] = {}
+    modes = {"on": [True], "off": [False], "both": [True, False]}[opts.gptq]
+    t0 = time.perf_counter()
+    for i, (name, H) in enumerate(sorted(hessians.items())):
+        w = state[name].float()
+        cands = []
+        for bits in opts.bits:
+            for clip in opts.clips:
+                spec = _spec(bits, clip, opts.group)
+                for use_gptq in modes:
+                    q = (gptq_quantize(w, H, spec, block_size=opts.block_size, damp=opts.damp)
+                         if use_gptq else quantize(w, spec))
+                    err = hessian_error(w, dequantize(q).to(w.device), H)
+                    cands.append(Candidate(encoded_size(q, coder=opts.coder), err,
+                                           f"{spec}{'' if use_gptq else ' rtn'}", {"q": q, "lowrank": None}))
+        out[name] = cands
+        _log(f"candidates {i + 1}/{len(hessians)} {name}: {len(cands)} ({time.perf_counter() - t0:.0f}s)")
+    if opts.lowrank > 0:
+        _add_lowrank(state, hessians, out, opts)
+    if opts.sensitivity == "measured":
+        if probe is None:
+            raise ValueError("measured sensitivity needs a probe batch")
+        _scale_by_sensitivity(model, probe, out)
+    return out
+
+
+def _add_lowrank(state: dict, hessians: dict, cands: dict[str, list[Candidate]], opts: QuantizeOptions) -> None:
+    """Low-rank variants of the GPTQ candidates of the ``lowrank_tensors`` highest-error matrices."""
+    fspec = QuantSpec.parse(opts.lowrank_spec)
+    worst = sorted(cands, key=lambda n: -float(sorted(c.distortion for c in cands[n])[len(cands[n]) // 2]))
+    for name in worst[:opts.lowrank_tensors]:
+        w, H = state[name].float(), hessians[name]
+        if opts.lowrank > min(w.shape):
+            continue
+        extra = []
+        for c in cands[name]:
+            if c.label.endswith(" rtn"):
+                continue
+            w_hat = dequantize(c.payload["q"]).to(w.device)
+            qa, qb = lowrank_correction(w, w_hat, opts.lowrank, fspec, H=H)
+            fixed = w_hat + dequantize(qa).to(w.device) @ dequantize(qb).to(w.device)
+            nbytes = c.nbytes + encoded_size(qa, coder=opts.coder) + encoded_size(qb, coder=opts.coder)
+            extra.append(Candidate(nbytes, hessian_error(w, fixed, H), f"{c.label}+lr{opts.lowrank}",
+                                   {"q": c.payload["q"], "lowrank": (qa, qb)}))
+        cands[name].extend(extra)
+        _log(f"low-rank r={opts.lowrank} candidates for {name}")
+
+
+def _candidate_weight(c: Candidate) -> torch.Tensor:
+    w = dequantize(c.payload["q"])
+    if c.payload["lowrank"] is not None:
+        qa, qb = c.payload["lowrank"]
+        w = w + dequantize(qa) @ dequantize(qb)
+    return w
+
+
+@torch.no_grad()
+def _scale_by_sensitivity(model: GPT, probe: torch.Tensor, cands: dict[str, list[Candidate]]) -> None:
+    """Rescale each tensor's distortions to nats: Hessian errors of different layers are not
+    comparable (norms, residual gains and the softcap sit between them and the loss), so one
+    probe per tensor — its highest-error candidate swapped in alone — measures Δloss/error."""
+    params = dict(model.named_parameters())
+    base = _probe_loss(model, probe)
+    for name, cs in cands.items():
+        worst = max(cs, key=lambda c: c.distortion)
+        p = params[name]
+        orig = p.data.clone()
+        p.data.copy_(_candidate_weight(worst).to(p.device, p.dtype).reshape(p.shape))
+        delta = _probe_loss(model, probe) - base
+        p.data.copy_(orig)
+        # A tiny positive floor: a probe that happens to lower the loss still means "insensitive",
+        # never "free" (negative distortion would make the allocator prefer worse candidates).
+        sens = max(delta, 1e-6 * abs(base)) / max(worst.distortion, 1e-30)
+        cands[name] = [dataclasses.replace(c, distortion=c.distortion * sens) for c in cs]
+        _log(f"sensitivity {name}: Δloss {delta:+.5f} nats at {worst.label}")
+
+
+def _tensors_for(state: dict[str, torch.Tensor], cands: dict[str, list[Candidate]], choice: dict[str, int],
+                 other: QuantSpec) -> dict[str, torch.Tensor | Quantized]:
+    tensors: dict[str, torch.Tensor | Quantized] = {}
+    for name, w in state.items():
+        if name in cands:
+            c = cands[name][choice[name]]
+            tensors[name] = c.payload["q"]
+            if c.payload["lowrank"] is not None:
+                tensors[name + LOWRANK_A], tensors[name + LOWRANK_B] = c.payload["lowrank"]
+        else:
+            tensors[name] = quantize(w, other)
+    return tensors
+
+
+def quantize_model(state: dict[str, torch.Tensor], cfg: GPTConfig, hessians: dict[str, torch.Tensor],
+                   budget: int, opts: QuantizeOptions, *, metadata: dict, probe: torch.Tensor | None = None,
+                   device: str | torch.device = "cpu") -> tuple[bytes, Any, AllocationResult, dict[str, str]]:
+    """Allocate and build the artifact bytes within ``budget`` (total file bytes, code included).
+
+    Returns ``(artifact bytes, ArtifactInfo, allocation, {tensor: chosen label})``; raises
+    ``ValueError`` when even the smallest candidates cannot fit.
+    """
+    model = GPT(cfg).to(device)
+    model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    hessians = {k: v.to(device) for k, v in hessians.items() if k in state and state[k].dim() == 2}
+    cands = build_candidates(model, hessians, opts, probe=None if probe is None else probe.to(device))
+    names = sorted(cands)
+    code = {"model.py": MODEL_SOURCE.read_text(encoding="utf-8")}
+    other = QuantSpec.parse(opts.other)
+    # Everything but the allocated payloads: header, code section, float tensors. Measured with
+    # the smallest candidates in place; the header changes by a few bytes with the choice.
+    smallest = {n: min(range(len(cands[n])), key=lambda i: cands[n][i].nbytes) for n in names}
+    _, info0 = build_artifact(_tensors_for(state, cands, smallest, other), "fp32", metadata=metadata,
+                              code=code, coder=opts.coder)
+    overhead = info0.total_bytes - sum(cands[n][smallest[n]].nbytes for n in names)
+    slack = HEADER_SLACK
+    for _ in range(6):
+        alloc = allocate([cands[n] for n in names], budget - overhead - slack)
+        choice = dict(zip(names, alloc.choice))
+        data, info = build_artifact(_tensors_for(state, cands, choice, other), "fp32", metadata=metadata,
+                                    code=code, coder=opts.coder)
+        if len(data) <= budget:
+            labels = {n: cands[n][choice[n]].label for n in names}
+            return data, info, alloc, labels
+        slack += len(data) - budget + 64
+    raise ValueError(f"could not fit the artifact within {budget:,} bytes")
+
+
+def _load_quantized_model(path: Path, cfg: GPTConfig, device: str) -> GPT:
+    art = read_artifact(path)
+    model = GPT(cfg)
+    model.load_state_dict(apply_lowrank(art.tensors))
+    return model.to(device).eval()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pgolf_eval.evaluate import evaluate_tokens, load_val_tokens
+    from pgolf_train.calibrate import calibrate, shard_batches
+    from pgolf_train.tokenizer import byte_tables, load_byte_sidecar, tokenizer_info
+
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists (pass --force to replace it)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    state, cfg = load_checkpoint_weights(args.checkpoint, args.model_config)
+    opts = QuantizeOptions(bits=tuple(int(b) for b in args.bits.split(",")),
+                           clips=tuple(float(c) for c in args.clips.split(",")), gptq=args.gptq,
+                           group=args.group, lowrank=args.lowrank, sensitivity=args.sensitivity, coder=args.coder)
+    model = GPT(cfg).to(device)
+    model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    calib = calibrate(model, source=args.calib, data_dir=args.data, tokens=args.calib_tokens,
+                      seconds=args.calib_seconds, seq_len=args.calib_seq_len, batch_size=args.calib_batch)
+    probe = None
+    if opts.sensitivity == "measured":
+        probe = next(shard_batches(args.data, seq_len=min(cfg.seq_len, 1024) + 1, batch_size=8,
+                                   vocab_size=cfg.vocab_size))
+    metadata = {"model_config": cfg.to_dict(), "model_code": "model.py", "tokenizer": tokenizer_info(args.tokenizer),
+                "quantize": {"checkpoint": str(args.checkpoint), "calib": calib.source, "calib_tokens": calib.tokens,
+                             "budget": args.budget, "lowrank": opts.lowrank}}
+    data, info, alloc, labels = quantize_model(state, cfg, calib.hessians, args.budget, opts, metadata=metadata,
+                                               probe=probe, device=device)
+    print(f"{'tensor':40s} {'choice':32s}")
+    for name, label in labels.items():
+        print(f"{name:40s} {label:32s}")
+    print(f"total {info.total_bytes:,} bytes (model {info.model_bytes:,} + code {info.code_bytes:,}) "
+          f"budget {args.budget:,}; allocation exact={alloc.exact}")
+    print("frontier (payload bytes -> distortion):")
+    step = max(1, len(alloc.frontier) // 12)
+    for b, d in alloc.frontier[::step] + alloc.frontier[-1:]:
+        print(f"  {b:>12,}  {d:.6g}")
+
+    tokens = load_val_tokens(args.data, cfg.vocab_size)
+    if args.val_tokens:
+        tokens = tokens[:args.val_tokens]
+    sidecar = load_byte_sidecar(args.data)
+    tables = sidecar[:len(tokens)] if sidecar is not None else byte_tables(args.tokenizer, cfg.vocab_size)
+    pre = evaluate_tokens(model.eval(), tokens, tables, seq_len=cfg.seq_len, device=device)
+    tmp = out.with_name(f".{out.name}.quantize-tmp{os.getpid()}")
+    write_bytes_atomic(tmp, data, overwrite=True)
+    try:
+        post = evaluate_tokens(_load_quantized_model(tmp, cfg, device), tokens, tables, seq_len=cfg.seq_len,
+                               device=device)
+        delta = post.val_bpb - pre.val_bpb
+        print(f"val_bpb unquantized {pre.val_bpb:.5f}  artifact {post.val_bpb:.5f}  (+{delta:.5f}) "
+              f"on {post.tokens:,} tokens")
+        if delta > args.tolerance and not args.allow_degradation:
+            print(f"pgolf quantize: refusing: quantization costs {delta:.5f} bpb, more than --tolerance "
+                  f"{args.tolerance}; no artifact written (raise the budget, or pass --allow-degradation)",
+                  file=sys.stderr)
+            return 3
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out}")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``pgolf quantize``."""
+    p = subparsers.add_parser("quantize", help="GPTQ + bit allocation: a checkpoint -> the best artifact within a byte budget",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help=".safetensors or .pt state dict (or a trainer checkpoint.pt)")
+    p.add_argument("--budget", type=int, default=16_000_000, help="total artifact bytes, model + code")
+    p.add_argument("--data", required=True, help="directory with fineweb_train_*/fineweb_val_* shards")
+    p.add_argument("--tokenizer", required=True, help="the SentencePiece .model")
+    p.add_argument("--model-config", help="GPTConfig as a JSON file or inline JSON (default: next to the checkpoint)")
+    p.add_argument("--calib", choices=("shards", "self"), default="shards", help="calibration text source")
+    p.add_argument("--calib-tokens", type=int, default=262_144, help="calibration tokens")
+    p.add_argument("--calib-seconds", type=float, help="wall-clock limit for calibration")
+    p.add_argument("--calib-seq-len", type=int, help="calibration sequence length (default: the model's)")
+    p.add_argument("--calib-batch", type=int, default=16, help="calibration sequences per batch")
+    p.add_argument("--bits", default="4,5,6,7,8", help="candidate bit widths")
+    p.add_argument("--clips", default="8,10,12,14,16", help="candidate k of the k·std clip")
+    p.add_argument("--gptq", choices=("on", "off", "both"), default="both", help="GPTQ candidates, RTN ones, or both")
+    p.add_argument("--group", type=int, default=0, help="elements per scale group (0 = per row)")
+    p.add_argument("--lowrank", type=int, default=0, help="rank of a low-rank error correction (0 = off)")
+    p.add_argument("--sensitivity", choices=("hessian", "measured"), default="measured",
+                   help="distortion = Hessian error, or Hessian error x measured loss sensitivity")
+    p.add_argument("--coder", default="auto", help="codes coder (auto, rans, zstd, ...)")
+    p.add_argument("--tolerance", type=float, default=0.02, help="largest accepted bpb increase")
+    p.add_argument("--allow-degradation", action="store_true", help="write the artifact even above --tolerance")
+    p.add_argument("--val-tokens", type=int, help="evaluate on a prefix of the val stream (quick checks)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("-o", "--output", required=True, help="artifact path")
+    p.set_defaults(func=_run)
+    return p
