@@ -1,0 +1,118 @@
+"""Training throughput of the baseline config on one GPU: step time, tokens/s and MFU.
+
+    python benchmarks/train_bench.py --data DIR [--steps 20] [--warmup 5]
+
+Runs the trainer's own step (``pgolf_train.trainer.train_step``: compiled model, fused Adam, Muon,
+grad accumulation 8 at 524,288 tokens/step) for each variant: the baseline, with QAT on, with depth
+recurrence, with a factorized embedding. MFU counts 6·N·tokens (N = parameters, each recurrent
+pass counted) plus causal attention 6·L·T·d per token (fwd+bwd, half of the full T² score matrix),
+against 990 TFLOP/s dense bf16 (H100/H200). The challenge's starter script runs 312 ms/step on
+one H200 (1.68M tokens/s); that is the ceiling compared to. Writes
+``benchmarks/results/train_bench.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pgolf_train.config import load_config
+from pgolf_train.loader import DistributedTokenLoader
+from pgolf_train.qat import set_qat
+from pgolf_train.trainer import (build_model, build_optimizers, compile_model, load_recipe, resolve_grad_accum,
+                                 set_schedule, synchronize, train_step)
+
+PEAK_FLOPS = 990e12  # dense bf16, H100/H200 SXM
+REFERENCE_MS = 312.0  # the starter script's step on one H200
+VARIANTS = {
+    "baseline": [],
+    "qat": ["qat_start=0"],
+    "recurrence": ["loop_start=3", "loop_end=6", "loop_times=2"],
+    "factorized_embed": ["embed_dim=256"],
+}
+
+
+def flops_per_token(cfg) -> float:
+    mc = cfg.model_config()
+    with torch.device("meta"):
+        from pgolf_train.model import GPT
+
+        model = GPT(mc)
+    n_blocks = sum(p.numel() for p in model.blocks.parameters())
+    n_other = sum(p.numel() for p in model.parameters()) - n_blocks
+    virtual = len(mc.layer_plan())
+    n_eff = n_other + n_blocks * virtual / mc.num_layers  # a repeated block costs again
+    attn = 6 * virtual * cfg.train_seq_len * mc.model_dim / 2 * 2  # QK^T and AV, causal half, fwd+bwd
+    return 6 * n_eff + attn
+
+
+def bench(name: str, overrides: list[str], data: str, steps: int, warmup: int) -> dict:
+    cfg = load_config("baseline", overrides + ["compile_warmup_steps=0"])
+    device = torch.device("cuda", 0)
+    accum = resolve_grad_accum(cfg, 1)
+    model = build_model(cfg, device)
+    compiled = compile_model(model, exact_casts=cfg.qat_start < 1.0)
+    optimizers, muon = build_optimizers(cfg, model, device)
+    if cfg.qat_start == 0:
+        set_qat(model, load_recipe(cfg.recipe), True)
+    loader = DistributedTokenLoader(data, 0, 1, device, cfg.vocab_size)
+    params = list(model.parameters())
+    set_schedule(optimizers, muon, 1.0, cfg.muon_momentum)
+    t = time.perf_counter()
+    for _ in range(warmup):
+        train_step(compiled, optimizers, loader, cfg, accum, False, device, params)
+    synchronize(device)
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss = train_step(compiled, optimizers, loader, cfg, accum, False, device, params)
+    synchronize(device)
+    ms = 1000 * (time.perf_counter() - t) / steps
+    tok_s = cfg.train_batch_tokens / (ms / 1000)
+    mfu = flops_per_token(cfg) * tok_s / PEAK_FLOPS
+    return {"variant": name, "overrides": overrides, "ms_per_step": ms, "tokens_per_s": tok_s, "mfu": mfu,
+            "warmup_s": compile_s, "loss": float(loss), "params": sum(p.numel() for p in params),
+            "peak_mem_mib": torch.cuda.max_memory_allocated() // 2**20, "vs_reference": REFERENCE_MS / ms}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="directory with fineweb_train_*.bin shards")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5, help="steps before timing (compile happens here)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("train_bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    rows = []
+    for name in args.variants.split(","):
+        torch._dynamo.reset()
+        torch.cuda.reset_peak_memory_stats()
+        r = bench(name, VARIANTS[name], args.data, args.steps, args.warmup)
+        rows.append(r)
+        print(f"{name:18s} {r['ms_per_step']:8.1f} ms/step {r['tokens_per_s'] / 1e6:6.3f} M tok/s "
+              f"MFU {100 * r['mfu']:5.1f}%  warm-up {r['warmup_s']:5.1f}s  x{r['vs_reference']:.2f} vs 312 ms",
+              flush=True)
+    out = Path(__file__).resolve().parent / "results" / "train_bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"command": " ".join([sys.executable, *sys.argv]), "date": datetime.datetime.now().isoformat(),
+              "device": torch.cuda.get_device_name(0), "ceiling": {"reference_ms_per_step": REFERENCE_MS,
+              "reference_tokens_per_s": 1.68e6, "peak_bf16_flops": PEAK_FLOPS}, "rows": rows}
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Tiny real-data shards for the trainer tests: FineWeb documents tokenized with sp1024."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from pgolf_train.shards import BOS_ID, write_shard
+
+
+def make_tiny_shards(out: Path, docs_jsonl: Path, tokenizer: Path, n_train_docs: int = 170) -> Path:
+    """Two train shards and one val shard (documents after ``n_train_docs``), BOS before each doc."""
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    docs = [json.loads(line)["text"] for line in docs_jsonl.read_text(encoding="utf-8").splitlines() if line]
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return np.concatenate([np.array([BOS_ID, *sp.encode(t)], dtype=np.uint16) for t in texts])
+
+    out.mkdir(parents=True, exist_ok=True)
+    train = encode(docs[:n_train_docs])
+    half = len(train) // 2
+    write_shard(out / "fineweb_train_000000.bin", train[:half])
+    write_shard(out / "fineweb_train_000001.bin", train[half:])
+    write_shard(out / "fineweb_val_000000.bin", encode(docs[n_train_docs:]))
+    return out
