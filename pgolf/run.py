@@ -72,7 +72,7 @@ def _resolve_data(args, cfg, out: Path) -> tuple[Path, Path, dict]:
 def _eval_modes(cfg) -> list[dict]:
     """The evaluation modes a config asks for, beyond the trainer's plain post-quantization score."""
     modes = []
-    if cfg.eval_stride and cfg.eval_stride < cfg.eval_seq_len:
+    if cfg.eval_stride and cfg.eval_stride < (cfg.eval_seq_len or cfg.train_seq_len):
         modes.append({"mode": "sliding", "stride": cfg.eval_stride})
     if cfg.eval_ttt:
         modes.append({"mode": "ttt", "ttt": cfg.eval_ttt, "stride": cfg.eval_stride or None})
@@ -102,11 +102,16 @@ def main(args) -> int:
         evals["plain"] = summary["eval"]
     from pgolf_eval.evaluate import evaluate_artifact
 
+    import torch
+
+    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+
     for m in _eval_modes(cfg):
         t0 = time.perf_counter()
         kw = {k: v for k, v in m.items() if k != "mode"}
-        res = evaluate_artifact(Path(summary["artifact"]), data_dir, tokenizer, seq_len=cfg.eval_seq_len,
-                                time_budget=cfg.eval_time_budget, **kw)
+        res = evaluate_artifact(Path(summary["artifact"]), data_dir, tokenizer, device=device,
+                                seq_len=cfg.eval_seq_len or cfg.train_seq_len, time_budget=cfg.eval_time_budget,
+                                max_tokens=cfg.val_max_tokens or None, **kw)
         stages[f"eval_{m['mode']}_s"] = time.perf_counter() - t0
         evals[m["mode"]] = res.to_dict()
         (out / f"eval_{m['mode']}.json").write_text(json.dumps(res.to_dict(), indent=2))

@@ -65,6 +65,8 @@ class TrainFields:
     muon_momentum_warmup_start: float = 0.85  # Muon momentum at step 0
     muon_momentum_warmup_steps: int = 500  # steps of linear momentum warm-up
     muon_backend_steps: int = 5  # Newton-Schulz iterations
+    muon_weight_decay: float = 0.0  # decoupled weight decay of the Muon matrices (p <- p * (1 - lr * wd))
+    muon_row_normalize: bool = False  # normalize each row of the orthogonalized update to unit RMS
     beta1: float = 0.9  # Adam beta1
     beta2: float = 0.95  # Adam beta2
     adam_eps: float = 1e-8  # Adam epsilon
@@ -94,6 +96,22 @@ class TrainFields:
     recipe: str = BASELINE_RECIPE  # codec recipe (inline "glob=spec;..." or a .toml/.json path)
     coder: str = "zlib"  # entropy coder of the artifact ("auto", "zstd", "zlib", "lzma", "rans", "raw")
     max_artifact_bytes: int = 16_000_000  # the challenge limit; exceeding it is reported, not fatal
+
+    # --- evaluation of the artifact (`pgolf run`) ------------------------------------------------
+    val_docs: int = 50_000  # `pgolf run --docs`: the first N documents are validation (the challenge: 50,000)
+    eval_seq_len: int = 0  # evaluation window in tokens; 0 = train_seq_len
+    eval_stride: int = 0  # sliding-window stride in tokens; 0 = non-overlapping windows only
+    eval_ttt: str = ""  # test-time training while scoring: "" (off), "lora" or "full"
+    eval_time_budget: float = 600.0  # seconds each evaluation mode may take (the challenge allows 600)
+
+    # --- distillation (pgolf_train/distill.py): teacher(s) first, then this model on their soft targets -----
+    distill_teacher_frac: float = 0.0  # share of the budget (clock, or iterations without one) for teachers; 0 = off
+    distill_generations: int = 1  # teachers trained in turn within that share, each distilled from the one before
+    teacher_overrides: str = ""  # "key=value;..." turning this config into the teacher's; "" = same model (born-again)
+    distill_alpha: float = 0.5  # weight of the hard-label CE at the student's start; 1 - alpha weighs T²·KL
+    distill_alpha_end: float = 1.0  # the weight at the student's end, for the linear/cosine schedules
+    distill_alpha_schedule: str = "constant"  # alpha over the student's budget: "constant", "linear" or "cosine"
+    distill_temperature: float = 1.0  # softmax temperature T of both distributions in the KL term
 
 
 def _gpt_fields() -> list[tuple[str, Any, dataclasses.Field]]:
@@ -226,13 +244,20 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         if isinstance(value, dict):
             raise ConfigError(f"{path}: [{key}] tables are not allowed; configs are flat key = value lists")
         values[key] = value
-    for item in overrides:
+    values.update(parse_overrides(overrides))
+    return make_config(values, source=str(path))
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["key=value", ...]`` → ``{key: value}`` (values as TOML literals when they parse as one)."""
+    values: dict[str, Any] = {}
+    for item in items:
         key, sep, text = item.partition("=")
         key = key.strip().removeprefix("--").replace("-", "_")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
         values[key] = _parse_override_value(text.strip())
-    return make_config(values, source=str(path))
+    return values
 
 
 def make_config(values: dict[str, Any] | None = None, *, source: str = "overrides") -> "TrainConfig":
@@ -291,7 +316,24 @@ def validate(cfg: "TrainConfig") -> None:
     need(cfg.qat_start >= 0.0, "qat_start", "must be >= 0 (0 = from the start, >= 1 = never)")
     need(cfg.max_artifact_bytes >= 0, "max_artifact_bytes", "must be >= 0")
     need(bool(cfg.recipe.strip()), "recipe", "must not be empty")
+    need(cfg.muon_weight_decay >= 0, "muon_weight_decay", "must be >= 0")
+    need(cfg.val_docs >= 1, "val_docs", "must be >= 1")
+    need(cfg.eval_seq_len >= 0, "eval_seq_len", "must be >= 0 (0 = train_seq_len)")
+    need(cfg.eval_stride >= 0, "eval_stride", "must be >= 0 (0 = non-overlapping)")
+    need(cfg.eval_ttt in ("", "lora", "full"), "eval_ttt", "must be '', 'lora' or 'full'")
+    need(cfg.eval_time_budget > 0, "eval_time_budget", "must be > 0")
+    need(0.0 <= cfg.distill_teacher_frac < 1.0, "distill_teacher_frac", "must be in [0, 1) (0 = no distillation)")
+    need(cfg.distill_generations >= 1, "distill_generations", "must be >= 1")
+    need(0.0 <= cfg.distill_alpha <= 1.0, "distill_alpha", "must be in [0, 1]")
+    need(0.0 <= cfg.distill_alpha_end <= 1.0, "distill_alpha_end", "must be in [0, 1]")
+    need(cfg.distill_alpha_schedule in ("constant", "linear", "cosine"), "distill_alpha_schedule",
+         "must be 'constant', 'linear' or 'cosine'")
+    need(cfg.distill_temperature > 0, "distill_temperature", "must be > 0")
     try:
         cfg.model_config()
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model fields: {e}") from None
+    if cfg.distill_teacher_frac > 0:
+        from pgolf_train.distill import teacher_config  # (distill imports this module)
+
+        teacher_config(cfg)  # raises a ConfigError naming the distill field that is wrong

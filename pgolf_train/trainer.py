@@ -52,7 +52,8 @@ RUN_FILES = ("train.log", "train.jsonl", "checkpoint.pt", "final_model.safetenso
              "train_summary.json")
 # Fields that may differ between a checkpoint and the config it is resumed with.
 RESUME_MUTABLE = {"train_log_every", "val_loss_every", "val_batch_tokens", "val_max_tokens", "checkpoint_every_s",
-                  "checkpoint_every_steps", "device"}
+                  "checkpoint_every_steps", "device", "val_docs", "eval_seq_len", "eval_stride", "eval_ttt",
+                  "eval_time_budget"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +248,8 @@ def build_optimizers(cfg: TrainConfig, model: GPT, device: torch.device) -> tupl
     ]
     adam = torch.optim.Adam([g for g in adam_groups if g["params"]], **adam_kw)
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum_warmup_start,
-                backend_steps=cfg.muon_backend_steps)
+                backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_weight_decay,
+                row_normalize=cfg.muon_row_normalize)
     for g in muon.param_groups:
         g["base_lr"] = cfg.matrix_lr
     return [adam, muon], muon
