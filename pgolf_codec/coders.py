@@ -10,18 +10,31 @@ Coders (ids are part of the format): 0 raw, 1 zstd, 2 lzma, 3 zlib, 4 rANS
 (`pgolf_codec/rans.py`), 5–15 reserved.  A new coder registers itself with `register`; the
 container needs no change.  Decoders raise `FormatError` on any bad blob and never
 produce (or allocate) more than `ctx.n` bytes.
+
+"auto" is exact best-of on small streams.  On a one-code-per-byte stream of at least
+`EXACT_MAX_BYTES` it first asks whether the bytes have structure beyond their symbol
+frequencies (repeats, or order-1 context), comparing with a fixed permutation of the same
+bytes; without such structure a general compressor (`Coder.general`) cannot beat rANS,
+which codes at the order-0 entropy, so only the other coders run.  Results are cached by
+content, so a stream sized by `encoded_size` and then written is coded once.
+
+`zstandard` is optional at run time: it is imported on first use; without it "auto" skips
+coder 1 and decoding a zstd stream raises `UnsupportedCoder` naming the package.
 """
 from __future__ import annotations
 
+import hashlib
 import lzma
 import math
 import os
+import threading
 import zlib
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import numpy as np
-import zstandard
 
 from . import bitpack
 from .errors import BadPayload, FormatError, Limits, UnsupportedCoder
@@ -49,11 +62,35 @@ class CoderContext:
     limits: Limits = field(default_factory=Limits)
 
 
+def zstd_module() -> ModuleType | None:
+    """The `zstandard` module, or None when it is not installed (it is imported lazily)."""
+    try:
+        import zstandard
+    except ImportError:
+        return None
+    return zstandard
+
+
+def require_zstd(what: str) -> ModuleType:
+    """The `zstandard` module; `UnsupportedCoder` naming the missing package otherwise."""
+    z = zstd_module()
+    if z is None:
+        raise UnsupportedCoder(f"{what} is zstd-coded and the 'zstandard' package is not installed "
+                               "(pip install zstandard)")
+    return z
+
+
 class Coder:
-    """Base class of a registered coder; subclasses set `id`, `name` and implement both methods."""
+    """Base class of a registered coder; subclasses set `id`, `name` and implement both methods.
+
+    `general`: a general-purpose byte compressor (LZ family), whose only gain over the
+    order-0 entropy of a stream comes from repeats and context; "auto" skips it on large
+    streams that have neither.  Default False: a coder is always tried.
+    """
 
     id: int = -1
     name: str = ""
+    general: bool = False
 
     def supports(self, ctx: CoderContext) -> bool:
         """Whether "auto" should try this coder on a stream (default: always)."""
@@ -66,17 +103,49 @@ class Coder:
         raise NotImplementedError
 
 
+# Content-addressed cache of coded streams: `encoded_size` during bit allocation and the
+# final write code the same streams; the second time is a lookup.  Bounded by blob bytes.
+_CACHE: OrderedDict[tuple, tuple[int, int, bytes]] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_MAX_BYTES = 256 << 20
+_cache_bytes = 0
+
+
+def _digest(a: np.ndarray | None) -> bytes:
+    return b"" if a is None else hashlib.blake2b(np.ascontiguousarray(a).view(np.uint8), digest_size=16).digest()
+
+
+def _cache_put(key: tuple, value: tuple[int, int, bytes]) -> None:
+    global _cache_bytes
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return
+        _CACHE[key] = value
+        _cache_bytes += len(value[2])
+        while _cache_bytes > _CACHE_MAX_BYTES and _CACHE:
+            _cache_bytes -= len(_CACHE.popitem(last=False)[1][2])
+
+
+def clear_cache() -> None:
+    """Forget every cached stream encoding."""
+    global _cache_bytes
+    with _CACHE_LOCK:
+        _CACHE.clear()
+        _cache_bytes = 0
+
+
 CODERS: dict[int, Coder] = {}
 
 
 def register(coder: Coder) -> Coder:
-    """Add a coder to the registry (ids 0..15, unique id and name)."""
+    """Add a coder to the registry (ids 0..15, unique id and name); clears the encode cache."""
     if not (isinstance(coder.id, int) and 0 <= coder.id <= MAX_CODER_ID):
         raise ValueError(f"coder id must be 0..{MAX_CODER_ID}, got {coder.id!r}")
     clash = [c for c in CODERS.values() if c.name == coder.name and c.id != coder.id]
     if coder.id in CODERS or clash:
         raise ValueError(f"coder {coder.id} ({coder.name}) is already registered")
     CODERS[coder.id] = coder
+    clear_cache()  # cached "auto" choices may change with a new candidate
     return coder
 
 
@@ -108,17 +177,22 @@ class RawCoder(Coder):
 class ZstdCoder(Coder):
     """Zstandard frames with the content size (so decoders size buffers by it), no checksum."""
 
-    id, name = 1, "zstd"
+    id, name, general = 1, "zstd", True
 
     def __init__(self, level: int = 22):
         self.level = level
 
+    def supports(self, ctx):
+        return zstd_module() is not None
+
     def encode(self, data, ctx):
+        zstandard = require_zstd("coder 1")
         c = zstandard.ZstdCompressor(level=self.level, write_checksum=False, write_content_size=True,
                                      write_dict_id=False, threads=0)
         return c.compress(np.ascontiguousarray(data, dtype=np.uint8).tobytes())
 
     def decode(self, blob, ctx):
+        zstandard = require_zstd("this stream")
         blob = bytes(blob)
         try:
             size = zstandard.frame_content_size(blob)
@@ -139,7 +213,7 @@ def _lzma_filters(n: int) -> list[dict]:
 
 
 class LzmaCoder(Coder):
-    id, name = 2, "lzma"
+    id, name, general = 2, "lzma", True
 
     def encode(self, data, ctx):
         return lzma.compress(np.ascontiguousarray(data, dtype=np.uint8).tobytes(),
@@ -159,7 +233,7 @@ class LzmaCoder(Coder):
 class ZlibCoder(Coder):
     """Raw deflate (no zlib header/adler: the container has its own CRC), level 9."""
 
-    id, name = 3, "zlib"
+    id, name, general = 3, "zlib", True
 
     def encode(self, data, ctx):
         c = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
@@ -237,46 +311,109 @@ def _inverse(data: np.ndarray, t: int, desc: StreamDesc) -> np.ndarray:
     return data
 
 
+EXACT_MAX_BYTES = 1 << 16  # "auto" tries every candidate on streams shorter than this
+_STRUCTURE_GAIN = 0.005  # a probe must gain this fraction over the permuted bytes to count
+_PERMUTE_SEED = 0x9E3779B9
 _POOL: ThreadPoolExecutor | None = None
 _PARALLEL_MIN_BYTES = 1 << 18  # below this, thread hand-off costs more than it saves
 
 
-def _map(fn, items: list) -> list:
-    """Run candidate encodings in threads (the compressors release the GIL) for big streams."""
+def thread_pool() -> ThreadPoolExecutor:
+    """The codec's shared worker pool (the compressors and numba kernels release the GIL).
+
+    Tasks submitted here must not wait on other tasks of this pool (no nesting): callers
+    that fan out over tensors run each tensor's candidates inline.
+    """
     global _POOL
-    if len(items) < 2:
-        return [fn(x) for x in items]
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
-    return list(_POOL.map(fn, items))
+        _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="pgolf-codec")
+    return _POOL
+
+
+def _order1_bits(x: np.ndarray) -> float:
+    """Empirical conditional entropy H(x[i] | x[i-1]) · (n-1), in bits."""
+    joint = np.bincount(x[:-1].astype(np.int64) * 256 + x[1:], minlength=1 << 16).reshape(256, 256)
+    ctx = joint.sum(axis=1, keepdims=True)
+    nz = joint > 0
+    return float(-(joint[nz] * np.log2((joint / np.maximum(ctx, 1))[nz])).sum())
+
+
+def _lz_probe_bytes(x: np.ndarray) -> int:
+    """Size under a fast LZ pass whose window covers the whole stream (zstd level 1 with
+    long-distance matching; zlib level 1 when zstandard is missing)."""
+    z = zstd_module()
+    if z is None:
+        return len(zlib.compress(x.tobytes(), 1))
+    params = z.ZstdCompressionParameters.from_level(
+        1, source_size=x.size, window_log=min(27, max(10, (x.size - 1).bit_length())), enable_ldm=True)
+    return len(z.ZstdCompressor(compression_params=params).compress(x.tobytes()))
+
+
+def has_structure(data: np.ndarray) -> bool:
+    """Whether a byte stream has structure a general compressor could use beyond its byte
+    frequencies: repeats (a fast LZ probe) or order-1 context (conditional entropy).
+
+    Each statistic is compared with the same statistic of a fixed-seed permutation of the
+    bytes: same frequencies, no structure, so estimator bias and the probe's own overhead
+    cancel and the answer does not hinge on a calibrated threshold.  Deterministic.
+    """
+    x = np.ascontiguousarray(data, dtype=np.uint8).ravel()
+    if x.size < 2:
+        return False
+    perm = np.random.default_rng(_PERMUTE_SEED).permutation(x)
+    keep = 1.0 - _STRUCTURE_GAIN
+    if _order1_bits(x) < keep * _order1_bits(perm):
+        return True
+    return _lz_probe_bytes(x) < keep * _lz_probe_bytes(perm)
 
 
 def encode_stream(data: np.ndarray, desc: StreamDesc, coder: str | int = "auto",
-                  limits: Limits = Limits()) -> tuple[int, int, bytes]:
+                  limits: Limits = Limits(), *, exhaustive: bool = False,
+                  parallel: bool = True) -> tuple[int, int, bytes]:
     """Code one stream: (transform id, coder id, blob), the smallest over the candidates.
 
     `coder="auto"` tries every registered coder that `supports` the stream under every valid
-    transform; a named coder tries only the transforms.  Ties go to the lowest coder id,
-    then the lowest transform id, so the result is deterministic.
+    transform, except that on a one-code-per-byte stream of at least `EXACT_MAX_BYTES` with
+    no structure (`has_structure`) the `general` coders are skipped (`exhaustive=True` keeps
+    them).  A named coder tries only the transforms.  Ties go to the lowest coder id, then
+    the lowest transform id, so the result is deterministic.  `parallel`: run the candidates
+    of a large stream in `thread_pool()` (pass False from inside that pool).
     """
     data = np.ascontiguousarray(data, dtype=np.uint8).ravel()
     if data.size != desc.nbytes:
         raise ValueError(f"stream has {data.size} bytes, descriptor says {desc.nbytes}")
-    coders = sorted(CODERS.values(), key=lambda c: c.id) if coder == "auto" else [coder_by_name(coder)]
+    auto = coder == "auto"
+    coders = sorted(CODERS.values(), key=lambda c: c.id) if auto else [coder_by_name(coder)]
+    key = (_digest(data), desc.nbytes, desc.alphabet, desc.width, desc.rows, desc.row_len, _digest(desc.scales),
+           tuple(c.id for c in coders), exhaustive, zstd_module() is not None)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    if (auto and not exhaustive and desc.width == 1 and desc.nbytes >= EXACT_MAX_BYTES
+            and not has_structure(data)):
+        coders = [c for c in coders if not getattr(c, "general", False)]
     cands = []
     for t in desc.transforms():
         ctx = _transformed_ctx(t, desc, limits)
         td = _forward(data, t, desc)
-        cands += [(c, t, td, ctx) for c in coders if coder != "auto" or c.supports(ctx)]
-    blobs = (_map if desc.nbytes >= _PARALLEL_MIN_BYTES else lambda f, xs: [f(x) for x in xs])(
-        lambda cand: cand[0].encode(cand[2], cand[3]), cands)
+        cands += [(c, t, td, ctx) for c in coders if not auto or c.supports(ctx)]
+    run = lambda cand: cand[0].encode(cand[2], cand[3])  # noqa: E731
+    if parallel and len(cands) > 1 and desc.nbytes >= _PARALLEL_MIN_BYTES:
+        blobs = list(thread_pool().map(run, cands))
+    else:
+        blobs = [run(c) for c in cands]
     best = min(range(len(cands)), key=lambda i: (len(blobs[i]), cands[i][0].id, cands[i][1]))
-    return cands[best][1], cands[best][0].id, bytes(blobs[best])
+    out = (cands[best][1], cands[best][0].id, bytes(blobs[best]))
+    _cache_put(key, out)
+    return out
 
 
-def decode_stream(blob: bytes, transform: int, coder_id: int, desc: StreamDesc,
-                  limits: Limits = Limits()) -> np.ndarray:
-    """Inverse of `encode_stream`: uint8[desc.nbytes]; `FormatError` on any inconsistency."""
+def decode_coded(blob: bytes, transform: int, coder_id: int, desc: StreamDesc,
+                 limits: Limits = Limits()) -> np.ndarray:
+    """The coder's output for a stream, before the inverse transform: uint8 of exactly the
+    transformed length (`ceil(n·bits/8)` / `ceil(n/5)` bytes when packed).  Only the coder
+    has run; the caller validates the bytes (`decode_stream` unpacks and checks them)."""
     if transform not in desc.transforms():
         raise BadPayload(f"transform {transform} is not valid for this stream")
     if coder_id not in CODERS:
@@ -290,7 +427,13 @@ def decode_stream(blob: bytes, transform: int, coder_id: int, desc: StreamDesc,
         raise BadPayload(f"coder {coder_id} failed: {type(e).__name__}: {e}") from None
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.size != ctx.n:
         raise BadPayload(f"coder {coder_id} returned the wrong number of bytes")
-    out = _inverse(data.ravel(), transform, desc)
+    return data.ravel()
+
+
+def decode_stream(blob: bytes, transform: int, coder_id: int, desc: StreamDesc,
+                  limits: Limits = Limits()) -> np.ndarray:
+    """Inverse of `encode_stream`: uint8[desc.nbytes]; `FormatError` on any inconsistency."""
+    out = _inverse(decode_coded(blob, transform, coder_id, desc, limits), transform, desc)
     if desc.alphabet < 256 and out.size and int(out.max()) >= desc.alphabet:
         raise BadPayload(f"code {int(out.max())} is outside the alphabet of {desc.alphabet}")
     return out

@@ -25,11 +25,12 @@ from typing import Any, Mapping
 import msgpack
 import numpy as np
 import torch
-import zstandard
 
-from .coders import CODERS, StreamDesc, coder_by_name, decode_stream, encode_stream
+from .coders import (CODERS, TRANSFORM_PACKED, StreamDesc, coder_by_name, decode_coded, decode_stream, encode_stream,
+                     require_zstd, thread_pool, zstd_module)
 from .errors import (ArtifactTooLarge, BadHeader, BadMagic, BadPayload, ChecksumMismatch, FormatError,
                      LimitExceeded, Limits, Truncated, UnsupportedVersion)
+from . import bitpack
 from .schemes import (SCALE_BYTES, Q8_TABLE, Quantized, QuantSpec, Recipe, dequantize, n_groups, quantize,
                       rows_view_shape)
 
@@ -129,15 +130,20 @@ class EncodedTensor:
         return sum(len(b) for _, _, b in self.streams.values())
 
 
-def encode_tensor(q: Quantized, coder: str | int = "auto", name: str = "tensor") -> EncodedTensor:
-    """Code every stream of a Quantized (exactly what the container stores for it)."""
+def encode_tensor(q: Quantized, coder: str | int = "auto", name: str = "tensor", *,
+                  parallel: bool = True) -> EncodedTensor:
+    """Code every stream of a Quantized (exactly what the container stores for it).
+
+    `parallel`: code a large stream's candidates in the codec's thread pool (False when
+    the caller already runs in that pool).
+    """
     _check_quantized(q, name)
     scales = _np(q.scales).astype(np.float32) if not q.spec.is_float else None
     descs = _stream_descs(q.spec, q.shape, scales)
     data = _stream_bytes(q)
     # Scales and zero points are small; "auto" is always worth it there even when the codes
     # coder is fixed, but a named coder is honoured for every stream to keep runs comparable.
-    return EncodedTensor({k: encode_stream(data[k], d, coder) for k, d in descs.items()})
+    return EncodedTensor({k: encode_stream(data[k], d, coder, parallel=parallel) for k, d in descs.items()})
 
 
 def encoded_size(x: torch.Tensor | Quantized, spec: QuantSpec | str | None = None,
@@ -223,11 +229,12 @@ def build_artifact(tensors: Mapping[str, torch.Tensor | Quantized], recipe: Reci
     recipe = Recipe.coerce(recipe)
     if coder != "auto":
         coder_by_name(coder)
-    entries, blobs, infos = [], [], []
-    offset = 0
-    for name in sorted(tensors):
+    names = sorted(tensors)
+    for name in names:
         if not isinstance(name, str) or not name or len(name.encode()) > Limits().max_name_bytes:
             raise ValueError(f"tensor name {name!r} must be a non-empty string of at most 1024 bytes")
+
+    def prepare(name: str) -> tuple[Quantized, str, EncodedTensor]:
         x = tensors[name]
         if isinstance(x, Quantized):
             q, dtype = x, "float32"
@@ -239,7 +246,14 @@ def build_artifact(tensors: Mapping[str, torch.Tensor | Quantized], recipe: Reci
             except ValueError as e:
                 raise ValueError(f"tensor {name!r}: {e}") from None
             dtype = _SOURCE_DTYPES[x.dtype]
-        enc = encode_tensor(q, coder, name)
+        return q, dtype, encode_tensor(q, coder, name, parallel=False)
+
+    # Tensors are quantized and coded concurrently (torch, numba, zlib, lzma and zstd release
+    # the GIL); results are assembled in name order, so the bytes do not depend on timing.
+    prepared = list(thread_pool().map(prepare, names)) if len(names) > 1 else [prepare(n) for n in names]
+    entries, blobs, infos = [], [], []
+    offset = 0
+    for name, (q, dtype, enc) in zip(names, prepared):
         payload = b"".join(b for _, _, b in enc.streams.values())
         entry = {"name": name, "shape": list(q.shape), "dtype": dtype, "scheme": str(q.spec), "offset": offset,
                  "crc": zlib.crc32(payload)}
@@ -260,9 +274,13 @@ def build_artifact(tensors: Mapping[str, torch.Tensor | Quantized], recipe: Reci
               "code": {"files": [[n, len(t.encode("utf-8"))] for n, t in files], "coder": c_id,
                        "offset": offset, "length": len(code_blob), "crc": zlib.crc32(code_blob)}}
     packed = msgpack.packb(header, use_bin_type=True)
-    zh = zstandard.ZstdCompressor(level=22, write_checksum=False, write_content_size=True,
-                                  write_dict_id=False).compress(packed)
-    hcoding, hstored = (1, zh) if len(zh) < len(packed) else (0, packed)
+    hcoding, hstored = 0, packed
+    zstandard = zstd_module()
+    if zstandard is not None:  # without zstandard the header stays plain: a writer's choice (spec §1)
+        zh = zstandard.ZstdCompressor(level=22, write_checksum=False, write_content_size=True,
+                                      write_dict_id=False).compress(packed)
+        if len(zh) < len(packed):
+            hcoding, hstored = 1, zh
     body = _PREFIX.pack(MAGIC, MAJOR, MINOR, hcoding, 0, len(hstored), len(packed)) + hstored
     body += b"".join(blobs) + code_blob
     data = body + struct.pack("<I", zlib.crc32(body))
@@ -312,21 +330,57 @@ def write_artifact(path: str | Path, tensors: Mapping[str, torch.Tensor | Quanti
 
 # ----------------------------------------------------------------------------- reading
 
+@dataclass(frozen=True)
+class CodeStream:
+    """A tensor's codes as stored, before the unpack transform (what a GPU loader uploads).
+
+    payload: uint8 1-D, validated: `ceil(n·bits/8)` bit-packed bytes (5 trits per byte for
+      ternary) with zero padding when `packed`, else one code per byte, every code below
+      `spec.levels`; n = prod(shape), row-major.
+    scales: float32 (rows, n_groups); zeros: uint8 (rows, n_groups) or None (as `Quantized`).
+    """
+
+    spec: QuantSpec
+    shape: tuple[int, ...]
+    payload: np.ndarray
+    packed: bool
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+
+    def to_quantized(self) -> Quantized:
+        """The same tensor as a `Quantized` for dequantizing (codes unpacked on the host; q8
+        exponent codes are not carried, so it is not a write-ready `Quantized` for q8)."""
+        rows, row_len = rows_view_shape(self.shape)
+        codes = self.payload
+        if self.packed:
+            n = rows * row_len
+            codes = bitpack.unpack_trits(codes, n) if self.spec.kind == "ternary" else bitpack.unpack(
+                codes, self.spec.bits, n)
+        return Quantized(self.spec, self.shape, torch.from_numpy(codes).reshape(rows, row_len), self.scales,
+                         self.zeros)
+
+
 @dataclass
 class Artifact:
-    """A decoded artifact: float32 tensors, the Quantized they came from, metadata, code, sizes."""
+    """A decoded artifact: float32 tensors, the Quantized they came from, metadata, code, sizes.
+
+    `streams` holds the int/ternary tensors as `CodeStream`s instead of `quantized` when the
+    artifact was read with `unpack=False`; `tensors` covers both.
+    """
 
     quantized: dict[str, Quantized]
     metadata: dict
     code: dict[str, str]
     info: ArtifactInfo
+    streams: dict[str, CodeStream] = field(default_factory=dict)
     _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
-        """name -> float32 CPU tensor (dequantized on first access)."""
+        """name -> float32 CPU tensor (dequantized on first access), in header order."""
         if self._tensors is None:
-            self._tensors = {k: dequantize(q) for k, q in self.quantized.items()}
+            qs = {**self.quantized, **{k: c.to_quantized() for k, c in self.streams.items()}}
+            self._tensors = {k: dequantize(qs[k]) for k in sorted(qs)}
         return self._tensors
 
 
@@ -378,6 +432,7 @@ def _parse_prefix(data: bytes, limits: Limits) -> tuple[int, bytes]:
 def _decode_header(stored: bytes, hcoding_raw: tuple[int, int]) -> dict:
     hcoding, hraw = hcoding_raw
     if hcoding == 1:
+        zstandard = require_zstd("the header")
         try:
             if zstandard.frame_content_size(stored) != hraw:
                 raise BadHeader("compressed header size does not match its declared length")
@@ -432,7 +487,7 @@ def _check_entry(e: Any, i: int, limits: Limits) -> tuple[QuantSpec, tuple[int, 
     return spec, tuple(shape), descs
 
 
-def read_artifact_bytes(data: bytes, limits: Limits = Limits()) -> Artifact:
+def read_artifact_bytes(data: bytes, limits: Limits = Limits(), *, unpack: bool = True) -> Artifact:
     """Validate and decode an artifact held in memory (see `read_artifact`)."""
     data = bytes(data)
     payload_start, stored = _parse_prefix(data, limits)
@@ -476,7 +531,7 @@ def read_artifact_bytes(data: bytes, limits: Limits = Limits()) -> Artifact:
     if payload_start + offset + c_len != payload_end:
         raise (Truncated if payload_start + offset + c_len > payload_end else BadHeader)(
             f"declared payload ends at {payload_start + offset + c_len}, file payload ends at {payload_end}")
-    quantized, infos = {}, []
+    quantized, code_streams, infos = {}, {}, []
     mv = memoryview(data)
     for e, spec, shape, descs in checked:
         start = payload_start + e["offset"]
@@ -484,14 +539,23 @@ def read_artifact_bytes(data: bytes, limits: Limits = Limits()) -> Artifact:
         if zlib.crc32(mv[start:end]) != e["crc"]:
             raise ChecksumMismatch(f"tensor {e['name']!r}: payload CRC-32 mismatch")
         streams, pos = {}, start
+        raw_codes = not unpack and not spec.is_float
         for k, d in descs.items():
             t, c, n = e[k]
             try:
-                streams[k] = decode_stream(mv[pos:pos + n], t, c, d, limits)
+                if raw_codes and k == "codes":
+                    streams[k] = _code_payload(mv[pos:pos + n], t, c, d, spec, limits)
+                else:
+                    streams[k] = decode_stream(mv[pos:pos + n], t, c, d, limits)
             except FormatError as err:
                 raise type(err)(f"tensor {e['name']!r} {k}: {err}") from None
             pos += n
-        quantized[e["name"]] = _to_quantized(spec, shape, streams, e["name"])
+        if raw_codes:
+            scales, zeros, _, _ = _tables(spec, shape, streams, e["name"])
+            payload, packed = streams["codes"]
+            code_streams[e["name"]] = CodeStream(spec, shape, payload, packed, scales, zeros)
+        else:
+            quantized[e["name"]] = _to_quantized(spec, shape, streams, e["name"])
         infos.append(_tensor_info(e, spec, {k: e[k][1] for k in descs}, {k: e[k][2] for k in descs}))
     cstart = payload_start + offset
     if zlib.crc32(mv[cstart:cstart + c_len]) != _u32(code_hdr.get("crc"), "code: crc"):
@@ -509,21 +573,24 @@ def read_artifact_bytes(data: bytes, limits: Limits = Limits()) -> Artifact:
         pos += n
     info = ArtifactInfo(total_bytes=len(data), model_bytes=len(data) - c_len, code_bytes=c_len,
                         header_bytes=FIXED_BYTES + len(stored), format_version=f"{data[4]}.{data[5]}", tensors=infos)
-    return Artifact(quantized=quantized, metadata=metadata, code=code, info=info)
+    return Artifact(quantized=quantized, metadata=metadata, code=code, info=info, streams=code_streams)
 
 
-def _to_quantized(spec: QuantSpec, shape: tuple[int, ...], streams: dict[str, np.ndarray], name: str) -> Quantized:
+def _code_payload(blob: memoryview, transform: int, coder_id: int, desc: StreamDesc, spec: QuantSpec,
+                  limits: Limits) -> tuple[np.ndarray, bool]:
+    """(validated code stream before the unpack transform, packed?) of an int/ternary tensor."""
+    from .gpu import check_stream  # the same rules the device-side check applies
+
+    data = decode_coded(blob, transform, coder_id, desc, limits)
+    packed = transform == TRANSFORM_PACKED
+    check_stream(torch.from_numpy(data), desc.nbytes, spec, packed)
+    return data, packed
+
+
+def _tables(spec: QuantSpec, shape: tuple[int, ...], streams: dict[str, np.ndarray], name: str):
+    """(scales float32 (rows, ng), zeros uint8 or None, q8 codes or None, q8 ref or None), validated."""
     rows, row_len = rows_view_shape(shape)
-    if spec.is_float:
-        raw = streams["codes"]
-        if spec.kind == "bf16":
-            codes = torch.from_numpy(raw.view("<i2").astype(np.int16)).view(torch.bfloat16)
-        else:
-            codes = torch.from_numpy(raw.view("<f2" if spec.kind == "fp16" else "<f4").astype(
-                np.float16 if spec.kind == "fp16" else np.float32))
-        return Quantized(spec, shape, codes.reshape(rows, row_len), torch.zeros((rows, 0)))
     ng = n_groups(row_len, spec.group)
-    codes = torch.from_numpy(streams["codes"]).reshape(rows, row_len)
     sraw = streams["scales"]
     sc = ref = None
     if spec.scale_dtype == "q8":
@@ -541,29 +608,55 @@ def _to_quantized(spec: QuantSpec, shape: tuple[int, ...], streams: dict[str, np
     if bad_ref or (scales.numel() and not bool((torch.isfinite(scales) & (scales > 0)).all())):
         raise BadPayload(f"tensor {name!r}: scales must be finite and positive")
     zeros = None if spec.symmetric else torch.from_numpy(streams["zeros"]).reshape(rows, ng)
+    return scales, zeros, sc, ref
+
+
+def _to_quantized(spec: QuantSpec, shape: tuple[int, ...], streams: dict[str, np.ndarray], name: str) -> Quantized:
+    rows, row_len = rows_view_shape(shape)
+    if spec.is_float:
+        raw = streams["codes"]
+        if spec.kind == "bf16":
+            codes = torch.from_numpy(raw.view("<i2").astype(np.int16)).view(torch.bfloat16)
+        else:
+            codes = torch.from_numpy(raw.view("<f2" if spec.kind == "fp16" else "<f4").astype(
+                np.float16 if spec.kind == "fp16" else np.float32))
+        return Quantized(spec, shape, codes.reshape(rows, row_len), torch.zeros((rows, 0)))
+    scales, zeros, sc, ref = _tables(spec, shape, streams, name)
+    codes = torch.from_numpy(streams["codes"]).reshape(rows, row_len)
     return Quantized(spec, shape, codes, scales, zeros, sc, ref)
 
 
-def read_artifact(path: str | Path, limits: Limits = Limits()) -> Artifact:
-    """Read, validate and decode an artifact file.  Any defect raises a `FormatError` subclass."""
+def read_artifact(path: str | Path, limits: Limits = Limits(), *, unpack: bool = True) -> Artifact:
+    """Read, validate and decode an artifact file.  Any defect raises a `FormatError` subclass.
+
+    unpack=False: int/ternary tensors come back as `Artifact.streams` (`CodeStream`: the codes
+    as stored, bit-packed or one per byte, validated) instead of `Artifact.quantized`.
+    """
     path = Path(path)
     size = path.stat().st_size
     if size > limits.max_file_bytes:
         raise LimitExceeded(f"{path}: file is {size} bytes, limit {limits.max_file_bytes}")
     with open(path, "rb") as f:
         data = f.read(limits.max_file_bytes + 1)
-    return read_artifact_bytes(data, limits)
+    return read_artifact_bytes(data, limits, unpack=unpack)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """name -> float32 tensor on `device`, dequantized there (bit-identical on CPU and CUDA)."""
-    if torch.device(device).type == "cuda":  # one Triton pass per tensor (torch without Triton)
-        from .gpu import load_to_device
-        return load_to_device(path, device)
+    """name -> float32 tensor on `device`, dequantized there (bit-identical on CPU and CUDA).
+
+    On CUDA with Triton, the stored code bytes go to the device and one kernel pass per
+    tensor expands them (`gpu.load_to_device`); otherwise codes are unpacked on the host and
+    dequantized on `device` with torch.
+    """
+    from . import gpu
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and gpu.kernels_available(dev):
+        return gpu.load_to_device(path, dev)
     art = read_artifact(path)
     out = {}
     for name, q in art.quantized.items():
-        moved = Quantized(q.spec, q.shape, q.codes.to(device), q.scales.to(device),
-                          None if q.zeros is None else q.zeros.to(device), q.scale_codes, q.scale_ref)
+        moved = Quantized(q.spec, q.shape, q.codes.to(dev), q.scales.to(dev),
+                          None if q.zeros is None else q.zeros.to(dev), q.scale_codes, q.scale_ref)
         out[name] = dequantize(moved)
     return out

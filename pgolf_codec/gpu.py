@@ -365,19 +365,12 @@ def group_scales(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
     """The scales (float32 (rows, n_groups), rounded to the stored dtype) and zero points
     (integer-valued float32, asymmetric only) that `schemes.quantize` picks for `w`.
 
-    Runs in torch on w's device: the clip statistic and the scale rounding are reductions over
-    groups, cheap next to the per-element pass that the fused kernel does.
+    `schemes.group_scales` on w's rows view, in torch on w's device: the clip statistic and the
+    scale rounding are reductions over groups, cheap next to the fused per-element pass.
     """
     rows, row_len = rows_view_shape(tuple(w.shape))
-    w2 = w.detach().float().reshape(rows, row_len)
-    if spec.clip == "mse":
-        # The clip search quantizes every candidate anyway; take its choice whole.
-        _, scale, zero, _, _, _ = schemes._quantize_grouped(w2, spec)
-        return scale, zero
-    wg, count, g = schemes._grouped(w2, spec)
-    lo, hi = schemes._clip_bounds(wg, count, g, spec)
-    scale, zero, _, _ = schemes._scale_and_zero(lo, hi, spec)
-    return scale, zero
+    gs = schemes.group_scales(w.detach().float().reshape(rows, row_len), spec)
+    return gs.scales, gs.zeros
 
 
 def fake_quant_with_scales(w: torch.Tensor, spec: QuantSpec, scales: torch.Tensor,
@@ -420,48 +413,41 @@ def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return fake_quant_with_scales(w, spec, scales, zeros)
 
 
-class _FakeQuantSTE(torch.autograd.Function):
-    """Forward: fake_quant(w); backward: the identity (straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx: Any, w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-        return fake_quant(w, spec)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
 def fake_quant_ste(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """QAT fake-quant: forward value exactly `schemes.fake_quant(w, spec)` (w's shape and
-    dtype), gradient passed straight through to w unchanged."""
-    return _FakeQuantSTE.apply(w, spec)
+    dtype), gradient passed straight through to w unchanged.
+
+    The same construction as `schemes.fake_quant_ste`, `q - (w.detach() - w)`: the subtracted
+    term is exactly +0.0, so the forward is q bit for bit (-0.0 included), and its gradient is
+    the identity.
+    """
+    return fake_quant(w.detach(), spec) - (w.detach() - w)
 
 
 def load_to_device(path: str | Path, device: str | torch.device = "cuda",
                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Read an artifact and return name -> tensor (original shape, `dtype`) on `device`.
 
-    The file is validated and entropy-decoded on the host (`container.read_artifact`), the
-    uint8 codes and the small scale/zero tables are copied to the device, and one kernel pass
-    per tensor writes the values there: no float32 copy of the model crosses the bus. With
-    dtype=float32 the result is bit-identical to `pgolf_codec.load(path)` (the CPU path),
-    which is also what a device without kernels gets.
+    The file is validated and entropy-decoded on the host, but the codes are not unpacked
+    there (`read_artifact(..., unpack=False)`): the stored code bytes (bit-packed, 5 trits per
+    byte, or one code per byte) and the small scale/zero tables go to the device, and one
+    kernel pass per tensor expands them, so at most ~b/8 bytes per weight cross the bus.
+    With dtype=float32 the result is bit-identical to `read_artifact(path).tensors`, which is
+    also what a device without kernels gets.
     """
     from pgolf_codec.container import read_artifact
 
     if dtype not in _OUT_DTYPES:
         raise ValueError(f"dtype: expected one of {_OUT_DTYPES}, got {dtype}")
     dev = torch.device(device)
-    art = read_artifact(path)
+    art = read_artifact(path, unpack=False)
     out: dict[str, torch.Tensor] = {}
-    for name, q in art.quantized.items():
-        if q.spec.is_float:
-            out[name] = q.codes.to(dev, non_blocking=True).float().reshape(q.shape).to(dtype)
-            continue
-        # read_artifact already checked every code against the alphabet: no second pass here.
-        codes = q.codes.reshape(-1).to(dev, non_blocking=True)
-        zeros = None if q.zeros is None else q.zeros.to(dev, non_blocking=True)
-        out[name] = dequantize_packed(codes, q.shape, q.spec, q.scales.to(dev, non_blocking=True), zeros,
-                                      dtype, packed=False, validate=False)
-    return out
+    for name, q in art.quantized.items():  # float passthrough tensors
+        out[name] = q.codes.to(dev, non_blocking=True).float().reshape(q.shape).to(dtype)
+    for name, cs in art.streams.items():
+        # The container validated the stream on the host (length, padding, alphabet).
+        payload = torch.from_numpy(cs.payload).to(dev, non_blocking=True)
+        zeros = None if cs.zeros is None else cs.zeros.to(dev, non_blocking=True)
+        out[name] = dequantize_packed(payload, cs.shape, cs.spec, cs.scales.to(dev, non_blocking=True), zeros,
+                                      dtype, packed=cs.packed, validate=False)
+    return {k: out[k] for k in sorted(out)}

@@ -371,9 +371,22 @@ def _mse_grid(spec: QuantSpec) -> list[float]:
     return [hi - (hi - lo) * i / (n - 1) for i in range(n)]
 
 
-def _quantize_grouped(w2: torch.Tensor, spec: QuantSpec):
-    """Core path shared by quantize and fake_quant: (codes, scale, zero, q8 codes, q8 ref, G)."""
-    wg, count, g = _grouped(w2, spec)
+class GroupScales(NamedTuple):
+    """Per-group tables that `quantize` picks for a (rows, row_len) tensor.
+
+    scales: float32 (rows, n_groups), already rounded to the stored scale dtype.
+    zeros: integer-valued float32 (rows, n_groups) zero points (asymmetric only), else None.
+    scale_codes / scale_ref: the q8 exponent codes (uint8 (rows, n_groups)) and the float32
+      0-d reference scale (q8 only), else None.
+    """
+
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    scale_codes: torch.Tensor | None
+    scale_ref: torch.Tensor | None
+
+
+def _group_scales(wg: torch.Tensor, count: torch.Tensor, g: int, spec: QuantSpec) -> GroupScales:
     if spec.clip == "mse":
         base = QuantSpec(spec.kind, spec.bits, spec.symmetric, spec.group, spec.scale_dtype)
         best_err, best_lo, best_hi = None, None, None
@@ -391,7 +404,28 @@ def _quantize_grouped(w2: torch.Tensor, spec: QuantSpec):
         lo, hi = best_lo, best_hi
     else:
         lo, hi = _clip_bounds(wg, count, g, spec)
-    scale, zero, sc, ref = _scale_and_zero(lo, hi, spec)
+    return GroupScales(*_scale_and_zero(lo, hi, spec))
+
+
+def group_scales(w2: torch.Tensor, spec: QuantSpec) -> GroupScales:
+    """The scale computation of `quantize` alone: clip bound per group → raw scale → rounded
+    to the stored dtype (+ zero points), for a float32 (rows, row_len) tensor on any device.
+
+    `quantize(w).scales == group_scales(w2).scales` bit for bit (w2 = w viewed as rows);
+    devices that fuse the per-element pass (`pgolf_codec.gpu`) take their tables from here.
+    """
+    if spec.is_float:
+        raise ValueError(f"group_scales: {spec} is a float passthrough, it has no scales")
+    if w2.dim() != 2:
+        raise ValueError(f"group_scales: expected a (rows, row_len) tensor, got shape {tuple(w2.shape)}")
+    wg, count, g = _grouped(w2.float(), spec)
+    return _group_scales(wg, count, g, spec)
+
+
+def _quantize_grouped(w2: torch.Tensor, spec: QuantSpec):
+    """Core path shared by quantize and fake_quant: (codes, scale, zero, q8 codes, q8 ref, G)."""
+    wg, count, g = _grouped(w2, spec)
+    scale, zero, sc, ref = _group_scales(wg, count, g, spec)
     return _codes_from_scale(wg, scale, zero, spec), scale, zero, sc, ref, g
 
 
@@ -467,11 +501,12 @@ def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 def fake_quant_ste(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Straight-through estimator for QAT: forward = fake_quant(w) bit for bit, gradient = identity.
 
-    Written as `q + (w - w.detach())` rather than `w + (q - w).detach()`: the latter rounds
-    (w + (q - w) != q in float32), so the trained forward would not be what the codec decodes.
-    Here the added term is exactly zero, and q + 0 == q.
+    Written as `q - (w.detach() - w)`: the subtracted term is exactly +0.0 and `q - 0.0 == q`
+    for every q, -0.0 included (fp16/bf16 passthrough of a tiny negative weight).  The
+    textbook `w + (q - w).detach()` rounds (w + (q - w) != q in float32), and `q + (w - w.detach())`
+    turns -0.0 into +0.0; either way the trained forward would not be what the codec decodes.
     """
-    return fake_quant(w.detach(), spec) + (w - w.detach())
+    return fake_quant(w.detach(), spec) - (w.detach() - w)
 
 
 class Recipe:

@@ -318,16 +318,22 @@ def autocast_ctx(cfg: TrainConfig, device: torch.device):
 
 def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DistributedTokenLoader,
                cfg: TrainConfig, grad_accum: int, distributed: bool, device: torch.device,
-               params: list[nn.Parameter] | None = None) -> torch.Tensor:
+               params: list[nn.Parameter] | None = None,
+               loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """One optimizer step over ``grad_accum`` micro-batches; returns this rank's mean loss (a device
-    scalar: reading it is a host sync, so the loop only does that on log steps)."""
+    scalar: reading it is a host sync, so the loop only does that on log steps).
+
+    ``loss_fn(model, x, y)`` replaces the plain ``model(x, y)`` loss (distillation's soft targets)."""
     total = torch.zeros((), device=device)
     for micro in range(grad_accum):
         if distributed:  # all-reduce gradients only after the last micro-batch
             model.require_backward_grad_sync = micro == grad_accum - 1
         x, y = loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, grad_accum)
-        with autocast_ctx(cfg, device):
-            loss = model(x, y)
+        if loss_fn is not None:
+            loss = loss_fn(model, x, y)
+        else:
+            with autocast_ctx(cfg, device):
+                loss = model(x, y)
         total += loss.detach()
         (loss / grad_accum).backward()
     if cfg.grad_clip_norm > 0 and params is not None:
@@ -498,11 +504,14 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.PathLike, out_dir: str | os.PathLike,
           *, resume: bool = False, force: bool = False, echo: bool = True,
-          stop_at_step: int | None = None) -> dict[str, Any]:
+          stop_at_step: int | None = None, export: bool = True) -> dict[str, Any]:
     """Train ``cfg`` on ``data_dir``'s shards, export ``out_dir/model.pgolf``, evaluate it; the summary.
 
     ``stop_at_step`` ends the loop early without the export (the state stays in the checkpoint);
-    it exists to test resuming.
+    it exists to test resuming. ``export=False`` stops at ``final_model.safetensors`` and the
+    pre-quantization score (a distillation teacher). With ``distill_teacher_frac > 0`` the teacher
+    phase (``pgolf_train.distill``) runs first, on its share of the budget, and this model trains on
+    the rest with the soft-target loss.
     """
     data_dir, tokenizer, out_dir = Path(data_dir), Path(tokenizer), Path(out_dir)
     t_start = time.perf_counter()
@@ -534,6 +543,23 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
         f"{cfg.train_batch_tokens // (di.world_size * grad_accum * cfg.train_seq_len)}×{cfg.train_seq_len}")
     log(f"params: {n_params:,}")
     log(f"config: {json.dumps(cfg.to_dict(), sort_keys=True)}")
+
+    # ---- distillation: the teacher phase on its share, then this model on the rest of the budget ----
+    distiller, teacher_summary, run_cfg = None, None, cfg
+    if cfg.distill_teacher_frac > 0:
+        from pgolf_train.distill import Distiller, run_teacher_phase, student_config
+
+        teacher, teacher_summary = run_teacher_phase(cfg, data_dir, tokenizer, out_dir, log, device,
+                                                     resume=resume, force=force, echo=echo)
+        cfg = student_config(cfg)
+        distiller = Distiller(teacher, cfg)
+        log("distillation: student phase on " + (f"{cfg.max_wallclock_seconds:.1f}s" if cfg.max_wallclock_seconds > 0
+                                                   else f"{cfg.iterations} steps")
+            + f"; alpha {cfg.distill_alpha}"
+            + (f" -> {cfg.distill_alpha_end} ({cfg.distill_alpha_schedule})" if cfg.distill_alpha_schedule != "constant"
+               else "") + f", T {cfg.distill_temperature}")
+        log.record(event="phase", phase="student", step=0, budget_s=cfg.max_wallclock_seconds,
+                   iterations=cfg.iterations)
 
     # ---- model, optimizers, data ----
     base_model = build_model(cfg, device)
@@ -581,7 +607,7 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
             if warm_qat != qat_enabled(base_model):
                 set_qat(base_model, recipe, warm_qat)
             set_schedule(optimizers, muon, lr_multiplier(cfg, step, training_ms), muon_momentum(cfg, step))
-            train_step(model, optimizers, warm_loader, cfg, grad_accum, di.distributed, device, params)
+            train_step(model, optimizers, warm_loader, cfg, grad_accum, di.distributed, device, params, distiller)
         synchronize(device)
         base_model.load_state_dict(saved_model)
         for opt, sd in zip(optimizers, saved_opts, strict=True):
@@ -671,7 +697,9 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
 
         mul = lr_multiplier(cfg, step, elapsed_ms)
         set_schedule(optimizers, muon, mul, muon_momentum(cfg, step))
-        loss = train_step(model, optimizers, loader, cfg, grad_accum, di.distributed, device, params)
+        if distiller is not None:
+            distiller.set_progress(budget_fraction(cfg, step, elapsed_ms))
+        loss = train_step(model, optimizers, loader, cfg, grad_accum, di.distributed, device, params, distiller)
         if ema is not None:
             ema.update()
         step += 1
@@ -696,7 +724,10 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
                    else (cfg.iterations - step) * elapsed_s / max(step, 1))
             log(f"step:{step}/{cfg.iterations} loss:{loss_value:.4f} lr:{mul:.3f} tok/s:{tok_s:,.0f} "
                 f"elapsed:{elapsed_s:.1f}s eta:{eta:.1f}s")
-            log.record(step=step, loss=loss_value, lr=mul, tokens_per_s=tok_s, elapsed=elapsed_s)
+            extra = distiller.stats() if distiller is not None else {}
+            if extra:
+                log(f"step:{step} " + " ".join(f"{k}:{v:.4f}" for k, v in extra.items()))
+            log.record(step=step, loss=loss_value, lr=mul, tokens_per_s=tok_s, elapsed=elapsed_s, **extra)
 
         # Decisions by the clock: stop at the budget, timed checkpoint, QAT and EMA start. Ranks
         # must agree, so with several ranks the flags go through an all-reduce whose result is read
@@ -731,7 +762,11 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
         return {"steps": step, "train_seconds": training_ms / 1000}
 
     summary = finish(cfg, base_model, ema, recipe, di, log, out_dir, tokenizer, val_tokens, byte_source,
-                     step=step, training_ms=training_ms, n_params=n_params, grad_accum=grad_accum)
+                     step=step, training_ms=training_ms, n_params=n_params, grad_accum=grad_accum, export=export)
+    if teacher_summary is not None:
+        from pgolf_train.distill import phase_summary
+
+        summary.update(phase_summary(run_cfg, teacher_summary, summary))
     summary["wall_seconds"] = time.perf_counter() - t_start
     if di.master:
         _atomic_write_text(out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
@@ -742,8 +777,10 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
 
 def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistInfo, log: RunLog, out_dir: Path,
            tokenizer: Path, val_tokens, byte_source, *, step: int, training_ms: float, n_params: int,
-           grad_accum: int) -> dict[str, Any]:
-    """Export the final (EMA or raw) weights, evaluate them before and after quantization; the summary."""
+           grad_accum: int, export: bool = True) -> dict[str, Any]:
+    """Export the final (EMA or raw) weights, evaluate them before and after quantization; the summary.
+
+    ``export=False``: only ``final_model.safetensors`` and the pre-quantization score (no artifact)."""
     from pgolf_codec.container import write_artifact
     from pgolf_eval.loader import model_from_artifact
     from pgolf_train.qat import set_qat
@@ -759,10 +796,22 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
         f"({pre.tokens:,} tokens, {pre.seconds:.1f}s)")
     log.record(step=step, val_loss_prequant=pre.val_loss, val_bpb_prequant=pre.val_bpb, elapsed=training_ms / 1000)
 
+    run = {"val_bpb_prequant": pre.val_bpb, "val_loss_prequant": pre.val_loss, "steps": step,
+           "train_seconds": training_ms / 1000, "tokens_seen": step * cfg.train_batch_tokens,
+           "ms_per_step": training_ms / max(step, 1),
+           "tokens_per_s": step * cfg.train_batch_tokens / max(training_ms / 1000, 1e-9),
+           "params": n_params, "world_size": di.world_size, "grad_accum": grad_accum, "ema": ema is not None,
+           "config": cfg.to_dict()}
     artifact = out_dir / "model.pgolf"
+    tensors: dict[str, torch.Tensor] = {}
     if di.master:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in base_model.state_dict().items()}
         save_safetensors(out_dir / "final_model.safetensors", tensors)
+    if not export:
+        if di.distributed:  # every rank may read the weights once this returns
+            dist.barrier()
+        return run
+    if di.master:
         metadata = {
             "model_config": cfg.model_config().to_dict(),
             "model_code": "model.py",
@@ -798,16 +847,10 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
         f"(+{post.val_bpb - pre.val_bpb:.4f} from quantization)")
     log.record(step=step, val_loss=post.val_loss, val_bpb=post.val_bpb, elapsed=training_ms / 1000)
     return {
-        "val_bpb_prequant": pre.val_bpb, "val_loss_prequant": pre.val_loss,
-        "val_bpb": post.val_bpb, "val_loss": post.val_loss, "val_tokens": post.tokens, "val_bytes": post.bytes,
-        "steps": step, "train_seconds": training_ms / 1000, "tokens_seen": step * cfg.train_batch_tokens,
-        "ms_per_step": training_ms / max(step, 1),
-        "tokens_per_s": step * cfg.train_batch_tokens / max(training_ms / 1000, 1e-9),
-        "params": n_params, "artifact_bytes": sizes[0], "model_bytes": sizes[1], "code_bytes": sizes[2],
+        **run, "val_bpb": post.val_bpb, "val_loss": post.val_loss, "val_tokens": post.tokens, "val_bytes": post.bytes,
+        "artifact_bytes": sizes[0], "model_bytes": sizes[1], "code_bytes": sizes[2],
         "limit_bytes": cfg.max_artifact_bytes, "fits": sizes[0] <= cfg.max_artifact_bytes,
-        "artifact": str(artifact), "world_size": di.world_size, "grad_accum": grad_accum,
-        "ema": ema is not None, "qat_start": cfg.qat_start, "recipe": str(recipe),
-        "config": cfg.to_dict(),
+        "artifact": str(artifact), "qat_start": cfg.qat_start, "recipe": str(recipe),
     }
 
 

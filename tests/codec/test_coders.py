@@ -107,3 +107,83 @@ def test_third_party_coder_plugs_in_and_its_errors_are_wrapped():
             decode_stream(blob, t, c, StreamDesc(8))
     finally:
         del CODERS[15]
+
+
+# ----------------------------------------------------------------------------- "auto" pruning, cache
+
+from pgolf_codec import coders as coders_mod  # noqa: E402
+from pgolf_codec.coders import EXACT_MAX_BYTES, clear_cache, has_structure  # noqa: E402
+
+
+def _gaussian_codes(rows: int, cols: int, step: float, levels: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((rows, cols)) / step + (levels // 2 - 1)
+    return np.clip(np.rint(x), 0, levels - 1).astype(np.uint8)
+
+
+def test_structure_probe_sees_repeats_and_context_not_iid_codes():
+    iid = _gaussian_codes(256, 512, 0.25, 64)
+    assert not has_structure(iid)
+    tied = iid.copy()
+    tied[200:] = tied[:56]  # ~20% repeated rows
+    assert has_structure(tied)
+    walk = np.cumsum(np.random.default_rng(1).integers(-1, 2, 1 << 17)) % 64  # order-1 context
+    assert has_structure(walk.astype(np.uint8))
+
+
+@pytest.mark.parametrize("levels,structured", [(64, False), (256, False), (3, False), (64, True)])
+def test_pruned_auto_equals_exhaustive_choice(levels, structured):
+    clear_cache()
+    codes = _gaussian_codes(256, 512, 0.25 if levels > 3 else 2.0, levels)
+    if structured:
+        codes[128:] = codes[:128]
+    assert codes.size >= EXACT_MAX_BYTES
+    desc = StreamDesc(codes.size, levels, 1, 256, 512)
+    fast = encode_stream(codes, desc)
+    exact = encode_stream(codes, desc, exhaustive=True)
+    assert fast == exact
+    # repeats: a general compressor wins; otherwise rANS (or raw bit-packing)
+    assert getattr(CODERS[fast[1]], "general", False) == structured
+
+
+def test_auto_skips_general_coders_only_on_large_structureless_streams(monkeypatch):
+    calls: list[int] = []
+    for cid in (1, 2, 3):
+        orig = CODERS[cid].encode
+        monkeypatch.setattr(CODERS[cid], "encode", lambda d, c, orig=orig, cid=cid: calls.append(cid) or orig(d, c))
+    clear_cache()
+    big = _gaussian_codes(256, 512, 0.25, 64).ravel()
+    encode_stream(big, StreamDesc(big.size, 64, 1, 256, 512))
+    assert calls == []
+    small = big[: EXACT_MAX_BYTES - 1]
+    encode_stream(small, StreamDesc(small.size, 64))
+    assert sorted(set(calls)) == [1, 2, 3]  # exact best-of below the threshold
+
+
+def test_encodings_are_cached_by_content(monkeypatch):
+    n_calls = []
+    orig = CODERS[3].encode
+    monkeypatch.setattr(CODERS[3], "encode", lambda d, c: n_calls.append(1) or orig(d, c))
+    clear_cache()
+    data = np.arange(5000, dtype=np.uint8)
+    first = encode_stream(data, StreamDesc(data.size), "zlib")
+    assert encode_stream(data.copy(), StreamDesc(data.size), "zlib") == first and len(n_calls) == 1
+    encode_stream(data[::-1], StreamDesc(data.size), "zlib")  # other bytes: coded again
+    assert len(n_calls) == 2
+    clear_cache()
+    assert encode_stream(data, StreamDesc(data.size), "zlib") == first and len(n_calls) == 3
+
+
+def test_without_zstandard_auto_skips_zstd_and_decoding_names_the_package(monkeypatch):
+    import sys
+    data = np.tile(np.arange(64, dtype=np.uint8), 100)
+    t, c, blob = encode_stream(data, StreamDesc(data.size), "zstd")
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # `import zstandard` now raises ImportError
+    assert coders_mod.zstd_module() is None
+    for exhaustive in (False, True):
+        t2, c2, blob2 = encode_stream(data, StreamDesc(data.size), exhaustive=exhaustive)
+        assert c2 != 1 and np.array_equal(decode_stream(blob2, t2, c2, StreamDesc(data.size)), data)
+    assert not has_structure(_gaussian_codes(256, 512, 0.25, 64))  # the probe falls back to zlib
+    with pytest.raises(UnsupportedCoder, match="zstandard"):
+        decode_stream(blob, t, c, StreamDesc(data.size))
+    with pytest.raises(UnsupportedCoder, match="zstandard"):
+        encode_stream(data, StreamDesc(data.size), "zstd")

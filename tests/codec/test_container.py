@@ -6,6 +6,7 @@ import struct
 import zlib
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -189,3 +190,78 @@ def test_inspect_json_fields():
     t = d["tensors"][0]
     assert {"name", "shape", "numel", "scheme", "bits", "coder", "bytes", "bits_per_param"} <= set(t)
     assert t["bits_per_param"] == 8 * t["bytes"] / 64
+
+
+ALL_CODE_SCHEMES = [f"int{b}" for b in range(1, 9)] + ["ternary", "int3:asym:group=8:scale=q8"]
+
+
+@pytest.mark.parametrize("coder", ["raw", "rans"])  # raw: always packed; rans: either transform
+def test_unpack_false_returns_validated_code_streams(coder):
+    from pgolf_codec.gpu import stream_nbytes
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(5, 13, generator=g) for i in range(len(ALL_CODE_SCHEMES))}
+    tensors["f"] = torch.randn(7, generator=g)
+    recipe = pc.Recipe([(f"t{i}", pc.QuantSpec.parse(s)) for i, s in enumerate(ALL_CODE_SCHEMES)]
+                       + [("f", pc.QuantSpec.parse("fp16"))])
+    data, _ = pc.build_artifact(tensors, recipe, coder=coder)
+    full, lazy = pc.read_artifact_bytes(data), pc.read_artifact_bytes(data, unpack=False)
+    transform = {e["name"]: e["codes"][0] for e in _split(data)[0]["tensors"]}
+    assert sorted(lazy.streams) == [f"t{i}" for i in range(len(ALL_CODE_SCHEMES))] and list(lazy.quantized) == ["f"]
+    for name, cs in lazy.streams.items():
+        q = full.quantized[name]
+        assert cs.packed == (transform[name] == 1) and (cs.packed or coder == "rans" or q.spec.bits == 8)
+        assert cs.payload.dtype == np.uint8 and cs.payload.size == stream_nbytes(q.numel, q.spec, cs.packed)
+        assert torch.equal(cs.scales, q.scales) and (cs.zeros is None) == (q.zeros is None)
+        assert torch.equal(cs.to_quantized().codes, q.codes)
+    assert list(lazy.tensors) == list(full.tensors)
+    assert all(torch.equal(lazy.tensors[k], full.tensors[k]) for k in full.tensors)
+
+
+def test_unpack_false_applies_the_same_checks():
+    spec = pc.QuantSpec.parse("int3")
+    data, _ = pc.build_artifact({"w": torch.randn(1, 7)}, spec, coder="raw")  # 21 bits: 3 padding bits
+    header, payload = _split(data)
+    e = header["tensors"][0]
+    assert e["codes"][:2] == [1, 0]
+    p = bytearray(payload)
+    p[e["codes"][2] - 1] |= 0x80  # a padding bit
+    e["crc"] = zlib.crc32(bytes(p[:e["codes"][2] + e["scales"][2]]))
+    bad = _reassemble(header, bytes(p))
+    for unpack in (True, False):
+        with pytest.raises(pc.BadPayload, match="padding"):
+            pc.read_artifact_bytes(bad, unpack=unpack)
+
+
+def test_bytes_do_not_depend_on_thread_count(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pgolf_codec import coders
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"w{i}": torch.randn(300, 256, generator=g) * 0.02 for i in range(4)}
+    tensors["tied"] = torch.cat([tensors["w0"][:150]] * 2)
+    datas = []
+    for workers in (1, 3):
+        monkeypatch.setattr(coders, "_POOL", ThreadPoolExecutor(workers))
+        coders.clear_cache()
+        datas.append(pc.build_artifact(tensors, "int6:sdclip=12.5")[0])
+    assert datas[0] == datas[1]
+
+
+def test_without_zstandard_header_is_plain_and_zstd_artifacts_name_the_package(monkeypatch):
+    import sys
+
+    tensors = {"w": torch.randn(40, 40)}
+    meta = {"model_config": {f"key{i}": "value" for i in range(40)}}  # compressible header
+    with_zstd, _ = pc.build_artifact(tensors, "int4", metadata=meta, coder="zstd")
+    assert with_zstd[6] == 1
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    from pgolf_codec import coders
+    coders.clear_cache()
+    plain, _ = pc.build_artifact(tensors, "int4", metadata=meta)  # auto works, header written plain
+    assert plain[6] == 0
+    art = pc.read_artifact_bytes(plain)
+    assert torch.equal(art.tensors["w"], pc.fake_quant(tensors["w"], pc.QuantSpec.parse("int4")))
+    with pytest.raises(pc.UnsupportedCoder, match="zstandard"):
+        pc.read_artifact_bytes(with_zstd)

@@ -132,12 +132,20 @@ def _mutate_payload(rng, header: dict, payload: bytes) -> bytes:
     return _join(header, bytes(p))
 
 
-def _check(data: bytes) -> str:
+def _read(data: bytes, unpack: bool) -> str:
     try:
-        pc.read_artifact_bytes(data, LIMITS)
+        pc.read_artifact_bytes(data, LIMITS, unpack=unpack)
     except pc.FormatError as e:
         return type(e).__name__
     return "ok"
+
+
+def _check(data: bytes) -> str:
+    """The outcome of reading `data`; reading the code streams without unpacking them (the
+    GPU loader's path) must accept and reject exactly the same files, with the same error."""
+    outcome = _read(data, True)
+    assert _read(data, False) == outcome
+    return outcome
 
 
 def test_fuzz_mutated_artifacts_only_raise_format_error():

@@ -205,3 +205,41 @@ def test_gaussian_code_entropy_follows_step():
     h = -(p * np.log2(p)).sum()
     step = float(q.scales.mean())
     assert abs(h - (2.05 + math.log2(1.0 / step))) < 0.1
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Raw bits, so that equality also tells -0.0 from 0.0."""
+    t = t.detach().contiguous().reshape(-1)
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@pytest.mark.parametrize("text", SPECS)
+@settings(max_examples=10)
+@given(w=tensors(), bf16=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fake_quant_ste_forward_is_fake_quant_exactly_and_gradient_is_identity(text, w, bf16, seed):
+    spec = QuantSpec.parse(text)
+    w = (w.bfloat16() if bf16 else w).requires_grad_(True)
+    out = fake_quant_ste(w, spec)
+    assert out.dtype == w.dtype and out.shape == w.shape
+    assert torch.equal(_bits(out), _bits(fake_quant(w.detach(), spec)))
+    g = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)).to(w.dtype)
+    out.backward(g)
+    assert torch.equal(_bits(w.grad), _bits(g))
+
+
+@pytest.mark.parametrize("text", [s for s in SPECS if not QuantSpec.parse(s).is_float])
+@settings(max_examples=10)
+@given(w=tensors())
+def test_group_scales_are_the_tables_quantize_stores(text, w):
+    from pgolf_codec.schemes import group_scales
+
+    spec = QuantSpec.parse(text)
+    if w.numel() == 0:
+        return
+    q = quantize(w, spec)
+    gs = group_scales(w.reshape(rows_view_shape(tuple(w.shape))), spec)
+    assert torch.equal(_bits(gs.scales), _bits(q.scales))
+    for got, want in ((gs.zeros, q.zeros), (gs.scale_codes, q.scale_codes), (gs.scale_ref, q.scale_ref)):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(got.to(want.dtype), want)

@@ -158,16 +158,6 @@ def test_fake_quant_mse_and_percentile_clips() -> None:
         assert_bit_equal(gpu.fake_quant(w, spec), schemes.fake_quant(w, spec))
 
 
-def test_fake_quant_ste_gradient_is_identity() -> None:
-    spec = QuantSpec.parse("int4:group=16")
-    w = weights((6, 40), 11).requires_grad_(True)
-    y = gpu.fake_quant_ste(w, spec)
-    assert_bit_equal(y.detach(), schemes.fake_quant(w.detach(), spec))
-    g = torch.randn(6, 40)
-    y.backward(g)
-    assert_bit_equal(w.grad, g)
-
-
 def test_float_specs_and_empty_tensors_fall_back() -> None:
     w = weights((4, 9), 5)
     for text in ["fp16", "bf16", "fp32"]:
@@ -267,3 +257,52 @@ def test_load_to_device_matches_cpu_load(tmp_path) -> None:
     half = gpu.load_to_device(path, "cpu", torch.bfloat16)
     for name in ref:
         assert_bit_equal(half[name], ref[name].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("coder", ["raw", "rans"])  # raw: bit-packed streams; rans: one code per byte
+def test_load_to_device_uploads_stored_streams_bit_exact(tmp_path, coder: str) -> None:
+    from pgolf_codec import container
+
+    schemes_ = [f"int{b}" for b in range(1, 9)] + ["ternary", "int4:asym:group=8", "int2:scale=q8:group=16"]
+    tensors = {f"w{i}": weights((9, 37), i) for i in range(len(schemes_))}
+    tensors["norm"] = weights((37,), 99)
+    recipe = ";".join(f"w{i}={s}" for i, s in enumerate(schemes_)) + ";norm=bf16"
+    path = tmp_path / f"{coder}.pgolf"
+    container.write_artifact(path, tensors, recipe, coder=coder)
+    streams = container.read_artifact(path, unpack=False).streams
+    assert len(streams) == len(schemes_)
+    if coder == "raw":
+        assert all(cs.packed for cs in streams.values() if cs.spec.bits < 8)
+    else:
+        assert not all(cs.packed for cs in streams.values())
+    ref = container.read_artifact(path).tensors
+    got = gpu.load_to_device(path, "cpu")  # the Triton kernels, interpreted
+    assert list(got) == list(ref)
+    for name in ref:
+        assert_bit_equal(got[name], ref[name])
+    for name, t in container.load(path).items():
+        assert_bit_equal(t, ref[name])
+
+
+@FEW
+@given(spec=specs(), shape=shapes, seed=st.integers(0, 2**31 - 1))
+def test_fake_quant_ste_forward_is_schemes_fake_quant(spec: QuantSpec, shape, seed: int) -> None:
+    w = weights(shape, seed).requires_grad_(True)
+    y = gpu.fake_quant_ste(w, spec)
+    assert_bit_equal(y.detach(), schemes.fake_quant(w.detach(), spec))
+    assert_bit_equal(y.detach(), schemes.fake_quant_ste(w, spec).detach())
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    y.backward(g)
+    assert_bit_equal(w.grad, g)
+
+
+@FEW
+@given(spec=specs(), shape=shapes, seed=st.integers(0, 2**31 - 1))
+def test_group_scales_match_quantize(spec: QuantSpec, shape, seed: int) -> None:
+    w = weights(shape, seed)
+    q = schemes.quantize(w, spec)
+    scales, zeros = gpu.group_scales(w, spec)
+    assert_bit_equal(scales, q.scales)
+    assert (zeros is None) == (q.zeros is None)
+    if zeros is not None:
+        assert torch.equal(zeros.to(torch.uint8), q.zeros)
