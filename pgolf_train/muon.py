@@ -12,36 +12,39 @@ from pgolf_train.model import CastedLinear
 
 
 def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalize G: [rows, cols] (returns bf16, same shape).
+    """Approximately orthogonalize G: [rows, cols] or a stack [n, rows, cols] (returns bf16, same shape).
 
     The quintic's coefficients are tuned for speed, not convergence: singular values land in
     roughly [0.7, 1.2] rather than exactly 1, which trains just as well."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.bfloat16()
-    X = X / (X.norm() + eps)  # Frobenius norm >= spectral norm, so all singular values start <= 1
-    transposed = G.size(0) > G.size(1)
+    # Frobenius norm >= spectral norm, so all singular values start <= 1
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = G.size(-2) > G.size(-1)
     if transposed:  # iterate on the wide orientation: the Gram matrix X·Xᵀ is the smaller one
-        X = X.T
+        X = X.mT
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return X.T if transposed else X
+    return X.mT if transposed else X
 
 
 @functools.cache
 def _compiled_newton_schulz():
     # On GPU the iteration is launch-bound in eager mode; compiling fuses its elementwise work.
-    return torch.compile(newton_schulz)
+    return torch.compile(newton_schulz, dynamic=False)
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters. Group fields: lr, momentum (read every step, so it can be warmed up),
     nesterov, backend_steps, weight_decay (decoupled: p ← p·(1 − lr·wd)), row_normalize.
 
-    With torch.distributed initialized, rank r orthogonalizes parameters r, r+W, r+2W, ... into a
-    flat bf16 buffer and one all_reduce(SUM) hands every rank every update; ranks must hold identical
-    gradients (as after DDP), and then they apply identical updates. One process runs the same path
-    without the collective, so results match bit for bit."""
+    Matrices of the same shape are orthogonalized together as one batched Newton–Schulz: a
+    baseline-size model has 54 matrices but only 4 shapes, and one-by-one the step is bound by
+    kernel launches, not arithmetic. With torch.distributed initialized, rank r orthogonalizes
+    parameters r, r+W, r+2W, ... into a flat bf16 buffer and one all_reduce(SUM) hands every rank
+    every update; ranks must hold identical gradients (as after DDP), and then they apply identical
+    updates. One process runs the same path without the collective."""
 
     def __init__(self, params, lr: float = 0.04, momentum: float = 0.95, nesterov: bool = True,
                  backend_steps: int = 5, weight_decay: float = 0.0, row_normalize: bool = False):
@@ -53,6 +56,34 @@ class Muon(torch.optim.Optimizer):
                 if p.ndim != 2:
                     raise ValueError(f"Muon trains 2-D matrices only, got shape {tuple(p.shape)}")
 
+    def _updates(self, group: dict, owned: list[Tensor]) -> dict[Tensor, Tensor]:
+        """Momentum, then the orthogonalized, RMS-matched update of every owned parameter (float32)."""
+        grads = [p.grad for p in owned]
+        bufs = []
+        for p in owned:
+            state = self.state[p]
+            if "momentum_buffer" not in state:  # only the owning rank keeps momentum
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            bufs.append(state["momentum_buffer"])
+        torch._foreach_mul_(bufs, group["momentum"])
+        torch._foreach_add_(bufs, grads)
+        steer = torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(owned):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        out: dict[Tensor, Tensor] = {}
+        for (rows, cols), idx in by_shape.items():
+            G = torch.stack([steer[i] for i in idx])
+            orthogonalize = _compiled_newton_schulz() if G.is_cuda else newton_schulz
+            U = orthogonalize(G, group["backend_steps"]).float()
+            if group["row_normalize"]:  # equalize per-output-row step sizes
+                U = U / (U.square().mean(dim=-1, keepdim=True).sqrt() + 1e-7)
+            # Orthogonal rows have unit norm; tall matrices need larger entries for the same RMS.
+            U *= max(1.0, rows / cols) ** 0.5
+            for i, u in zip(idx, U.unbind(0)):
+                out[owned[i]] = u
+        return out
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -62,38 +93,20 @@ class Muon(torch.optim.Optimizer):
         distributed = dist.is_available() and dist.is_initialized()
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         for group in self.param_groups:
-            params = group["params"]
+            params = [p for p in group["params"] if p.grad is not None]  # same on every rank (DDP)
             if not params:
                 continue
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % world == rank and p.grad is not None:
-                    g = p.grad
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:  # only the owning rank keeps momentum
-                        state["momentum_buffer"] = torch.zeros_like(g)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(group["momentum"]).add_(g)
-                    if group["nesterov"]:
-                        g = g.add(buf, alpha=group["momentum"])
-                    orthogonalize = _compiled_newton_schulz() if g.is_cuda else newton_schulz
-                    u = orthogonalize(g, group["backend_steps"]).float()
-                    if group["row_normalize"]:  # equalize per-output-row step sizes
-                        u = u / (u.square().mean(dim=1, keepdim=True).sqrt() + 1e-7)
-                    # Orthogonal rows have unit norm; tall matrices need larger entries for the same RMS.
-                    u *= max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    flat[offset : offset + p.numel()] = u.flatten()
-                offset += p.numel()
+            owned = [p for i, p in enumerate(params) if i % world == rank]
+            updates = self._updates(group, owned) if owned else {}
+            # bf16 on the wire (and on one process too, so both paths apply identical updates)
+            flat = torch.cat([updates[p].flatten() if p in updates else p.new_zeros(p.numel())
+                              for p in params]).bfloat16()
             if distributed and world > 1:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for p in params:
-                if p.grad is not None:  # every rank sees the same grads, so skips agree across ranks
-                    if group["weight_decay"]:
-                        p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+            deltas = list(flat.float().split([p.numel() for p in params]))
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, [d.view_as(p) for d, p in zip(deltas, params)], alpha=-group["lr"])
         return loss
 
 
