@@ -1,0 +1,49 @@
+"""`pgolf run`: the README's main job, shortened — real text in, a scored, size-checked artifact out."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pgolf.cli import main
+
+CAP = 16_000_000
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, fineweb_docs, wiki_shard, sp1024):
+    out = tmp_path_factory.mktemp("run") / "demo"
+    rc = main(["run", "--config", "demo", "--docs", str(fineweb_docs), str(wiki_shard), "--val-docs", "20",
+               "--tokenizer", str(sp1024), "--out", str(out),
+               "--set", "max_wallclock_seconds=8", "--set", "val_max_tokens=8192", "--set", "eval_stride=128",
+               "--set", "train_log_every=5", "--set", "checkpoint_every_s=0"])
+    return rc, out
+
+
+def test_run_writes_a_scored_artifact_and_report(demo_run):
+    rc, out = demo_run
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("val_bpb", "val_bpb_prequant", "artifact_bytes", "code_bytes", "model_bytes", "train_seconds", "steps"):
+        assert report[key] is not None, key
+    artifact = out / "train" / "model.pgolf"
+    assert report["artifact_bytes"] == artifact.stat().st_size < CAP
+    assert report["model_bytes"] + report["code_bytes"] == report["artifact_bytes"]  # every byte is counted
+    assert report["headroom_bytes"] == CAP - report["artifact_bytes"]
+    assert report["steps"] > 0 and 0 < report["val_bpb"] < 10
+    # the final number is the sliding evaluation the config asked for, of the artifact
+    assert report["val_bpb_mode"] == "sliding" and report["evals"]["sliding"]["stride"] == 128
+    assert {t["name"] for t in report["tensors"]} >= {"tok_emb.weight"}
+    md = (out / "report.md").read_text()
+    assert "val bpb before quantization" in md and f"{report['artifact_bytes']:,}" in md
+    assert (out / "curves.png").stat().st_size > 0 and (out / "bytes_per_tensor.png").stat().st_size > 0
+    # the data stage really ran on the given documents: val is the first 20, the tokenizer reused
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert manifest["splits"]["val"]["docs"] == 20 and manifest["tokenizer"]["trained"] is False
+
+
+def test_run_refuses_a_non_empty_directory(demo_run, capsys):
+    _, out = demo_run
+    rc = main(["run", "--config", "demo", "--data", str(out / "data"), "--tokenizer", "x.model", "--out", str(out)])
+    assert rc == 2
+    assert "not empty" in capsys.readouterr().err
