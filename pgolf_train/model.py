@@ -118,7 +118,12 @@ class CastedEmbedding(nn.Embedding):
         self.qat = None
 
     def forward(self, idx: Tensor) -> Tensor:
-        return F.embedding(idx, _weight(self))
+        x = F.embedding(idx, _weight(self))
+        # Under autocast the residual stream runs in the autocast dtype (bf16), as the baseline's
+        # bf16 embedding makes it: fp32 activations double the traffic of every norm and add.
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return x
 
 
 def rms_norm(x: Tensor) -> Tensor:
