@@ -18,4 +18,5 @@ timeout 90 python3 benchmarks/eval_bench.py --tokens 1048576 --artifact /tmp/run
   --tokenizer $tok --out "$OUT/eval_bench.json" 2>&1 | tail -8
 timeout 110 python3 benchmarks/quant_bench.py --checkpoint /tmp/runs/short/final_model.safetensors --data $data \
   --tokenizer $tok --out "$OUT/quant_bench.json" 2>&1 | tail -15
+cp /tmp/runs/short/model.pgolf "$OUT/short_baseline.pgolf" 2>/dev/null
 timeout 50 python3 benchmarks/dequant_bench.py --sizes 16M,64M --out "$OUT/dequant_bench.json" 2>&1 | tail -6

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pgolf: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `pgolf inspect ... | head`: the reader left; that is not an error
+        sys.stderr.close()
+        return 0
     except (ValueError, OSError) as e:  # FormatError, ShardError, ConfigError are ValueErrors
         print(f"pgolf {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
