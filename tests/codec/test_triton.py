@@ -306,3 +306,147 @@ def test_group_scales_match_quantize(spec: QuantSpec, shape, seed: int) -> None:
     assert (zeros is None) == (q.zeros is None)
     if zeros is not None:
         assert torch.equal(zeros.to(torch.uint8), q.zeros)
+
+
+def _no_generic_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the one-code-per-element fallback kernel fail, so a test proves the chunk kernel ran."""
+    class Refuse:
+        def __getitem__(self, grid):
+            raise AssertionError("the per-element fallback kernel ran")
+    monkeypatch.setattr(gpu, "_dequant_kernel", Refuse())
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_chunk_kernel_every_width_every_code(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rows of whole 8-code chunks take the chunk kernel. Every code value lands at every field
+    # position of a chunk (code sequence stride 7 is coprime to 8), under per-row scales,
+    # groups of 8 and 16, symmetric and asymmetric codes, packed and one code per byte, into
+    # every output dtype (fp32 takes the word-load path, 16-bit outputs the byte tile).
+    _no_generic_kernel(monkeypatch)
+    for symmetric, group, packed in [(True, 0, True), (False, 8, True), (True, 16, False), (False, 0, False)]:
+        spec = QuantSpec(kind="int", bits=bits, symmetric=symmetric, group=group)
+        rows, row_len = 6, 8 * ((1 << bits) // 8 + 3)
+        codes = (torch.arange(rows * row_len) * 7 % (1 << bits)).to(torch.uint8).view(rows, row_len)
+        ng = schemes.n_groups(row_len, group)
+        scales = torch.rand(rows, ng, generator=torch.Generator().manual_seed(bits)).half().float() + 0.01
+        zeros = None if symmetric else (torch.arange(rows * ng) * 5 % (1 << bits)).to(torch.uint8).view(rows, ng)
+        q = Quantized(spec, (rows, row_len), codes, scales, zeros)
+        payload = pack_codes(q, packed)
+        for dtype in OUT_DTYPES:
+            got = gpu.dequantize_packed(payload, (rows, row_len), spec, scales, zeros, dtype, packed=packed)
+            assert_bit_equal(got, schemes.dequantize(q, dtype))
+
+
+@pytest.mark.parametrize("text,shape", [
+    ("int6", (3, 4128)),  # rows longer than a tile: two column blocks, the second mostly masked
+    ("int3:group=128", (2, 4120)),  # ...with groups, the last group short (4120 = 32*128 + 24)
+    ("int2:asym:group=24", (37, 48)),  # many short rows per tile, the last tile partly empty
+    ("int1", (5, 8)),
+    ("ternary", (4, 64)),  # one code per byte only: packed 5-trit streams take the fallback
+])
+def test_chunk_kernel_tiles(text: str, shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = QuantSpec.parse(text)
+    q = schemes.quantize(weights(shape, 11), spec)
+    _no_generic_kernel(monkeypatch)
+    for dtype in OUT_DTYPES:
+        got = gpu.dequantize_packed(pack_codes(q, spec.kind != "ternary"), shape, spec, q.scales, q.zeros,
+                                    dtype, packed=spec.kind != "ternary")
+        assert_bit_equal(got, schemes.dequantize(q, dtype))
+
+
+def test_chunk_kernel_wide_indices_and_unaligned_payload(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = QuantSpec.parse("int4:asym:group=16")
+    q = schemes.quantize(weights((5, 64), 12), spec)
+    payload = pack_codes(q, True)
+    ref = schemes.dequantize(q)
+    plan = gpu._chunk_plan(5, 64, 4, spec, 4)
+    assert plan is not None and not plan.wide
+    # int64 indices (forced here; real above 2^31 elements) compute the same addresses.
+    real = gpu._chunk_plan
+    with monkeypatch.context() as mp:
+        mp.setattr(gpu, "_chunk_plan", lambda *a: dataclasses.replace(real(*a), wide=True))
+        assert_bit_equal(gpu.dequantize_packed(payload, (5, 64), spec, q.scales, q.zeros), ref)
+    # A payload view at an odd address: the fp32 path falls back to byte loads.
+    buf = torch.zeros(payload.numel() + 1, dtype=torch.uint8)
+    buf[1:] = payload
+    assert gpu._chunk_word(4, buf[1:]) == 1 and gpu._chunk_word(4, payload) == 2
+    assert gpu._chunk_word(8, payload) == 4 and gpu._chunk_word(6, payload) == 2 and gpu._chunk_word(5, payload) == 1
+    assert_bit_equal(gpu.dequantize_packed(buf[1:], (5, 64), spec, q.scales, q.zeros), ref)
+
+
+def test_dequant_into_preallocated_out() -> None:
+    spec = QuantSpec.parse("int5:group=32")
+    q = schemes.quantize(weights((4, 96), 13), spec)
+    payload = pack_codes(q, True)
+    out = torch.full((4, 96), float("nan"), dtype=torch.bfloat16)
+    got = gpu.dequantize_packed(payload, (4, 96), spec, q.scales, dtype=torch.bfloat16, out=out)
+    assert got is out
+    assert_bit_equal(out, schemes.dequantize(q, torch.bfloat16))
+    bad_outs = [torch.empty(4, 95, dtype=torch.bfloat16), torch.empty(4, 96),
+                torch.empty(96, 4, dtype=torch.bfloat16).t()]
+    for bad in bad_outs:
+        with pytest.raises(ValueError, match="out"):
+            gpu.dequantize_packed(payload, (4, 96), spec, q.scales, dtype=torch.bfloat16, out=bad)
+
+
+def _no_torch_scales(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the two-pass path (scales in torch, then the per-element kernel) fail, so a test
+    proves the one-kernel row path ran."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the two-pass fake-quant path ran")
+    monkeypatch.setattr(gpu, "group_scales", refuse)
+
+
+@pytest.mark.parametrize("text", [f"int{b}" for b in range(2, 9)] + [
+    "int4:group=64", "int6:group=48:scale=bf16", "int3:group=40", "int8:scale=bf16",
+    "int4:asym", "int2:asym:group=24", "int7:asym:scale=bf16", "int1:asym:group=16",
+    "int6:sdclip=12.5", "int6:sdclip=12.5:group=128", "int5:sdclip=2.5:scale=bf16", "int1:sdclip=1",
+    "ternary:sdclip=1.5:group=32", "int4:asym:sdclip=3:group=64", "int3:asym:sdclip=0.5:scale=bf16",
+])
+def test_fake_quant_rows_kernel(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One kernel per tensor computes the scales itself ("max") or from schemes' sdclip bounds:
+    # groups with a short last group (96 = 2*40 + 16), rows of many widths, rows that fill
+    # several per program and a row longer than a group of 4096, in every weight dtype.
+    spec = QuantSpec.parse(text)
+    _no_torch_scales(monkeypatch)
+    for shape in [(7, 96), (3, 4, 10), (300,), (2, 5000)]:
+        for dtype in OUT_DTYPES:
+            w = weights(shape, len(text) + shape[0], dtype)
+            assert_bit_equal(gpu.fake_quant(w, spec), schemes.fake_quant(w, spec))
+
+
+def test_fake_quant_rows_kernel_scale_edges(monkeypatch: pytest.MonkeyPatch) -> None:
+    # All-zero rows (scale clamped up to the floor), huge rows (clamped down to the fp16
+    # ceiling: every quotient saturates), fp16-subnormal scales, scales that are exact bf16/fp16
+    # ties, and asymmetric rows entirely above or below zero (zero point 0 or top).
+    _no_torch_scales(monkeypatch)
+    tie16 = 1 + 2**-11  # halfway between two fp16 values: rounds to even
+    rows = torch.stack([
+        torch.zeros(16),
+        torch.linspace(-1.0, 1.0, 16) * 3e38,
+        torch.linspace(-1e-6, 2e-6, 16),
+        torch.linspace(-31, 31, 16) * tie16,
+        torch.linspace(-31, 31, 16) * (1 + 2**-8),
+        torch.linspace(0.5, 3.0, 16),
+        torch.linspace(-3.0, -0.5, 16),
+    ])
+    for text in ["int6", "int6:scale=bf16", "int4:asym", "int4:asym:scale=bf16", "int8:group=8"]:
+        spec = QuantSpec.parse(text)
+        assert_bit_equal(gpu.fake_quant(rows, spec), schemes.fake_quant(rows, spec))
+    # A NaN weight turns its whole group NaN, as in the reference (NaN payloads may differ).
+    bad = rows.clone()
+    bad[3, 5] = float("nan")
+    for text in ["int6", "int4:asym:scale=bf16", "int6:sdclip=2", "int8:group=8"]:
+        spec = QuantSpec.parse(text)
+        got, ref = gpu.fake_quant(bad, spec), schemes.fake_quant(bad, spec)
+        assert torch.equal(got.isnan(), ref.isnan()) and bool(ref[3, :8].isnan().all())
+        keep = ~ref.isnan()
+        assert_bit_equal(got[keep], ref[keep])
+
+
+def test_fake_quant_rows_kernel_scope() -> None:
+    assert gpu._rows_stat(QuantSpec.parse("int6")) == 0
+    assert gpu._rows_stat(QuantSpec.parse("int2:asym")) == 0
+    assert gpu._rows_stat(QuantSpec.parse("int6:sdclip=12.5")) == 1
+    for text in ["int1", "ternary", "int6:pct=99", "int4:mse", "int6:scale=q8", "int6:sdclip=2:scale=q8"]:
+        assert gpu._rows_stat(QuantSpec.parse(text)) is None
