@@ -14,7 +14,7 @@ timeout 110 python3 benchmarks/train_bench.py --data $data --steps 12 --warmup 4
 cp benchmarks/results/train_bench.json "$OUT/train_bench.json" 2>/dev/null
 timeout 130 python3 -m pgolf train --config baseline --data $data --tokenizer $tok --out /tmp/runs/short --force \
   --max_wallclock_seconds=$TRAIN_S --compile_warmup_steps=6 2>&1 | grep -E "training done|val_bpb|artifact:"
-timeout 80 python3 benchmarks/eval_bench.py --tokens 1048576 --artifact /tmp/runs/short/model.pgolf --data $data \
+timeout 80 python3 benchmarks/eval_bench.py --tokens 524288 --artifact /tmp/runs/short/model.pgolf --data $data \
   --tokenizer $tok --out "$OUT/eval_bench.json" 2>&1 | tail -8
 timeout 100 python3 benchmarks/quant_bench.py --checkpoint /tmp/runs/short/final_model.safetensors --data $data \
   --tokenizer $tok --out "$OUT/quant_bench.json" 2>&1 | tail -15
