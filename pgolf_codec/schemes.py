@@ -319,14 +319,32 @@ def _values(codes, scale, zero, spec):
 def _scale_and_zero(lo_c, hi_c, spec):
     """Raw scale and zero point (float32 (rows, ng)) from clip bounds; the scale gets rounded first."""
     if spec.symmetric:
-        scale, sc, ref = _round_scale(hi_c / _qmax(spec), spec)
+        scale, sc, ref = _round_scale(_div(hi_c, _qmax(spec)), spec)
         return scale, None, sc, ref
     top = float((1 << spec.bits) - 1)
     lo_c = torch.clamp(lo_c, max=0.0)
     hi_c = torch.clamp(hi_c, min=0.0)
-    scale, sc, ref = _round_scale((hi_c - lo_c) / top, spec)
+    scale, sc, ref = _round_scale(_div(hi_c - lo_c, top), spec)
     zero = torch.round(-lo_c / scale).clamp(0.0, top)
     return scale, zero, sc, ref
+
+
+def _div(x: torch.Tensor, c: float) -> torch.Tensor:
+    """x / c with IEEE division on every device: CUDA turns a division by a Python scalar into a
+    multiplication by its reciprocal, which can differ in the last bit (and then in the scale)."""
+    return x / torch.full_like(x, float(c))
+
+
+def _mean_sd(wg, mask, n):
+    """Per-group mean and standard deviation, accumulated in float64 and returned in float32.
+
+    Sums in float32 depend on the reduction order, which differs between the CPU, CUDA and a
+    compiled graph; in float64 those differences vanish before the result is rounded to float32,
+    so QAT (compiled, on the GPU) and the exporter agree on every scale."""
+    w = wg.double()
+    mean = w.sum(-1) / n
+    var = torch.where(mask, (w - mean[..., None]) ** 2, 0.0).sum(-1) / n  # where, not *: inf·0
+    return mean.float(), var.sqrt().float()
 
 
 def _clip_bounds(wg, count, g, spec, ratio=1.0):
@@ -339,13 +357,12 @@ def _clip_bounds(wg, count, g, spec, ratio=1.0):
         if spec.clip == "percentile":
             c = _percentile(a, count, mask, spec.clip_param)
         elif spec.clip == "sdclip":
-            mean = wg.sum(-1) / n
-            var = torch.where(mask, (wg - mean[..., None]) ** 2, 0.0).sum(-1) / n  # where, not *: inf·0
+            mean, sd = _mean_sd(wg, mask, n)
             # not capped at max|w|: k sets the step (rate) directly, k·std/qmax, even when
             # that wastes outer codes — the entropy coder makes unused codes free
-            c = spec.clip_param * var.sqrt()
+            c = spec.clip_param * sd
         elif spec.kind == "ternary" or spec.bits == 1:
-            c = a.sum(-1) / n  # absmean: the natural scale of 1-bit and ternary codes
+            c = (a.double().sum(-1) / n).float()  # absmean: the natural scale of 1-bit and ternary codes
         else:
             c = amax
         return -c * ratio, c * ratio
@@ -356,8 +373,7 @@ def _clip_bounds(wg, count, g, spec, ratio=1.0):
         lo = _percentile(wg, count, mask, 100.0 - spec.clip_param)
         hi = _percentile(wg, count, mask, spec.clip_param)
     elif spec.clip == "sdclip":
-        mean = wg.sum(-1) / n
-        sd = (torch.where(mask, (wg - mean[..., None]) ** 2, 0.0).sum(-1) / n).sqrt()
+        mean, sd = _mean_sd(wg, mask, n)
         lo, hi = mean - spec.clip_param * sd, mean + spec.clip_param * sd
     else:
         lo, hi = wmin, wmax
