@@ -243,3 +243,20 @@ def test_group_scales_are_the_tables_quantize_stores(text, w):
         assert (got is None) == (want is None)
         if got is not None:
             assert torch.equal(got.to(want.dtype), want)
+
+
+def test_scale_statistics_do_not_depend_on_summation_order():
+    # QAT computes scales in a compiled graph on the GPU, the exporter in eager code, possibly on
+    # the CPU: their reductions sum in different orders. The clip statistics (before the scale is
+    # rounded to fp16, which would hide most differences) must not care.
+    from pgolf_codec.schemes import _clip_bounds, _grouped
+
+    g = torch.Generator().manual_seed(7)
+    for spec in (QuantSpec.parse("int6:sdclip=12.5"), QuantSpec.parse("int5:asym:sdclip=4:group=256"),
+                 QuantSpec.parse("ternary")):
+        w = torch.randn(64, 4096, generator=g) * 0.03 + 0.001
+        G = spec.group or w.shape[1]
+        flipped = w.view(64, -1, G).flip(-1).reshape(64, -1)  # same values per group, other order
+        (wa, count, gs), (wb, _, _) = _grouped(w, spec), _grouped(flipped, spec)
+        for a, b in zip(_clip_bounds(wa, count, gs, spec), _clip_bounds(wb, count, gs, spec)):
+            assert torch.equal(a, b), spec
