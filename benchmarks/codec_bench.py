@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import sys
 import time
@@ -24,6 +23,7 @@ from pgolf_codec import _reference as ref, bitpack
 from pgolf_codec.coders import CODERS, StreamDesc, ZstdCoder, _forward, _transformed_ctx
 from pgolf_codec.errors import Limits
 from pgolf_codec.schemes import QuantSpec, quantize
+from _results import write_json  # noqa: E402  (benchmarks/ is the script dir)
 
 SPECS = ["int5:sdclip=12.5", "int6:sdclip=12.5", "int6", "int8"]
 
@@ -153,12 +153,7 @@ def main() -> int:
         "baseline": "numpy reference bit packing (pgolf_codec._reference); packed transform for coding",
         "bitpack": pack_rows, "coding": code_rows, "fp16_shuffle": float_rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
-    print(f"\nwrote {out}")
+    write_json(args.out, result)
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import torch
 
 from pgolf_train.config import load_config
 from pgolf_train.trainer import device_name, train
+from _results import write_json  # noqa: E402  (benchmarks/ is the script dir)
 
 # A teacher ~1.8× the baseline student's parameters: wider and deeper, still a few hundred steps
 # in 40% of 300 s on one H200. Tune with --teacher.
@@ -118,11 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             r["delta_vs_baseline"] = r["val_bpb"] - base["val_bpb"]
     result.update(command=row["command"], device=device, date=row["date"],
                   protocol=f"{args.budget:g} s of training per arm (teacher included), config {args.config}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_json(out, result)
     return 0
 
 

@@ -24,11 +24,11 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 import zstandard
 
 from pgolf_codec import Recipe, build_artifact, coders, quantize, read_artifact_bytes
+from _results import write_json  # noqa: E402  (benchmarks/ is the script dir)
 
 RECIPES = {
     "int8": "*.weight=int8:percentile=99.99984;*=fp32",
@@ -157,11 +157,7 @@ def main() -> int:
     }
     result["baseline"] = ("torch.save of int8 codes + fp16 scales then zlib-9 (the challenge starter "
                           "script's export); zstd-22 of every code at one per byte")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
-    print(f"\nwrote {out}")
+    write_json(out, result)
     return 0
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from pgolf_train.loader import DistributedTokenLoader
 from pgolf_train.qat import set_qat
 from pgolf_train.trainer import (build_model, build_optimizers, compile_model, load_recipe, resolve_grad_accum,
                                  set_schedule, synchronize, train_step)
+from _results import write_json  # noqa: E402  (benchmarks/ is the script dir)
 
 PEAK_FLOPS = 990e12  # dense bf16, H100/H200 SXM
 REFERENCE_MS = 312.0  # the starter script's step on one H200
@@ -107,10 +106,7 @@ def main() -> int:
     result = {"command": " ".join([sys.executable, *sys.argv]), "date": datetime.datetime.now().isoformat(),
               "device": torch.cuda.get_device_name(0), "ceiling": {"reference_ms_per_step": REFERENCE_MS,
               "reference_tokens_per_s": 1.68e6, "peak_bf16_flops": PEAK_FLOPS}, "rows": rows}
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_json(out, result)
     return 0
 
 

@@ -31,7 +31,7 @@ from .coders import (CODERS, TRANSFORM_PACKED, StreamDesc, coder_by_name, decode
 from .errors import (ArtifactTooLarge, BadHeader, BadMagic, BadPayload, ChecksumMismatch, FormatError,
                      LimitExceeded, Limits, Truncated, UnsupportedVersion)
 from . import bitpack
-from .schemes import (SCALE_BYTES, Q8_TABLE, Quantized, QuantSpec, Recipe, dequantize, n_groups, quantize,
+from .schemes import (Q8_TABLE, Quantized, QuantSpec, Recipe, dequantize, n_groups, quantize,
                       rows_view_shape)
 
 MAGIC = b"PGLF"

@@ -413,7 +413,7 @@ def _decode_at(blob: bytes, r: _Reader, n: int, alphabet: int, rows: int,
     if kind == STATIC:
         freq = _read_static_freq(r, lo, hi, prob_bits)[None, :]
         row_model = np.zeros(1, np.int32)
-        rows_k, row_len_k = 1, n
+        row_len_k = n
     else:
         center2 = int.from_bytes(r.take(2, "center"), "little")
         m = r.u8("shape")
@@ -430,7 +430,7 @@ def _decode_at(blob: bytes, r: _Reader, n: int, alphabet: int, rows: int,
         r.pos = end
         used, row_model = np.unique(jrow, return_inverse=True)
         freq = _param_freqs(used, m, lo, hi, center2, prob_bits)
-        rows_k, row_len_k = rows, row_len
+        row_len_k = row_len
     state_bytes = r.take(4 * lanes, "states")
     states = np.frombuffer(state_bytes, "<u4").astype(np.int64)
     if (states < _L).any():
