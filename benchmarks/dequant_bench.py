@@ -213,7 +213,10 @@ def fake_quant_rows(dev: torch.device) -> list[dict]:
     out = []
     for text in ["int6:sdclip=12.5", "int6:sdclip=12.5:group=128", "int6", "int4:asym:group=64"]:
         spec = QuantSpec.parse(text)
-        ok = all(same_bits(gpu.fake_quant(w, spec), schemes.fake_quant(w, spec)) for w in ws)
+        # against the CPU reference: eager torch on CUDA is checked too, it is not the reference
+        refs = [schemes.fake_quant(w.cpu(), spec).to(dev) for w in ws]
+        ok = all(same_bits(gpu.fake_quant(w, spec), r) for w, r in zip(ws, refs))
+        ok_torch = all(same_bits(schemes.fake_quant(w, spec), r) for w, r in zip(ws, refs))
         tables = [gpu.group_scales(w, spec) for w in ws]
         fused = lambda: [gpu.fake_quant(w, spec) for w in ws]  # noqa: E731
         two_pass = lambda: [gpu.fake_quant_with_scales(w, spec, *gpu.group_scales(w, spec)) for w in ws]  # noqa: E731
@@ -222,6 +225,7 @@ def fake_quant_rows(dev: torch.device) -> list[dict]:
         f_ms, t_ms, k_ms, e_ms = bench_ms(fused), bench_ms(two_pass), bench_ms(kernel), bench_ms(eager)
         out.append({"spec": text, "tensors": len(ws), "params": sum(w.numel() for w in ws),
                     "row_kernel": gpu._rows_stat(spec) is not None, "bit_identical": ok,
+                    "torch_bit_identical": ok_torch,
                     "fused_ms": f_ms, "two_pass_ms": t_ms, "per_element_kernel_only_ms": k_ms,
                     "torch_eager_ms": e_ms, "speedup": e_ms / f_ms})
     return out
