@@ -1,10 +1,12 @@
 """Post-quantization bpb at fixed total bytes: hand recipes vs GPTQ vs the rate–distortion allocator.
 
 CPU (default): trains a small model for ``--train-seconds`` on real FineWeb text (sp1024), then
-for each regime (matrices at B bits, embedding at B+2) compares round-to-nearest (max clip),
-percentile clip, k·σ clip, GPTQ (k·σ), GPTQ + allocator and GPTQ + allocator + low-rank, the
-allocator getting the smallest hand-recipe size as its budget. GPU: pass ``--checkpoint`` (and
-``--model-config``) of a trained model and ``--data`` with real shards.
+for each regime (matrices at B bits, embedding at B+2) compares the hand recipes round-to-nearest
+(max clip), percentile clip, k·σ clip and GPTQ (k·σ) with the GPTQ rate–distortion allocator at
+equal bytes: for every hand recipe an ``alloc@<recipe>`` row gets exactly that recipe's total
+artifact bytes as its budget (candidates are built once per regime). ``frontier`` in the JSON
+holds the allocator's convex frontier (total payload bytes → predicted Δloss in nats). GPU: pass
+``--checkpoint`` (and ``--model-config``) of a trained model and ``--data`` with real shards.
 
     python benchmarks/quant_bench.py [--train-seconds 60] [--checkpoint model.pt --data DIR]
 """
@@ -31,7 +33,8 @@ from pgolf_codec.schemes import QuantSpec, quantize  # noqa: E402
 from pgolf_eval.evaluate import evaluate_tokens, load_val_tokens  # noqa: E402
 from pgolf_train.calibrate import calibrate, shard_batches  # noqa: E402
 from pgolf_train.model import GPT, GPTConfig  # noqa: E402
-from pgolf_train.quantize import MODEL_SOURCE, QuantizeOptions, load_checkpoint_weights, quantize_model  # noqa: E402
+from pgolf_train.quantize import (MODEL_SOURCE, QuantizeOptions, build_candidates, load_checkpoint_weights,  # noqa: E402
+                                  quantize_model)
 from pgolf_train.shards import BOS_ID, read_shard, write_shard  # noqa: E402
 from pgolf_train.tokenizer import byte_tables  # noqa: E402
 
@@ -127,30 +130,44 @@ def main() -> None:
     meta = {"model_config": cfg.to_dict(), "model_code": "model.py"}
     code = {"model.py": MODEL_SOURCE.read_text(encoding="utf-8")}
 
-    rows = []
+    rows, frontiers = [], {}
     for bits in (int(b) for b in args.bits.split(",")):
         hand = {m: hand_recipe(state, hessians, bits, m, meta, code) for m in ("rtn-max", "percentile", "sdclip", "gptq")}
-        budget = min(len(d) for d in hand.values())  # the allocator gets no more bytes than any hand recipe
-        results = {m: (len(d), evaluate_bytes(d, cfg, tokens, tables, args.device)) for m, d in hand.items()}
-        grid = QuantizeOptions(bits=tuple(range(max(2, bits - 2), min(8, bits + 2) + 1)), clips=(6, 8, 10, 12.5, 16),
+        opts = QuantizeOptions(bits=tuple(range(max(2, bits - 2), min(8, bits + 2) + 1)), clips=(6, 8, 10, 12.5, 16),
                                gptq="on")
-        for label, lowrank in (("gptq+alloc", 0), ("gptq+alloc+lowrank", 8)):
-            opts = QuantizeOptions(**{**grid.__dict__, "lowrank": lowrank})
-            d, info, alloc, labels = quantize_model(state, cfg, hessians, budget, opts, metadata=meta, probe=probe,
-                                                    device=args.device)
-            results[label] = (len(d), evaluate_bytes(d, cfg, tokens, tables, args.device))
-        for m, (nb, bpb) in results.items():
-            rows.append({"regime_bits": bits, "method": m, "bytes": nb, "budget": budget, "val_bpb": bpb,
+        t0 = time.perf_counter()
+        cands = build_candidates(model, {k: v.to(args.device) for k, v in hessians.items()}, opts,
+                                 probe=probe.to(args.device))
+        dt = time.perf_counter() - t0
+        print(f"regime {bits}: candidates for {len(cands)} tensors in {dt:.1f}s ({dt / len(cands):.2f}s/tensor, "
+              f"{len(next(iter(cands.values())))} each)", file=sys.stderr)
+        alloc = None
+        for m, d in hand.items():
+            bpb = evaluate_bytes(d, cfg, tokens, tables, args.device)
+            rows.append({"regime_bits": bits, "method": m, "bytes": len(d), "budget": len(d), "val_bpb": bpb,
                          "delta_bpb": bpb - base})
+            # The allocator gets exactly the hand recipe's total artifact bytes (code included).
+            a_data, _, alloc, _ = quantize_model(state, cfg, hessians, len(d), opts, metadata=meta, probe=probe,
+                                                 device=args.device, candidates=cands)
+            a_bpb = evaluate_bytes(a_data, cfg, tokens, tables, args.device)
+            rows.append({"regime_bits": bits, "method": f"alloc@{m}", "bytes": len(a_data), "budget": len(d),
+                         "val_bpb": a_bpb, "delta_bpb": a_bpb - base, "predicted_nats": alloc.total_distortion,
+                         "beats_hand": a_bpb < bpb})
+        frontiers[bits] = [(b, dist) for b, dist, _ in alloc.hull]
+        if alloc.hull:
+            print(f"regime {bits} frontier (payload bytes -> predicted Δloss nats):", file=sys.stderr)
+            for b, dist in frontiers[bits][::max(1, len(frontiers[bits]) // 8)]:
+                print(f"  {b:>10,}  {dist:.5f}", file=sys.stderr)
 
     print(f"\nunquantized val_bpb {base:.5f}  ({len(tokens):,} val tokens)")
     print(f"{'regime':>6} {'method':22s} {'bytes':>10} {'val_bpb':>9} {'Δbpb':>9}")
     for r in rows:
-        print(f"{r['regime_bits']:>6} {r['method']:22s} {r['bytes']:>10,} {r['val_bpb']:>9.5f} {r['delta_bpb']:>+9.5f}")
+        verdict = "" if "beats_hand" not in r else ("  beats the hand recipe" if r["beats_hand"] else "  LOSES to the hand recipe")
+        print(f"{r['regime_bits']:>6} {r['method']:22s} {r['bytes']:>10,} {r['val_bpb']:>9.5f} {r['delta_bpb']:>+9.5f}{verdict}")
     out = {"command": " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "device": args.device if args.device != "cuda" else torch.cuda.get_device_name(),
            "host": platform.node(), "model_config": cfg.to_dict(), "unquantized_bpb": base,
-           "val_tokens": len(tokens), "rows": rows}
+           "val_tokens": len(tokens), "rows": rows, "frontier": frontiers}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -25,7 +25,8 @@ import torch
 
 from pgolf_codec.allocate import AllocationResult, Candidate, allocate
 from pgolf_codec.container import build_artifact, encoded_size, read_artifact, write_bytes_atomic
-from pgolf_codec.gptq import LOWRANK_A, LOWRANK_B, apply_lowrank, gptq_quantize, hessian_error, lowrank_correction
+from pgolf_codec.gptq import (LOWRANK_A, LOWRANK_B, apply_lowrank, gptq_quantize_many, hessian_error,
+                              lowrank_correction)
 from pgolf_codec.schemes import Quantized, QuantSpec, dequantize, quantize
 from pgolf_train.model import GPT, GPTConfig
 
@@ -126,18 +127,21 @@ def build_candidates(model: GPT, hessians: dict[str, torch.Tensor], opts: Quanti
     out: dict[str, list[Candidate]] = {}
     modes = {"on": [True], "off": [False], "both": [True, False]}[opts.gptq]
     t0 = time.perf_counter()
+    specs = list(dict.fromkeys(_spec(bits, clip, opts.group) for bits in opts.bits for clip in opts.clips))
     for i, (name, H) in enumerate(sorted(hessians.items())):
         w = state[name].float()
+        # All GPTQ candidates of a tensor in one call: one inverse-Hessian factorisation and
+        # one stacked column sweep instead of one of each per spec (same results).
+        solved = {}
+        if True in modes:
+            solved = dict(zip(specs, gptq_quantize_many(w, H, specs, block_size=opts.block_size, damp=opts.damp)))
         cands = []
-        for bits in opts.bits:
-            for clip in opts.clips:
-                spec = _spec(bits, clip, opts.group)
-                for use_gptq in modes:
-                    q = (gptq_quantize(w, H, spec, block_size=opts.block_size, damp=opts.damp)
-                         if use_gptq else quantize(w, spec))
-                    err = hessian_error(w, dequantize(q).to(w.device), H)
-                    cands.append(Candidate(encoded_size(q, coder=opts.coder), err,
-                                           f"{spec}{'' if use_gptq else ' rtn'}", {"q": q, "lowrank": None}))
+        for spec in specs:
+            for use_gptq in modes:
+                q = solved[spec] if use_gptq else quantize(w, spec)
+                err = hessian_error(w, dequantize(q).to(w.device), H)
+                cands.append(Candidate(encoded_size(q, coder=opts.coder), err,
+                                       f"{spec}{'' if use_gptq else ' rtn'}", {"q": q, "lowrank": None}))
         out[name] = cands
         _log(f"candidates {i + 1}/{len(hessians)} {name}: {len(cands)} ({time.perf_counter() - t0:.0f}s)")
     if opts.lowrank > 0:
@@ -182,22 +186,33 @@ def _candidate_weight(c: Candidate) -> torch.Tensor:
 @torch.no_grad()
 def _scale_by_sensitivity(model: GPT, probe: torch.Tensor, cands: dict[str, list[Candidate]]) -> None:
     """Rescale each tensor's distortions to nats: Hessian errors of different layers are not
-    comparable (norms, residual gains and the softcap sit between them and the loss), so one
-    probe per tensor — its highest-error candidate swapped in alone — measures Δloss/error."""
+    comparable (norms, residual gains and the softcap sit between them and the loss), so each
+    tensor gets one measured Δloss/error ratio.
+
+    The probe is antithetic: with δ = ŵ − w of the tensor's median-distortion candidate, it
+    measures ``(L(w+δ) + L(w−δ))/2 − L(w)``, the curvature term ½δᵀFδ that the Hessian error
+    models. A one-sided probe also carries the batch gradient's g·δ, which on one small batch
+    is as large as the curvature and of random sign, and probing only the worst candidate
+    extrapolated a far-from-operating-point ratio to every candidate (both misranked tensors).
+    """
     params = dict(model.named_parameters())
     base = _probe_loss(model, probe)
     for name, cs in cands.items():
-        worst = max(cs, key=lambda c: c.distortion)
+        ref = sorted(cs, key=lambda c: c.distortion)[len(cs) // 2]
         p = params[name]
         orig = p.data.clone()
-        p.data.copy_(_candidate_weight(worst).to(p.device, p.dtype).reshape(p.shape))
-        delta = _probe_loss(model, probe) - base
+        delta_w = _candidate_weight(ref).to(p.device, p.dtype).reshape(p.shape) - orig
+        losses = []
+        for sign in (1.0, -1.0):
+            p.data.copy_(orig + sign * delta_w)
+            losses.append(_probe_loss(model, probe))
         p.data.copy_(orig)
+        delta = (losses[0] + losses[1]) / 2 - base
         # A tiny positive floor: a probe that happens to lower the loss still means "insensitive",
         # never "free" (negative distortion would make the allocator prefer worse candidates).
-        sens = max(delta, 1e-6 * abs(base)) / max(worst.distortion, 1e-30)
+        sens = max(delta, 1e-6 * abs(base)) / max(ref.distortion, 1e-30)
         cands[name] = [dataclasses.replace(c, distortion=c.distortion * sens) for c in cs]
-        _log(f"sensitivity {name}: Δloss {delta:+.5f} nats at {worst.label}")
+        _log(f"sensitivity {name}: Δloss {delta:+.5f} nats at ±{ref.label}")
 
 
 def _tensors_for(state: dict[str, torch.Tensor], cands: dict[str, list[Candidate]], choice: dict[str, int],
@@ -216,16 +231,19 @@ def _tensors_for(state: dict[str, torch.Tensor], cands: dict[str, list[Candidate
 
 def quantize_model(state: dict[str, torch.Tensor], cfg: GPTConfig, hessians: dict[str, torch.Tensor],
                    budget: int, opts: QuantizeOptions, *, metadata: dict, probe: torch.Tensor | None = None,
-                   device: str | torch.device = "cpu") -> tuple[bytes, Any, AllocationResult, dict[str, str]]:
+                   device: str | torch.device = "cpu", candidates: dict[str, list[Candidate]] | None = None
+                   ) -> tuple[bytes, Any, AllocationResult, dict[str, str]]:
     """Allocate and build the artifact bytes within ``budget`` (total file bytes, code included).
 
-    Returns ``(artifact bytes, ArtifactInfo, allocation, {tensor: chosen label})``; raises
+    ``candidates``: the output of :func:`build_candidates` for these weights and ``opts``, to
+    allocate several budgets without rebuilding them (built here when None). Returns ``(artifact bytes, ArtifactInfo, allocation, {tensor: chosen label})``; raises
     ``ValueError`` when even the smallest candidates cannot fit.
     """
     model = GPT(cfg).to(device)
     model.load_state_dict({k: v.to(device) for k, v in state.items()})
     hessians = {k: v.to(device) for k, v in hessians.items() if k in state and state[k].dim() == 2}
-    cands = build_candidates(model, hessians, opts, probe=None if probe is None else probe.to(device))
+    cands = candidates if candidates is not None else build_candidates(
+        model, hessians, opts, probe=None if probe is None else probe.to(device))
     names = sorted(cands)
     code = {"model.py": MODEL_SOURCE.read_text(encoding="utf-8")}
     other = QuantSpec.parse(opts.other)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf_codec.gptq import apply_lowrank, gptq_quantize, hessian_error, lowrank_correction
+from pgolf_codec.gptq import apply_lowrank, gptq_quantize, gptq_quantize_many, hessian_error, lowrank_correction
 from pgolf_codec.schemes import QuantSpec, dequantize, quantize
 
 ROWS, COLS = 48, 160
@@ -46,6 +46,31 @@ def test_diagonal_hessian_reduces_to_round_to_nearest(layer, scheme: str) -> Non
     q = gptq_quantize(w, torch.diag(torch.diag(H)), spec, act_order=True)
     ref = quantize(w, spec)
     assert torch.equal(q.codes, ref.codes) and torch.equal(q.scales, ref.scales)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_many_specs_match_separate_calls(layer, act_order: bool) -> None:
+    # The shared factorisation and the stacked sweep of per-row specs (mixed bits, clips,
+    # asymmetric, ternary) must give bit for bit what one call per spec gives; grouped, q8 and
+    # int1 specs take their own sweep, and repeated specs come back once each, in order.
+    w, H = layer
+    H = H.clone()
+    H[5, :] = 0
+    H[:, 5] = 0  # a dead input as well
+    names = ["int4:sdclip=6", "int6:sdclip=12.5", "int8", "int3:asym", "ternary", "int1",
+             "int4:group=32", "int3:group=64:scale=q8", "int4:asym:group=32", "int4:sdclip=6"]
+    specs = [QuantSpec.parse(n) for n in names]
+    many = gptq_quantize_many(w, H, specs, act_order=act_order, block_size=64)
+    assert len(many) == len(specs)
+    for spec, q in zip(specs, many):
+        ref = gptq_quantize(w, H, spec, act_order=act_order, block_size=64)
+        assert q.spec == spec and q.shape == ref.shape and q.codes.is_contiguous()
+        assert torch.equal(q.codes, ref.codes) and torch.equal(q.scales, ref.scales), spec
+        assert (q.zeros is None) == (ref.zeros is None) and (q.zeros is None or torch.equal(q.zeros, ref.zeros))
+        assert (q.scale_codes is None) == (ref.scale_codes is None)
+        assert q.scale_codes is None or torch.equal(q.scale_codes, ref.scale_codes)
+    assert torch.equal(many[0].codes, many[-1].codes)
+    assert gptq_quantize_many(w, H, []) == []
 
 
 def test_stored_values_are_what_gptq_chose(layer) -> None:

@@ -128,3 +128,35 @@ def test_quantize_cli_refuses_degradation(trained: Path, data_dir: Path, sp1024:
     assert _cli(args + ["--allow-degradation"]) == 0 and out.exists()
     # A budget below the smallest model is a clear error, not a crash.
     assert _cli(args[:3] + ["1000"] + args[4:-1] + [str(tmp_path / "x.pgolf")]) == 2
+
+
+def test_measured_sensitivity_is_even_in_the_perturbation(trained: Path, data_dir: Path) -> None:
+    # The probe measures the curvature term (L(w+δ) + L(w−δ))/2 − L(w): a candidate and its
+    # mirror image 2w − ŵ get the same nats, so the batch gradient's g·δ, which flips sign,
+    # cannot rank tensors. The scale is also the same for every candidate of a tensor.
+    from pgolf_codec.allocate import Candidate
+    from pgolf_codec.schemes import QuantSpec, dequantize, quantize
+    from pgolf_train.calibrate import shard_batches
+    from pgolf_train.quantize import _scale_by_sensitivity, load_checkpoint_weights
+
+    state, cfg = load_checkpoint_weights(trained)
+    model = GPT(cfg).eval()
+    model.load_state_dict(state)
+    probe = next(shard_batches(data_dir, seq_len=65, batch_size=4, vocab_size=cfg.vocab_size))
+    name = "blocks.0.mlp.fc.weight"
+    w = state[name]
+    q = quantize(w, QuantSpec.parse("int3:sdclip=4"))
+    mirror = quantize(2 * w - dequantize(q), QuantSpec.parse("fp32"))  # exact: it is off the int grid
+
+    def scaled(quant, dist: float) -> list[float]:
+        cands = {name: [Candidate(100, dist, "a", {"q": quant, "lowrank": None}),
+                        Candidate(50, 2 * dist, "b", {"q": quant, "lowrank": None}),
+                        Candidate(10, 3 * dist, "c", {"q": quant, "lowrank": None})]}
+        _scale_by_sensitivity(model, probe, cands)
+        return [c.distortion for c in cands[name]]
+
+    plus, minus = scaled(q, 1.0), scaled(mirror, 1.0)
+    assert plus[1] > 0 and plus[1] == pytest.approx(minus[1], rel=1e-3)
+    assert plus[0] * 2 == pytest.approx(plus[1]) and plus[0] * 3 == pytest.approx(plus[2])
+    assert torch.equal(model.state_dict()[name], w)  # the probe restores the weights
+
