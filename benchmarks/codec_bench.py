@@ -23,7 +23,8 @@ from pgolf_codec import _reference as ref, bitpack
 from pgolf_codec.coders import CODERS, StreamDesc, ZstdCoder, _forward, _transformed_ctx
 from pgolf_codec.errors import Limits
 from pgolf_codec.schemes import QuantSpec, quantize
-from _results import write_json  # noqa: E402  (benchmarks/ is the script dir)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported, not run
+from _results import write_json  # noqa: E402
 
 SPECS = ["int5:sdclip=12.5", "int6:sdclip=12.5", "int6", "int8"]
 

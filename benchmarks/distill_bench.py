@@ -36,7 +36,8 @@ import torch
 
 from pgolf_train.config import load_config
 from pgolf_train.trainer import device_name, train
-from _results import write_json  # noqa: E402  (benchmarks/ is the script dir)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported, not run
+from _results import write_json  # noqa: E402
 
 # A teacher ~1.8× the baseline student's parameters: wider and deeper, still a few hundred steps
 # in 40% of 300 s on one H200. Tune with --teacher.

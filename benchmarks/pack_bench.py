@@ -28,7 +28,8 @@ import torch
 import zstandard
 
 from pgolf_codec import Recipe, build_artifact, coders, quantize, read_artifact_bytes
-from _results import write_json  # noqa: E402  (benchmarks/ is the script dir)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported, not run
+from _results import write_json  # noqa: E402
 
 RECIPES = {
     "int8": "*.weight=int8:percentile=99.99984;*=fp32",

@@ -25,7 +25,8 @@ from pgolf_train.loader import DistributedTokenLoader
 from pgolf_train.qat import set_qat
 from pgolf_train.trainer import (build_model, build_optimizers, compile_model, load_recipe, resolve_grad_accum,
                                  set_schedule, synchronize, train_step)
-from _results import write_json  # noqa: E402  (benchmarks/ is the script dir)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported, not run
+from _results import write_json  # noqa: E402
 
 PEAK_FLOPS = 990e12  # dense bf16, H100/H200 SXM
 REFERENCE_MS = 312.0  # the starter script's step on one H200

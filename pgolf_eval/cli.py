@@ -87,6 +87,7 @@ def main(args: argparse.Namespace) -> int:
         if args.stride is not None:
             raise ValueError("--stride does not apply with --ttt: the chunk (--ttt-chunk) is the stride")
     owns_group = _init_distributed(device)
+    ok = False
     try:
         res = evaluate_artifact(args.artifact, args.data, args.tokenizer, device=device, trust_code=args.trust_code,
                                 rope_scaling=args.rope_scaling, rope_factor=args.rope_factor,
@@ -94,8 +95,11 @@ def main(args: argparse.Namespace) -> int:
                                 truncate=args.truncate, doc_isolated=args.doc_isolated, ttt=ttt,
                                 time_budget=args.time_budget, compile=args.compile,
                                 batch_tokens=args.batch_tokens or DEFAULT_BATCH_TOKENS)
+        ok = True
     finally:
         if owns_group:
+            if ok:  # no rank closes its sockets while a peer still works (not after an error: no hang)
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     if dist_rank_world()[0] != 0 or int(os.environ.get("RANK", "0")) != 0:
         return 0

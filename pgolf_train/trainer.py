@@ -106,6 +106,14 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, device, owns)
 
 
+def leave_group() -> None:
+    """Barrier, then destroy the process group. A rank that closes its sockets while a peer is
+    still in its last collective (or writing files rank 0 alone writes) can make the peer's gloo
+    thread abort the whole process ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def code_hash() -> str:
     """sha256 over the sources of the pgolf packages (path + bytes of every .py, sorted)."""
     h = hashlib.sha256()
@@ -758,7 +766,7 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
     write_checkpoint()
     if stop_at_step is not None:
         if di.owns_group:
-            dist.destroy_process_group()
+            leave_group()
         return {"steps": step, "train_seconds": training_ms / 1000}
 
     summary = finish(cfg, base_model, ema, recipe, di, log, out_dir, tokenizer, val_tokens, byte_source,
@@ -771,7 +779,7 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
     if di.master:
         _atomic_write_text(out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
     if di.owns_group:
-        dist.destroy_process_group()
+        leave_group()
     return summary
 
 

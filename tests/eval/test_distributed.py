@@ -26,6 +26,7 @@ def _worker(rank: int, world: int, init: str, tokens, sp1024: str, out: str) -> 
         res = {k: evaluate_tokens(model, tokens, tables, seq_len=16, log=None, **kw).to_dict() for k, kw in CASES.items()}
         Path(out, f"{rank}.json").write_text(json.dumps(res))
     finally:
+        torch.distributed.barrier()  # no rank closes its sockets while a peer still works
         torch.distributed.destroy_process_group()
 
 

@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 
 from pgolf_train.config import load_config
 from pgolf_train.loader import DistributedTokenLoader
-from pgolf_train.trainer import (DistInfo, build_model, build_optimizers, gather_optimizer_states, lr_multiplier,
+from pgolf_train.trainer import (DistInfo, build_model, build_optimizers, gather_optimizer_states, leave_group,
+                                 lr_multiplier,
                                  muon_momentum, set_schedule, train_step)
 
 from .train_fixtures import make_tiny_shards
@@ -58,7 +59,7 @@ def _run(rank: int, world: int, data: str, out: str, port: int) -> None:
         torch.save({"params": {k: v.detach().clone() for k, v in base.state_dict().items()},
                     "optimizers": states, "losses": losses, "taken": loader.stream.taken}, out)
     if world > 1:
-        dist.destroy_process_group()
+        leave_group()
 
 
 def _free_port() -> int:

@@ -131,6 +131,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         result = _run(3)
         torch.save(result, f"{out}.{rank}")
     finally:
+        dist.barrier()  # no rank closes its sockets while a peer is still in a collective
         dist.destroy_process_group()
 
 
