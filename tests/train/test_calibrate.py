@@ -14,13 +14,7 @@ from pgolf_train.calibrate import calibrate, collect_hessians, generate_batches
 from pgolf_train.model import GPT, GPTConfig, CastedLinear
 from pgolf_train.shards import BOS_ID, write_shard
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: thread hand-offs cost more than the math on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CFG = dict(vocab_size=1024, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, seq_len=64)

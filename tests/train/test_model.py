@@ -15,13 +15,7 @@ from hypothesis import strategies as st
 import pgolf_train.model as model_mod
 from pgolf_train.model import GPT, CastedEmbedding, CastedLinear, GPTConfig, apply_rope
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster (and steadier on a busy machine) without intra-op threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, seq_len=16)

@@ -13,13 +13,7 @@ from pgolf_train.model import GPT, GPTConfig
 from pgolf_train.muon import Muon, newton_schulz, split_params
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls run faster (and steadier on a busy machine) without intra-op threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64), (96, 96), (512, 256)])
