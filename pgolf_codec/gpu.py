@@ -93,7 +93,8 @@ def _store_out(out_ptr, i, val, m, OUT_BF16_SW: tl.constexpr):
         tl.store(out_ptr + i, val.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _q_from_code(code, zeros_ptr, sidx, zmask, BITS: tl.constexpr, KIND: tl.constexpr):
+def _q_of(code, z, BITS: tl.constexpr, KIND: tl.constexpr):
+    # The signed level of an unsigned code: symmetric, int1, ternary, or asymmetric (minus z).
     if KIND == 0:
         q = code - ((1 << (BITS - 1)) - 1)
     elif KIND == 1:
@@ -101,8 +102,15 @@ def _q_from_code(code, zeros_ptr, sidx, zmask, BITS: tl.constexpr, KIND: tl.cons
     elif KIND == 2:
         q = code - 1
     else:
-        q = code - tl.load(zeros_ptr + sidx, mask=zmask, other=0).to(tl.int32)
+        q = code - z
     return q
+
+
+def _q_from_code(code, zeros_ptr, sidx, zmask, BITS: tl.constexpr, KIND: tl.constexpr):
+    z = 0
+    if KIND == 3:
+        z = tl.load(zeros_ptr + sidx, mask=zmask, other=0).to(tl.int32)
+    return _q_of(code, z, BITS, KIND)
 
 
 def _dequant_kernel(payload_ptr, scales_ptr, zeros_ptr, out_ptr, rows, row_len, n_groups, n_bytes,
@@ -178,14 +186,7 @@ def _chunk_values(lo, hi, s, z, FIRST: tl.constexpr, N: tl.constexpr, FIELD: tl.
                   BITS: tl.constexpr, KIND: tl.constexpr, NC: tl.constexpr):
     # float32(q) * scale of codes FIRST..FIRST+N-1 of NC chunks, as [NC, N].
     code = tl.reshape(_chunk_codes(lo, hi, FIRST, N, FIELD), [NC, N]).to(tl.int32)
-    if KIND == 0:
-        q = code - ((1 << (BITS - 1)) - 1)
-    elif KIND == 1:
-        q = 2 * code - 1
-    elif KIND == 2:
-        q = code - 1
-    else:
-        q = code - z
+    q = _q_of(code, z, BITS, KIND)
     # One IEEE multiply of two fp32 values, as in `schemes`.
     return q.to(tl.float32) * s
 
@@ -400,7 +401,7 @@ def _fq_value(w, s, zf, BITS: tl.constexpr, KIND: tl.constexpr):
     return q.to(tl.float32) * s
 
 
-_JIT_HELPERS = ("_tile_index", "_scale_index", "_store_out", "_q_from_code", "_chunk_field",
+_JIT_HELPERS = ("_tile_index", "_scale_index", "_store_out", "_q_of", "_q_from_code", "_chunk_field",
                 "_round_scale_bf16", "_fq_value",
                 "_chunk_codes", "_chunk_values")
 _JIT_KERNELS = ("_dequant_kernel", "_dequant_chunk_kernel", "_fake_quant_kernel", "_fake_quant_rows_kernel")
