@@ -15,7 +15,9 @@ _SUBCOMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pgolf", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="pgolf", description="Parameter golf: the best language model in 16,000,000 bytes — data, "
+        "training, artifacts and exact bits per byte. `pgolf run` does it all.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in _SUBCOMMAND_MODULES:
