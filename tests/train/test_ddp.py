@@ -14,7 +14,7 @@ from pgolf_train.trainer import (DistInfo, build_model, build_optimizers, gather
                                  lr_multiplier,
                                  muon_momentum, set_schedule, train_step)
 
-from .train_fixtures import make_tiny_shards
+from .train_fixtures import exit_quietly, make_tiny_shards
 
 STEPS = 3
 GLOBAL_MICRO_BATCHES = 4  # 1 process × 4 micro-steps == 2 processes × 2 micro-steps
@@ -28,8 +28,7 @@ def tiny_data(tmp_path_factory, fineweb_docs, sp1024) -> Path:
 def _run(rank: int, world: int, data: str, out: str, store: str) -> None:
     torch.set_num_threads(1)
     if world > 1:
-        # A file store, not TCP: with env:// the rank hosting the TCP store can exit first and
-        # take the store down while its peer is still tearing down, which aborted the peer.
+        # a file store: no TCP port to pick, or to collide with another test's
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     # A larger Adam eps: Adam divides by sqrt(v), so on gradients at rounding-noise level (zero-init
     # projections, rare tokens) it turns the last-bit difference of a reordered fp32 sum into a full
@@ -59,6 +58,7 @@ def _run(rank: int, world: int, data: str, out: str, store: str) -> None:
                     "optimizers": states, "losses": losses, "taken": loader.stream.taken}, out)
     if world > 1:
         leave_group()
+        exit_quietly()
 
 
 def test_two_gloo_processes_match_one(tiny_data, tmp_path):

@@ -19,7 +19,7 @@ from pgolf_train.distill import (Distiller, alpha_at, distill_losses, student_co
 from pgolf_train.loader import DistributedTokenLoader
 from pgolf_train.trainer import build_model, build_optimizers, set_schedule, train, train_step
 
-from .train_fixtures import make_tiny_shards
+from .train_fixtures import exit_quietly, make_tiny_shards
 
 REPO = Path(__file__).resolve().parents[2]
 WIDE_TEACHER = "model_dim=96;num_layers=3"  # 96 appears in no shape of the 64-wide student
@@ -273,14 +273,14 @@ def _ddp_rank(rank: int, world: int, data: str, tokenizer: str, out: str, store:
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    # A file store, not TCP: with env:// the rank hosting the TCP store can exit first and take
-    # the store down while its peer is still tearing down, which aborted the peer.
+    # a file store: no TCP port to pick, or to collide with another test's
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     cfg = load_config("tiny", ["iterations=6", "distill_teacher_frac=0.5", 'teacher_overrides="num_layers=3"',
                                "val_max_tokens=2048"])
     train(cfg, data, tokenizer, out, echo=False)  # both phases run over the group it finds
     dist.barrier()
     dist.destroy_process_group()
+    exit_quietly()
 
 
 def test_two_ranks_train_teacher_and_student_over_the_same_group(tiny_data, sp1024, tmp_path):
