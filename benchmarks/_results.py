@@ -1,8 +1,9 @@
-"""Shared by the benchmarks: write a results JSON atomically (temp file + rename)."""
+"""Shared by the benchmarks: best-of-N wall time, and writing a results JSON atomically."""
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 
@@ -15,3 +16,13 @@ def write_json(out: str | os.PathLike, result: dict) -> Path:
     os.replace(tmp, out)
     print(f"wrote {out}")
     return out
+
+
+def best_time(fn, repeat: int = 3) -> float:
+    """The fastest of `repeat` calls of `fn()`, in seconds of wall time."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best

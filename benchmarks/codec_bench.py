@@ -24,18 +24,9 @@ from pgolf_codec.coders import CODERS, StreamDesc, ZstdCoder, _forward, _transfo
 from pgolf_codec.errors import Limits
 from pgolf_codec.schemes import QuantSpec, quantize
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported, not run
-from _results import write_json  # noqa: E402
+from _results import best_time, write_json  # noqa: E402
 
 SPECS = ["int5:sdclip=12.5", "int6:sdclip=12.5", "int6", "int8"]
-
-
-def _best_of(fn, reps: int = 3) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def bench_bitpack(n: int) -> list[dict]:
@@ -53,8 +44,8 @@ def bench_bitpack(n: int) -> list[dict]:
         row = {"bits": bits, "n_codes": n}
         for name, (pack, unpack) in impl.items():
             packed = pack(codes)
-            row[f"{name}_pack_MBps"] = n / _best_of(lambda: pack(codes)) / 1e6
-            row[f"{name}_unpack_MBps"] = n / _best_of(lambda: unpack(packed)) / 1e6
+            row[f"{name}_pack_MBps"] = n / best_time(lambda: pack(codes)) / 1e6
+            row[f"{name}_unpack_MBps"] = n / best_time(lambda: unpack(packed)) / 1e6
         rows.append(row)
     return rows
 

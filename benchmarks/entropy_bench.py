@@ -26,7 +26,6 @@ import lzma
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,19 +35,13 @@ import zstandard
 from pgolf_codec import rans
 from pgolf_codec.schemes import QuantSpec, quantize
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported, not run
+from _results import best_time  # noqa: E402
+
 try:
     import brotli
 except ImportError:  # brotli is a benchmark-only dependency
     brotli = None
-
-
-def _best_time(fn, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def measure(codes: np.ndarray, alphabet: int) -> dict:
@@ -63,8 +56,8 @@ def measure(codes: np.ndarray, alphabet: int) -> dict:
     blob = min(static, param, key=len)
     for b in (static, param):
         assert np.array_equal(rans.decode(b, n, alphabet, rows, row_len), flat)
-    t_enc = _best_time(lambda: rans.encode(flat, alphabet, rows, row_len))
-    t_dec = _best_time(lambda: rans.decode(blob, n, alphabet, rows, row_len), repeat=15)
+    t_enc = best_time(lambda: rans.encode(flat, alphabet, rows, row_len))
+    t_dec = best_time(lambda: rans.decode(blob, n, alphabet, rows, row_len), repeat=15)
     out = {
         "n": n, "rows": rows, "row_len": row_len,
         "order0_entropy": rans.entropy_bits(flat) / n,

@@ -53,9 +53,8 @@ def read_jsonl(path: Path) -> list[dict]:
 def _tensor_table(artifact: Path) -> tuple[list[dict], dict]:
     from pgolf_codec import read_artifact
 
-    info = read_artifact(artifact).info
-    d = info if isinstance(info, dict) else (asdict(info) if hasattr(info, "__dataclass_fields__") else vars(info))
-    return list(d.get("tensors", [])), d
+    d = read_artifact(artifact).info.to_dict()
+    return list(d["tensors"]), d
 
 
 def plot_curves(log: list[dict], out: Path) -> list[str]:

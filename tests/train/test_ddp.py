@@ -1,7 +1,6 @@
 """Distributed correctness: 2 gloo processes train exactly as 1 process with the same global batch."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,15 +13,10 @@ from pgolf_train.trainer import (DistInfo, build_model, build_optimizers, gather
                                  lr_multiplier,
                                  muon_momentum, set_schedule, train_step)
 
-from .train_fixtures import exit_quietly, make_tiny_shards
+from .train_fixtures import exit_quietly
 
 STEPS = 3
 GLOBAL_MICRO_BATCHES = 4  # 1 process × 4 micro-steps == 2 processes × 2 micro-steps
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory, fineweb_docs, sp1024) -> Path:
-    return make_tiny_shards(tmp_path_factory.mktemp("ddp_shards"), fineweb_docs, sp1024)
 
 
 def _run(rank: int, world: int, data: str, out: str, store: str) -> None:

@@ -19,23 +19,10 @@ from pgolf_train.distill import (Distiller, alpha_at, distill_losses, student_co
 from pgolf_train.loader import DistributedTokenLoader
 from pgolf_train.trainer import build_model, build_optimizers, set_schedule, train, train_step
 
-from .train_fixtures import exit_quietly, make_tiny_shards
+from .train_fixtures import exit_quietly, logged_losses, read_log
 
 REPO = Path(__file__).resolve().parents[2]
 WIDE_TEACHER = "model_dim=96;num_layers=3"  # 96 appears in no shape of the 64-wide student
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory, fineweb_docs, sp1024) -> Path:
-    return make_tiny_shards(tmp_path_factory.mktemp("distill_shards"), fineweb_docs, sp1024)
-
-
-def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()]
-
-
-def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in _records(run) if "loss" in r}
 
 
 # --- configuration -------------------------------------------------------------------------------
@@ -166,14 +153,14 @@ def test_alpha_one_trains_exactly_like_the_plain_trainer_and_only_the_student_is
     got = train(cfg, tiny_data, sp1024, run, echo=False)
 
     assert got["steps"] == ref["steps"] == 6 and got["distill"]["teacher_steps"] == 4
-    assert _losses(run) == _losses(plain)  # exact floats, every logged step
+    assert logged_losses(run) == logged_losses(plain)  # exact floats, every logged step
     from pgolf_codec.safetensors_io import read_safetensors
 
     a, _ = read_safetensors(plain / "final_model.safetensors")
     b, _ = read_safetensors(run / "final_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert got["val_bpb"] == ref["val_bpb"]
-    stats = [r for r in _records(run) if "kl" in r]
+    stats = [r for r in read_log(run) if "kl" in r]
     assert stats and all(r["alpha"] == 1.0 and r["kl"] > 0 for r in stats)  # the teacher did run
 
     # the artifact is the student's: its tensors, its shapes, the same model bytes as the plain run
@@ -231,7 +218,7 @@ def test_the_trainers_clock_enforces_the_split(tiny_data, sp1024, tmp_path, monk
     assert (d["teacher_steps"], d["student_steps"]) == (6, 9)
     assert d["teacher_train_seconds"] == pytest.approx(2.1) and d["student_train_seconds"] == pytest.approx(3.15)
     assert summary["train_seconds"] == pytest.approx(5.25)  # both phases: what the budget counts
-    recs = _records(run)
+    recs = read_log(run)
     phases = [r for r in recs if r.get("event") == "phase"]
     assert [(p["phase"], p["budget_s"]) for p in phases] == [("teacher", pytest.approx(2.0)),
                                                              ("student", pytest.approx(3.0))]

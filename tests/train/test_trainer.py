@@ -20,22 +20,9 @@ from pgolf_train.loader import DistributedTokenLoader, TokenStream
 from pgolf_train.shards import list_shards, read_shard
 from pgolf_train.trainer import lr_multiplier, main, train
 
-from .train_fixtures import make_tiny_shards
+from .train_fixtures import logged_losses, read_log
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory, fineweb_docs, sp1024) -> Path:
-    return make_tiny_shards(tmp_path_factory.mktemp("shards"), fineweb_docs, sp1024)
-
-
-def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()]
-
-
-def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in _records(run) if "loss" in r}
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -131,7 +118,7 @@ def test_tiny_run_learns_exports_and_scores_the_artifact(tiny_data, sp1024, tmp_
     cfg = load_config("tiny", ["iterations=30", "ema_decay=0.9", "qat_start=0.6"])
     run = tmp_path / "run"
     summary = train(cfg, tiny_data, sp1024, run, echo=False)
-    losses = _losses(run)
+    losses = logged_losses(run)
     first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (25, 30)])
     assert first > 6.5 and last < first - 0.8, losses  # ln(1024) = 6.93 at the start
     for key in ("val_bpb_prequant", "val_bpb", "steps", "train_seconds", "tokens_seen", "params",
@@ -152,7 +139,7 @@ def test_tiny_run_learns_exports_and_scores_the_artifact(tiny_data, sp1024, tmp_
     assert art.metadata["tokenizer"]["vocab_size"] == 1024 and len(art.metadata["tokenizer"]["sha256"]) == 64
     assert art.metadata["train"]["steps"] == 30
     assert json.loads((run / "train_summary.json").read_text())["val_bpb"] == summary["val_bpb"]
-    assert any(r.get("event") == "qat_switch" for r in _records(run))
+    assert any(r.get("event") == "qat_switch" for r in read_log(run))
     for name in ("final_model.safetensors", "checkpoint.pt", "train.log"):
         assert (run / name).is_file()
     # a run directory is never overwritten by accident
@@ -183,7 +170,7 @@ def test_resume_after_kill_continues_the_same_run(tiny_data, sp1024, tmp_path):
     done = subprocess.run([sys.executable, "-m", "pgolf_train", *args, "--out", str(run), "--resume"],
                           env=env, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
-    a, b = _losses(ref), _losses(run)
+    a, b = logged_losses(ref), logged_losses(run)
     assert sorted(a) == sorted(b)
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-5), step

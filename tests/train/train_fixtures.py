@@ -41,3 +41,13 @@ def exit_quietly() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def read_log(run: Path) -> list[dict]:
+    """The JSON records of a run's `train.jsonl`."""
+    return [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()]
+
+
+def logged_losses(run: Path) -> dict[int, float]:
+    """step -> logged training loss of a run."""
+    return {r["step"]: r["loss"] for r in read_log(run) if "loss" in r}
