@@ -15,7 +15,11 @@ if [ ! -f /tmp/pg/sp1024/manifest.json ]; then
 fi
 # A config that trains its own tokenizer: VOCAB=4096 benchmarks/h200_setup.sh also makes /tmp/pg/sp$VOCAB,
 # the tokenizer trained on (a sample of) the Wikipedia training documents only.
+# TOKENIZER=PATH reuses a tokenizer trained beforehand with the same command (saves device time;
+# every run of a comparison then shares one tokenizer).
 if [ -n "${VOCAB:-}" ] && [ "${VOCAB}" != 1024 ] && [ ! -f /tmp/pg/sp$VOCAB/manifest.json ]; then
+  if [ -n "${TOKENIZER:-}" ]; then tok_args=(--tokenizer "$TOKENIZER"); else tok_args=(--tokenizer-sample-mb 40); fi
   python3 -m pgolf data prepare --docs .data/fineweb/parameter_golf_verify_docs_200.jsonl .data/wikipedia/*.jsonl.xz \
-    --vocab "$VOCAB" --val-docs 200 --tokenizer-sample-mb 40 --out /tmp/pg/sp$VOCAB --workers 16
+    --vocab "$VOCAB" --val-docs 200 "${tok_args[@]}" --out /tmp/pg/sp$VOCAB --workers 16
+  [ -n "${TOKENIZER:-}" ] && cp "$TOKENIZER" /tmp/pg/sp$VOCAB/tokenizer.model
 fi

@@ -270,8 +270,8 @@ def evaluate_artifact(path: str | os.PathLike, data_dir: str | os.PathLike, toke
         tokens = tokens[:max_tokens]
         if sidecar is not None:
             byte_source = sidecar[:max_tokens]
-    if isinstance(ttt, str):
-        ttt = TTTConfig(kind=ttt)
+    if isinstance(ttt, str):  # a kind alone: default settings, the chunk no longer than the context
+        ttt = TTTConfig(kind=ttt, chunk=min(TTTConfig.chunk, seq_len))
     result = evaluate_tokens(model, tokens, byte_source, device=device, seq_len=seq_len, ttt=ttt, **kw)
     result.extra.update(artifact=str(Path(path)), artifact_bytes=int(art.info.total_bytes),
                         byte_source="sidecar" if sidecar is not None else "tables",

@@ -186,6 +186,9 @@ def test_evaluate_artifact_sidecar_rope_and_tokenizer_checks(tmp_path, val_dir, 
     base = evaluate_artifact(art, val_dir, sp1024, log=None)
     assert base.extra["byte_source"] == "tables" and base.seq_len == 16 and base.tokens == 1499
     long = evaluate_artifact(art, val_dir, sp1024, seq_len=64, rope_scaling="yarn", log=None)
+    # a TTT kind alone fits its chunk to a context shorter than the default chunk (256)
+    ttt = evaluate_artifact(art, val_dir, sp1024, ttt="lora", max_tokens=200, log=None)
+    assert ttt.extra["ttt"]["chunk"] == 16 and math.isfinite(ttt.val_bpb)
     assert long.extra["rope_factor"] == 4.0 and math.isfinite(long.val_bpb)
     # a byte sidecar decides the byte count
     for i, n in enumerate((700, 800)):
