@@ -92,6 +92,15 @@ def hand_recipe(state, hessians, bits: int, method: str, meta, code) -> bytes:
     return data
 
 
+def write_result(args, cfg: GPTConfig, base: float, tokens, rows: list, frontiers: dict) -> None:
+    out = {"command": " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "device": args.device if args.device != "cuda" else torch.cuda.get_device_name(),
+           "host": platform.node(), "checkpoint": args.checkpoint, "model_config": cfg.to_dict(),
+           "unquantized_bpb": base, "val_tokens": len(tokens), "rows": rows, "frontier": frontiers}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint")
@@ -154,6 +163,7 @@ def main() -> None:
                          "val_bpb": a_bpb, "delta_bpb": a_bpb - base, "predicted_nats": alloc.total_distortion,
                          "beats_hand": a_bpb < bpb})
         frontiers[bits] = [(b, dist) for b, dist, _ in alloc.hull]
+        write_result(args, cfg, base, tokens, rows, frontiers)  # after each regime: a cut-off run keeps it
         if alloc.hull:
             print(f"regime {bits} frontier (payload bytes -> predicted Δloss nats):", file=sys.stderr)
             for b, dist in frontiers[bits][::max(1, len(frontiers[bits]) // 8)]:
@@ -164,12 +174,7 @@ def main() -> None:
     for r in rows:
         verdict = "" if "beats_hand" not in r else ("  beats the hand recipe" if r["beats_hand"] else "  LOSES to the hand recipe")
         print(f"{r['regime_bits']:>6} {r['method']:22s} {r['bytes']:>10,} {r['val_bpb']:>9.5f} {r['delta_bpb']:>+9.5f}{verdict}")
-    out = {"command": " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "device": args.device if args.device != "cuda" else torch.cuda.get_device_name(),
-           "host": platform.node(), "model_config": cfg.to_dict(), "unquantized_bpb": base,
-           "val_tokens": len(tokens), "rows": rows, "frontier": frontiers}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args, cfg, base, tokens, rows, frontiers)
     print(f"wrote {args.out}")
 
 

@@ -64,7 +64,8 @@ class QuantizeOptions:
 
 def load_checkpoint_weights(path: str | os.PathLike, model_config: str | None = None
                             ) -> tuple[dict[str, torch.Tensor], GPTConfig]:
-    """State dict (float32, CPU) and ``GPTConfig`` of a ``.safetensors`` or ``.pt`` checkpoint.
+    """State dict (float32, CPU) and ``GPTConfig`` of a ``.safetensors`` or ``.pt`` checkpoint, or of
+    a ``.pgolf`` artifact (its decoded weights: re-quantizing them stacks a second rounding).
 
     The config comes from ``model_config`` (a JSON file or inline JSON; GPTConfig fields, extra
     TrainConfig fields ignored), else the checkpoint's own ``config`` (trainer ``checkpoint.pt``),
@@ -78,6 +79,10 @@ def load_checkpoint_weights(path: str | os.PathLike, model_config: str | None = 
         from pgolf_codec.safetensors_io import read_safetensors
 
         state, _ = read_safetensors(path)
+    elif path.suffix == ".pgolf":  # an artifact: its decoded (already once quantized) weights and config
+        art = read_artifact(path)
+        state = apply_lowrank(art.tensors)
+        cfg_dict = art.metadata.get("model_config")
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a trainer checkpoint.pt

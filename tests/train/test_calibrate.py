@@ -109,6 +109,13 @@ def test_quantize_cli_writes_within_budget(trained: Path, data_dir: Path, sp1024
     assert out.stat().st_size == art.info.total_bytes <= budget
     text = capsys.readouterr().out
     assert "frontier" in text and "val_bpb unquantized" in text
+    # An artifact reads back as a checkpoint: its decoded weights (low-rank folded in), its config.
+    from pgolf_codec.gptq import apply_lowrank
+    from pgolf_train.quantize import load_checkpoint_weights
+    state, cfg = load_checkpoint_weights(out)
+    assert cfg == load_checkpoint_weights(trained)[1]
+    decoded = apply_lowrank(art.tensors)
+    assert state.keys() == decoded.keys() and all(torch.equal(state[k], decoded[k].float()) for k in state)
 
 
 def test_quantize_cli_refuses_degradation(trained: Path, data_dir: Path, sp1024: Path, tmp_path: Path, capsys) -> None:
