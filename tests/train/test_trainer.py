@@ -177,3 +177,22 @@ def test_resume_after_kill_continues_the_same_run(tiny_data, sp1024, tmp_path):
     ref_sum = json.loads((ref / "train_summary.json").read_text())
     run_sum = json.loads((run / "train_summary.json").read_text())
     assert run_sum["steps"] == 20 and run_sum["val_bpb"] == pytest.approx(ref_sum["val_bpb"], rel=1e-5)
+
+
+def test_torchrun_two_gloo_processes_train_and_exit_cleanly(tiny_data, sp1024, tmp_path):
+    # The user's multi-GPU path end to end on CPU: torchrun's env:// rendezvous, the trainer's own
+    # process group, DDP, rank 0 writing the artifact, and a clean exit of both ranks.
+    args = ["--config", "tiny", "--data", str(tiny_data), "--tokenizer", str(sp1024),
+            "--set", "iterations=6", "--set", "val_max_tokens=2048"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "ddp"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "pgolf_train", *args, "--out", str(run)],
+                          env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6 and summary["fits"]
+    from pgolf_codec.container import read_artifact
+    art = read_artifact(run / "model.pgolf")
+    assert art.metadata["train"]["steps"] == 6
+    assert "world_size: 2" in (run / "train.log").read_text()
