@@ -35,7 +35,7 @@ from .schemes import (Q8_TABLE, Quantized, QuantSpec, Recipe, dequantize, n_grou
                       rows_view_shape)
 
 MAGIC = b"PGLF"
-MAJOR, MINOR = 1, 0
+MAJOR, MINOR = 1, 1
 FORMAT_VERSION = f"{MAJOR}.{MINOR}"
 BUDGET_BYTES = 16_000_000
 _PREFIX = struct.Struct("<4sBBBBII")

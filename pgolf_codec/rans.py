@@ -2,7 +2,7 @@
 
 A coded blob carries its own model; the caller supplies only what the container already
 knows (``n`` symbols, the ``alphabet``, and the ``rows x row_len`` view of the tensor).
-Two models, the encoder keeps whichever blob is smaller:
+Three models, the encoder keeps whichever blob is smaller:
 
 * **static** (kind 0): one frequency table for the whole tensor, stored as varints over
   the used code range ``[lo, hi]``.
@@ -12,6 +12,14 @@ Two models, the encoder keeps whichever blob is smaller:
   and the width ``a² = 2^((j - 64)/8)`` is one byte ``j`` per row, itself rANS-coded with
   a static model. No table is stored, so rows of different width each get their own
   distribution for ~2-5 bits of side information per row.
+* **column** (kind 2, format 1.1): the same family, but per COLUMN (position within a row):
+  column ``c`` has its own width byte ``j_c`` and a center offset ``δ_c`` in half codes
+  (centered on ``(center2 + δ_c)/2``), both rANS-coded like the row widths; at most
+  ``MAX_COLUMN_TABLES`` distinct (j, δ) pairs. With per-row scales the rows are already
+  equalized, while columns (input features) still differ in spread and, for embeddings, in
+  mean. Symbols are coded column by column, the columns grouped by table, so the row kernels
+  run unchanged (one run of ``rows`` symbols per column), the decoder loads each table once,
+  and one gather + transpose restores row-major order.
 
 Determinism of the parametric tables (encoder and decoder may be different machines): they
 are built with IEEE-754 float64 ``+ - * /`` only, in a fixed order (powers by a fixed
@@ -23,15 +31,18 @@ integers.
 
 Blob layout (little-endian; normative text in ``spec/FORMAT.md``, "Coder 4: rANS")::
 
-    u8 kind (0 static, 1 parametric) | u8 P (probability bits, 8..16) | u8 K (lanes, 1..32)
-    | u8 lo | u8 hi                                        -- used code range
+    u8 kind (0 static, 1 parametric, 2 column) | u8 P (probability bits, 8..16)
+    | u8 K (lanes, 1..32) | u8 lo | u8 hi                  -- used code range
     static:     varint freq[hi - lo + 1]                   -- sums to 2^P
     parametric: u16 center2 (2 x center) | u8 m | varint len | static blob of row widths j
+    column:     u16 center2 | u8 m | varint len | static blob of column widths j
+                | varint len | static blob of zig-zag column center offsets (half codes)
     | u32 state[K] | u16 word[...]                         -- to the end of the blob
 
-Symbol ``i`` belongs to lane ``i mod K``. States live in ``[2^16, 2^32)``; the encoder runs
-backwards emitting 16-bit words, the decoder reads them forwards, and a valid stream ends
-with every state back at ``2^16`` and every word consumed (checked: a corrupt blob fails).
+Symbol ``i`` in coding order (row-major; kind 2: column by column) belongs to lane
+``i mod K``. States live in ``[2^16, 2^32)``; the encoder runs backwards emitting 16-bit
+words, the decoder reads them forwards, and a valid stream ends with every state back at
+``2^16`` and every word consumed (checked: a corrupt blob fails).
 """
 from __future__ import annotations
 
@@ -42,10 +53,12 @@ import numpy as np
 
 from pgolf_codec.errors import BadPayload
 
-__all__ = ["RansCoder", "encode", "decode", "entropy_bits", "STATIC", "PARAMETRIC"]
+__all__ = ["RansCoder", "encode", "decode", "entropy_bits", "STATIC", "PARAMETRIC", "COLUMN"]
 
 STATIC = 0
 PARAMETRIC = 1
+COLUMN = 2
+MAX_COLUMN_TABLES = 256   # distinct (width, offset) pairs in a kind-2 blob: bounds decoder memory
 _L = 1 << 16          # lower bound of a state; 16-bit renormalization keeps states < 2^32
 _PROB_BITS = 15       # frequency tables sum to 2^15: tails down to 3e-5 are still representable
 _LANES = 8            # interleaved states: independent dependency chains for the CPU
@@ -53,6 +66,23 @@ _MIN_PROB_BITS, _MAX_PROB_BITS = 8, 16
 _MAX_LANES = 32
 _WIDTH_OFFSET = 64    # a² = 2^((j - 64)/8): j = 0..255 spans a from 2^-4 to ~2^12 codes
 _SHAPES = (1, 2, 3, 4, 6, 10, 24, 128)   # candidate m, heavy-tailed to near-Gaussian
+_OFFSET_SEARCH = 1    # kind 2 tries centers within ±1 half code of the rounded column mean
+# Kind 2 switches tables every column: 2^14-slot tables halve the decoder's working set
+# (decode ~1.3x faster on 1024x512 int8) for ~0.01 % more bytes than 2^15.
+_COLUMN_PROB_BITS = 14
+# "auto" drops the column model when its coarse fit already codes 2 % more bits than the best
+# blob so far: the fine search gains well under that (~0.5 %), and side bytes only add.
+_COLUMN_GIVE_UP = 1.02
+# "auto" fits columns only while their histogram (row_len x used codes, float64) stays small:
+# 2^22 entries = 32 MiB. Weight matrices are far below it (4096x512 int8: 131K entries).
+_COLUMN_MAX_HIST = 1 << 22
+# ... and only with enough rows for per-column statistics to pay for their side bytes: short
+# columns (fp32 bytes of a control vector: 2-4 rows) would cost ~1 s of fitting for nothing.
+_COLUMN_MIN_ROWS = 32
+# ... and only when a Gaussian estimate of what per-column centers and widths save exceeds this
+# many bits per column. Measured on trained weights: >= 8 bits/column wherever the column model
+# wins, <= 1.5 where it loses (c_q/c_k/c_v/fc, i.i.d. Gaussian). It spares those tensors the fit.
+_COLUMN_MIN_GAIN = 3.0
 # 2^(k/8) for k = 0..7 as float64 literals (decimal → double parsing is correctly rounded).
 _ROOT8 = (1.0, 1.0905077326652577, 1.189207115002721, 1.2968395546510096,
           1.4142135623730951, 1.5422108254079407, 1.681792830507429, 1.8340080864093424)
@@ -132,6 +162,21 @@ def _decode_kernel(words, n_words, states0, row_model, row_len, sym_tab, freq, c
     return 0
 
 
+@numba.njit(cache=True, nogil=True)
+def _unpermute_columns(runs, order, out):  # pragma: no cover
+    """``out[r, order[k]] = runs[k, r]``: kind-2 column runs (coding order) → row-major codes.
+
+    Blocks of 64 rows keep the written rows in cache (numpy's uint8 transpose is ~4x slower).
+    """
+    rows, row_len = out.shape
+    for r0 in range(0, rows, 64):
+        r1 = min(r0 + 64, rows)
+        for k in range(row_len):
+            c = order[k]
+            for r in range(r0, r1):
+                out[r, c] = runs[k, r]
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def _varint(v: int) -> bytes:
@@ -194,7 +239,6 @@ def _normalize_counts(counts: np.ndarray, prob_bits: int) -> np.ndarray:
     out = np.zeros(counts.size, dtype=np.int64)
     out[live] = f
     return out
-    return f
 
 
 def _width_sq(j: np.ndarray) -> np.ndarray:
@@ -203,17 +247,19 @@ def _width_sq(j: np.ndarray) -> np.ndarray:
     return np.ldexp(np.asarray(_ROOT8, dtype=np.float64)[k % 8], k // 8)
 
 
-def _param_freqs(js: np.ndarray, m: int, lo: int, hi: int, center2: int,
-                 prob_bits: int) -> np.ndarray:
-    """Deterministic integer tables ``int64[len(js), hi - lo + 1]`` summing to 2^prob_bits.
+def _param_shares(js: np.ndarray, m: int, lo: int, hi: int, center2: int | np.ndarray,
+                  prob_bits: int) -> np.ndarray:
+    """Table construction up to step 4: ``v = p·(2^P - A)/sum(p)``, float64 ``[len(js), A]``.
 
-    Only IEEE float64 + - * / in a fixed order (see the module docstring), so encoder and
-    decoder machines agree to the last integer. Every symbol in [lo, hi] gets >= 1.
+    ``center2`` (twice the center code) is one int for all tables or one per table (kind 2).
+    Each row depends only on its own (j, center2), not on the others in the batch.
     """
+    js = np.asarray(js)
     A = hi - lo + 1
     M = 1 << prob_bits
-    d = (np.arange(lo, hi + 1, dtype=np.float64) * 2.0 - float(center2)) * 0.5  # exact
-    t = (d * d)[None, :] / (float(m) * _width_sq(js))[:, None]
+    c2 = np.broadcast_to(np.asarray(center2, dtype=np.float64), js.shape)
+    d = (np.arange(lo, hi + 1, dtype=np.float64)[None, :] * 2.0 - c2[:, None]) * 0.5  # exact
+    t = (d * d) / (float(m) * _width_sq(js))[:, None]
     base = 1.0 + t
     # p = (base_min / base)^m: the code nearest the center gets exactly 1.0, so the total is
     # >= 1 and nothing overflows. The power is a fixed square-and-multiply chain over the
@@ -229,15 +275,26 @@ def _param_freqs(js: np.ndarray, m: int, lo: int, hi: int, center2: int,
                 p = p * r
     p[p < 2.0 ** -1000] = 0.0
     total = np.add.accumulate(p, axis=1)[:, -1:]          # sequential: order is fixed
-    spare = float(M - A)
-    v = (p * spare) / total
+    return (p * float(M - A)) / total
+
+
+def _param_freqs(js: np.ndarray, m: int, lo: int, hi: int, center2: int | np.ndarray,
+                 prob_bits: int) -> np.ndarray:
+    """Deterministic integer tables ``int64[len(js), hi - lo + 1]`` summing to 2^prob_bits.
+
+    Only IEEE float64 + - * / in a fixed order (see the module docstring), so encoder and
+    decoder machines agree to the last integer. Every symbol in [lo, hi] gets >= 1.
+    """
+    A = hi - lo + 1
+    M = 1 << prob_bits
+    v = _param_shares(js, m, lo, hi, center2, prob_bits)
     fl = np.floor(v)
     f = fl.astype(np.int64) + 1
     # Largest-remainder completion; a stable sort breaks ties by symbol index.
     left = M - f.sum(axis=1)
     order = np.argsort(-(v - fl), axis=1, kind="stable")
     ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(A)[None, :].repeat(len(js), 0), axis=1)
+    np.put_along_axis(ranks, order, np.arange(A)[None, :].repeat(len(v), 0), axis=1)
     f += ranks < left[:, None]
     return f
 
@@ -345,6 +402,161 @@ def _encode_parametric(sym: np.ndarray, alphabet: int, rows: int, row_len: int,
     return _pack(head, states, words)
 
 
+def _zigzag(delta2: np.ndarray) -> np.ndarray:
+    """Zig-zag: offsets -128..127 (half codes) → bytes 0..255 (0, -1, 1, -2, … → 0, 1, 2, 3, …)."""
+    delta2 = delta2.astype(np.int64)
+    return np.where(delta2 >= 0, 2 * delta2, -2 * delta2 - 1).astype(np.uint8)
+
+
+def _unzigzag(z: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_zigzag`: int64 offsets in half codes."""
+    z = z.astype(np.int64)
+    return np.where(z % 2 == 0, z // 2, -(z + 1) // 2)
+
+
+def _side_bits(x: np.ndarray) -> float:
+    """Estimated size in bits of the static blob of bytes ``x``: entropy plus its table."""
+    return entropy_bits(x) + 8.0 * (int(x.max()) - int(x.min()) + 1 + np.unique(x).size)
+
+
+def _fit_columns(cols: np.ndarray, alphabet: int, lo: int, hi: int, center2: int,
+                 prob_bits: int, beat_bits: float = np.inf
+                 ) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """Pick ``m``, each column's width byte and center offset minimizing the coded bits.
+
+    ``cols``: uint8 ``(row_len, rows)``, one column of the tensor per row. Returns
+    ``(m, j uint8[row_len], delta2 int64[row_len])`` using at most ``MAX_COLUMN_TABLES``
+    distinct (j, delta2) pairs; ``delta2`` is the center offset in half codes, searched within
+    ±``_OFFSET_SEARCH`` of the rounded ``2·mean - center2``, and widths on one grid spanning
+    every column's spread. Costs come from the very integer tables the decoder rebuilds.
+    Table builds dominate the time, so ``m`` is chosen with the centers at the rounded means,
+    on every fourth width, with the tables before their integer completion (``v + 1/2``,
+    within one unit of the final ones); only the chosen ``m`` is searched exactly on the full
+    grid, between the coarse optima ± 3 (the cost of one column is unimodal in its width).
+    Returns None, skipping that search, if the coarse fit codes over ``_COLUMN_GIVE_UP`` times
+    ``beat_bits``.
+    """
+    C, R = cols.shape
+    A = hi - lo + 1
+    idx = (cols.astype(np.intp) - lo) + (np.arange(C, dtype=np.intp) * A)[:, None]
+    hist = np.bincount(idx.ravel(), minlength=C * A).reshape(C, A).astype(np.float64)
+    d = np.arange(lo, hi + 1) - center2 / 2.0
+    mean = hist @ d / R
+    var = np.maximum(hist @ (d * d) / R - mean * mean, 1e-3)
+    # Offsets keep every column center inside the alphabet and the zig-zag byte in range.
+    d_lo = max(-128, -center2)
+    d_hi = min(127, 2 * (alphabet - 1) - center2)
+    S = _OFFSET_SEARCH
+    cand = np.clip(np.rint(2 * mean).astype(np.int64)[:, None] + np.arange(-S, S + 1), d_lo, d_hi)
+    # Widths: as for rows, from var/64 (heavy tails, small m) up to 4x the variance.
+    lo_j = max(0, int(np.floor(8 * np.log2(var.min() / 64))) + _WIDTH_OFFSET)
+    hi_j = min(255, int(np.ceil(8 * np.log2(var.max() * 4))) + _WIDTH_OFFSET)
+    js = np.arange(lo_j, max(hi_j, lo_j) + 1)
+
+    def costs(m: int, js: np.ndarray, offs: np.ndarray, exact: bool = True) -> np.ndarray:
+        """Bits ``(C, k, len(js))``: column c centered at offset ``offs[c, k]``, width ``js[w]``."""
+        deltas, which = np.unique(offs, return_inverse=True)
+        which = which.reshape(offs.shape)
+        cost = np.empty(offs.shape + (js.size,))
+        # Offsets per table build: ~2^15 table entries keep the temporaries in cache (4x
+        # faster than one big build) and bound memory.
+        group = max(1, (1 << 15) // (js.size * A))
+        for g in range(0, deltas.size, group):
+            dg = deltas[g:g + group]
+            args = (np.tile(js, dg.size), m, lo, hi, center2 + dg.repeat(js.size), prob_bits)
+            freq = _param_freqs(*args) if exact else _param_shares(*args) + 0.5
+            bits_tab = (prob_bits - np.log2(freq)).reshape(dg.size, js.size, A)
+            for k in range(dg.size):                     # only the columns that try this offset
+                c_i, k_i = np.nonzero(which == g + k)
+                cost[c_i, k_i] = hist[c_i] @ bits_tab[k].T
+        return cost
+
+    # m and the width window: centers at the rounded means, every fourth width.
+    coarse = js[::4]
+    totals = []
+    for m in _SHAPES:
+        cost = costs(m, coarse, cand[:, S:S + 1], exact=False)[:, 0]
+        pick = coarse[np.argmin(cost, axis=1)]
+        totals.append((float(cost.min(axis=1).sum()), m, int(pick.min()), int(pick.max())))
+    coarse_bits, m, j_min, j_max = min(totals)
+    if coarse_bits > _COLUMN_GIVE_UP * beat_bits:
+        return None
+    js = np.arange(max(lo_j, j_min - 3), min(js[-1], j_max + 3) + 1)
+    cost = costs(m, js, cand)
+    # Width grids of step 1, 2, ...: the first few that fit the decoder's cap compete on data
+    # bits plus the estimated side bytes (a coarser grid codes the widths in fewer bits).
+    # A grid of one width leaves at most 256 offsets, so one always fits.
+    best, tried = None, 0
+    for step in range(1, js.size + 1):
+        sub = cost[:, :, ::step].reshape(C, -1)
+        pick = np.argmin(sub, axis=1)
+        k_pick, j_pick = np.divmod(pick, sub.shape[1] // (2 * S + 1))
+        delta2 = cand[np.arange(C), k_pick]
+        jcol = js[::step][j_pick].astype(np.uint8)
+        if np.unique(jcol.astype(np.int64) * 256 + delta2).size > MAX_COLUMN_TABLES:
+            continue
+        bits = (float(sub[np.arange(C), pick].sum()) + _side_bits(jcol)
+                + _side_bits(_zigzag(delta2)))
+        if best is None or bits < best[0]:
+            best = (bits, jcol, delta2)
+        tried += 1
+        if tried == 4:
+            break
+    return m, best[1], best[2]
+
+
+def _column_gain_bits(sym: np.ndarray, rows: int, row_len: int) -> float:
+    """Gaussian estimate of the bits per-column centers and widths save over one distribution.
+
+    ``sum_c rows/2 · log2(var_all / var_c)``, each variance plus the 1/12 of unit rounding so a
+    constant column does not count as infinitely cheap. O(n); the screen before the column fit.
+    """
+    x = sym.reshape(rows, row_len).astype(np.float32)
+    var_c = x.var(axis=0, dtype=np.float64) + 1.0 / 12
+    var_all = x.var(dtype=np.float64) + 1.0 / 12
+    return 0.5 * rows * float(np.log2(var_all / var_c).sum())
+
+
+def _column_model(jcol: np.ndarray, zcol: np.ndarray, m: int, lo: int, hi: int, center2: int,
+                  prob_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kind-2 model from the per-column bytes (``row_len`` each).
+
+    Returns ``(freq int64[T, A], table int32[row_len], order int64[row_len])``. Tables are
+    numbered by the sorted key ``j · 256 + z`` (z: zig-zag offset byte), so the numbering
+    depends only on which pairs occur, never on the column order. ``order`` is the coding
+    order of the columns: by table, ties by column index, so a decoder loads each table once.
+    More than ``MAX_COLUMN_TABLES`` pairs is a bad blob (the encoder never writes one).
+    """
+    keys, table = np.unique(jcol.astype(np.int64) * 256 + zcol, return_inverse=True)
+    if keys.size > MAX_COLUMN_TABLES:
+        raise BadPayload(f"rANS: {keys.size} column tables, more than {MAX_COLUMN_TABLES}")
+    freq = _param_freqs(keys // 256, m, lo, hi, center2 + _unzigzag(keys % 256), prob_bits)
+    return freq, table.astype(np.int32), np.argsort(table, kind="stable")
+
+
+def _encode_column(sym: np.ndarray, alphabet: int, rows: int, row_len: int, prob_bits: int,
+                   lanes: int, center2: int, beat: int | None = None) -> bytes | None:
+    """Kind-2 blob, or None when it would clearly be larger than ``beat`` bytes."""
+    prob_bits = min(prob_bits, _COLUMN_PROB_BITS)     # an upper bound, as for static
+    lo, hi = int(sym.min()), int(sym.max())
+    cols = np.ascontiguousarray(sym.reshape(rows, row_len).T)     # (row_len, rows)
+    fit = _fit_columns(cols, alphabet, lo, hi, center2, prob_bits,
+                       np.inf if beat is None else 8.0 * beat)
+    if fit is None:
+        return None
+    m, jcol, delta2 = fit
+    zcol = _zigzag(delta2)
+    freq, table, order = _column_model(jcol, zcol, m, lo, hi, center2, prob_bits)
+    widths = _encode_static(jcol, 256, prob_bits, lanes=1)
+    offsets = _encode_static(zcol, 256, prob_bits, lanes=1)
+    head = (bytes([COLUMN, prob_bits, lanes, lo, hi]) + int(center2).to_bytes(2, "little")
+            + bytes([m]) + _varint(len(widths)) + widths + _varint(len(offsets)) + offsets)
+    # Each column is one run of ``rows`` symbols for the row kernels, runs in ``order``.
+    states, words = _run_encoder((cols[order] - lo).astype(np.uint8).ravel(), table[order],
+                                 rows, freq, prob_bits, lanes)
+    return _pack(head, states, words)
+
+
 def default_center2(alphabet: int) -> int:
     """Twice the symmetric code center: 2^(b-1)-1 for int b >= 2, 1 for ternary, 0.5 for b = 1."""
     if alphabet == 3:
@@ -359,9 +571,14 @@ def encode(data: np.ndarray, alphabet: int, rows: int = 1, row_len: int | None =
            center2: int | None = None) -> bytes:
     """rANS-code ``data`` (codes ``0..alphabet-1``, ``rows * row_len`` of them, row-major).
 
-    ``model``: ``"static"``, ``"parametric"`` or ``"auto"`` (encode both, keep the smaller).
-    ``center2`` is twice the code the parametric model is centered on (default: the
-    symmetric code center of ``alphabet``). Returns the self-describing blob.
+    ``model``: ``"static"``, ``"parametric"``, ``"column"`` or ``"auto"`` (encode all three,
+    column only when ``rows >= 32``, ``row_len > 1``, :func:`_column_gain_bits` promises at
+    least ``_COLUMN_MIN_GAIN`` bits per column and its coarse fit is not clearly worse;
+    keep the smallest blob). ``center2``
+    is twice the code the parametric models are centered on (default: the symmetric code
+    center of ``alphabet``). ``prob_bits`` bounds the table precision (static may use less,
+    column uses at most 14). Returns the self-describing blob. The column fit holds a
+    ``row_len x (hi - lo + 1)`` float64 histogram; "auto" skips it above ``_COLUMN_MAX_HIST``.
     """
     sym = np.ascontiguousarray(np.asarray(data).ravel())
     if sym.dtype != np.uint8:
@@ -377,7 +594,7 @@ def encode(data: np.ndarray, alphabet: int, rows: int = 1, row_len: int | None =
         raise ValueError(f"rows*row_len = {rows}*{row_len} != {sym.size} symbols")
     if not 1 <= lanes <= _MAX_LANES or not _MIN_PROB_BITS <= prob_bits <= _MAX_PROB_BITS:
         raise ValueError("lanes must be 1..32 and prob_bits 8..16")
-    if model not in ("auto", "static", "parametric"):
+    if model not in ("auto", "static", "parametric", "column"):
         raise ValueError(f"unknown rANS model {model!r}")
     c2 = default_center2(alphabet) if center2 is None else int(center2)
     if not 0 <= c2 <= 2 * (alphabet - 1):
@@ -387,6 +604,14 @@ def encode(data: np.ndarray, alphabet: int, rows: int = 1, row_len: int | None =
         blobs.append(_encode_static(sym, alphabet, prob_bits, lanes))
     if model in ("auto", "parametric") and sym.size:
         blobs.append(_encode_parametric(sym, alphabet, rows, row_len, prob_bits, lanes, c2))
+    if sym.size and model == "column":
+        blobs.append(_encode_column(sym, alphabet, rows, row_len, prob_bits, lanes, c2))
+    elif (sym.size and model == "auto" and rows >= _COLUMN_MIN_ROWS and row_len > 1
+          and row_len * (int(sym.max()) - int(sym.min()) + 1) <= _COLUMN_MAX_HIST
+          and _column_gain_bits(sym, rows, row_len) >= _COLUMN_MIN_GAIN * row_len):
+        col = _encode_column(sym, alphabet, rows, row_len, prob_bits, lanes, c2,
+                             beat=min(len(b) for b in blobs))
+        blobs += [col] if col is not None else []
     return min(blobs, key=len)
 
 
@@ -399,10 +624,24 @@ def _read_static_freq(r: _Reader, lo: int, hi: int, prob_bits: int) -> np.ndarra
     return freq
 
 
+def _read_side(blob: bytes, r: _Reader, count: int, what: str) -> np.ndarray:
+    """A length-prefixed nested static blob of ``count`` bytes (alphabet 256)."""
+    side_len = r.varint(f"{what} length")
+    end = r.pos + side_len
+    if end > len(blob):
+        raise BadPayload(f"rANS blob truncated in {what}")
+    sub = _Reader(blob[:end], r.pos)
+    out = _decode_at(blob[:end], sub, count, 256, 1, count, nested=True)
+    if sub.pos != end:
+        raise BadPayload(f"rANS: {what} block has trailing bytes")
+    r.pos = end
+    return out
+
+
 def _decode_at(blob: bytes, r: _Reader, n: int, alphabet: int, rows: int,
                row_len: int, *, nested: bool = False) -> np.ndarray:
     kind, prob_bits, lanes, lo, hi = r.take(5, "header")
-    if kind not in (STATIC, PARAMETRIC) or (nested and kind != STATIC):
+    if kind not in (STATIC, PARAMETRIC, COLUMN) or (nested and kind != STATIC):
         raise BadPayload(f"rANS: unknown model kind {kind}")
     if not _MIN_PROB_BITS <= prob_bits <= _MAX_PROB_BITS:
         raise BadPayload(f"rANS: probability bits {prob_bits} outside 8..16")
@@ -410,6 +649,7 @@ def _decode_at(blob: bytes, r: _Reader, n: int, alphabet: int, rows: int,
         raise BadPayload(f"rANS: {lanes} lanes outside 1..32")
     if lo > hi or hi >= alphabet:
         raise BadPayload(f"rANS: code range [{lo}, {hi}] outside alphabet {alphabet}")
+    # The kernel decodes runs of ``row_len_k`` symbols, run i with table ``row_model[i]``.
     if kind == STATIC:
         freq = _read_static_freq(r, lo, hi, prob_bits)[None, :]
         row_model = np.zeros(1, np.int32)
@@ -419,18 +659,20 @@ def _decode_at(blob: bytes, r: _Reader, n: int, alphabet: int, rows: int,
         m = r.u8("shape")
         if center2 > 2 * (alphabet - 1) or m == 0:
             raise BadPayload("rANS: bad parametric center or shape")
-        side_len = r.varint("width length")
-        end = r.pos + side_len
-        if end > len(blob):
-            raise BadPayload("rANS blob truncated in row widths")
-        sub = _Reader(blob[:end], r.pos)
-        jrow = _decode_at(blob[:end], sub, rows, 256, 1, rows, nested=True)
-        if sub.pos != end:
-            raise BadPayload("rANS: row width block has trailing bytes")
-        r.pos = end
-        used, row_model = np.unique(jrow, return_inverse=True)
-        freq = _param_freqs(used, m, lo, hi, center2, prob_bits)
-        row_len_k = row_len
+        if kind == PARAMETRIC:
+            used, row_model = np.unique(_read_side(blob, r, rows, "row widths"),
+                                        return_inverse=True)
+            freq = _param_freqs(used, m, lo, hi, center2, prob_bits)
+            row_len_k = row_len
+        else:
+            jcol = _read_side(blob, r, row_len, "column widths")
+            zcol = _read_side(blob, r, row_len, "column offsets")
+            c2 = center2 + _unzigzag(zcol)
+            if row_len and (c2.min() < 0 or c2.max() > 2 * (alphabet - 1)):
+                raise BadPayload("rANS: a column center lies outside the alphabet")
+            freq, table, order = _column_model(jcol, zcol, m, lo, hi, center2, prob_bits)
+            row_model = table[order]          # one run of ``rows`` symbols per column
+            row_len_k = rows
     state_bytes = r.take(4 * lanes, "states")
     states = np.frombuffer(state_bytes, "<u4").astype(np.int64)
     if (states < _L).any():
@@ -451,6 +693,10 @@ def _decode_at(blob: bytes, r: _Reader, n: int, alphabet: int, rows: int,
                            -3: "rANS: trailing words after the stream"}[err])
     if lo:
         out += np.uint8(lo)
+    if kind == COLUMN:                    # column runs in coding order → row-major
+        runs, out = out.reshape(row_len, rows), np.empty((rows, row_len), np.uint8)
+        _unpermute_columns(runs, order, out)
+        out = out.ravel()
     return out
 
 

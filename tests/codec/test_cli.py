@@ -8,6 +8,7 @@ import torch
 
 from pgolf.cli import main
 from pgolf_codec import read_artifact
+from pgolf_codec.container import FORMAT_VERSION
 from pgolf_codec.safetensors_io import read_safetensors, write_safetensors
 
 
@@ -32,7 +33,7 @@ def test_pack_inspect_verify_unpack(ckpt, capsys):
     capsys.readouterr()
     assert main(["inspect", str(art), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["total_bytes"] == art.stat().st_size and info["format_version"] == "1.0"
+    assert info["total_bytes"] == art.stat().st_size and info["format_version"] == FORMAT_VERSION
     assert {t["name"] for t in info["tensors"]} == set(sd)
     assert main(["inspect", str(art)]) == 0 and "headroom" in capsys.readouterr().out
     assert main(["verify", str(art), "--against", str(d / "ck.pt")]) == 0

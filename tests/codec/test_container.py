@@ -145,6 +145,10 @@ def test_newer_minor_with_unknown_fields_is_accepted_major_rejected():
     newer[-4:] = struct.pack("<I", zlib.crc32(bytes(newer[:-4])))
     art = pc.read_artifact_bytes(bytes(newer))
     assert art.info.format_version == "1.3" and art.metadata == {"k": 1}
+    newer[5] = 0  # an older minor (1.0 files from before rANS kind 2) reads as well
+    newer[-4:] = struct.pack("<I", zlib.crc32(bytes(newer[:-4])))
+    assert pc.read_artifact_bytes(bytes(newer)).info.format_version == "1.0"
+    newer[5] = 3
     newer[4] = 2
     newer[-4:] = struct.pack("<I", zlib.crc32(bytes(newer[:-4])))
     with pytest.raises(pc.UnsupportedVersion):
