@@ -15,7 +15,8 @@ Tensors: Gaussian weights whose per-row sigma varies x4 across rows, coded with 
 scales (row code widths then nearly equal) and with one scale for the whole tensor (row
 code widths differ x4: the case the parametric model is for); plus every 2-D weight of a
 real checkpoint with ``--checkpoint`` (``.pt`` state dict loaded with ``weights_only``, or
-``.safetensors``).
+``.safetensors``, quantized here at int6 and int8), or the exact stored codes of a ``.pgolf``
+artifact's quantized matrices.
 
     python3 benchmarks/entropy_bench.py [--rows 512 --cols 1024] [--checkpoint PATH]
 """
@@ -101,7 +102,19 @@ def synthetic_cases(rows: int, cols: int, seed: int = 0):
         yield f"gauss int{bits} k=12.5 tensor-scale", codes, 1 << bits
 
 
+def artifact_cases(path: Path, min_params: int = 65536):
+    """The exact codes an artifact stores for each quantized 2-D tensor (no re-quantization)."""
+    from pgolf_codec.container import read_artifact
+    for name, q in read_artifact(path).quantized.items():
+        alphabet = q.spec.levels
+        if 0 < alphabet <= 256 and len(q.shape) == 2 and q.codes.numel() >= min_params:
+            yield f"{name} {q.spec}", q.codes.numpy(), alphabet
+
+
 def checkpoint_cases(path: Path, min_params: int = 65536):
+    if path.suffix == ".pgolf":
+        yield from artifact_cases(path, min_params)
+        return
     if path.suffix == ".safetensors":
         from pgolf_codec.safetensors_io import read_safetensors
         sd, _ = read_safetensors(path)
@@ -125,12 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--cols", type=int, default=1024)
-    ap.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--checkpoint", type=Path, help=".pt / .safetensors weights, or a .pgolf artifact")
+    ap.add_argument("--no-synthetic", action="store_true", help="only the --checkpoint tensors")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "entropy_bench.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    cases = list(synthetic_cases(args.rows, args.cols))
+    cases = [] if args.no_synthetic else list(synthetic_cases(args.rows, args.cols))
     if args.checkpoint:
         cases += list(checkpoint_cases(args.checkpoint))
     hdr = (f"{'tensor':34s}" + "".join(f"{c[:11]:>12s}" for c in COLS)
