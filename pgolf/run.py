@@ -4,6 +4,7 @@ RUNDIR layout::
 
     data/            shards + tokenizer (only when --docs is given)
     train/           the trainer's output: train.jsonl, checkpoint, final_model.safetensors, model.pgolf
+    model_alloc.pgolf  with quantize_budget > 0: GPTQ + the bit allocator's artifact (then the scored one)
     eval_*.json      one file per evaluation mode run on the artifact
     report.json      every number below, machine-readable
     report.md        the same for people
@@ -79,6 +80,35 @@ def _eval_modes(cfg) -> list[dict]:
     return modes
 
 
+def _allocate(cfg, summary: dict, data_dir: Path, tokenizer: Path, out: Path, device: str) -> dict:
+    """GPTQ + the bit allocator on the trained weights within ``cfg.quantize_budget`` bytes.
+
+    Its artifact becomes the scored one (the config chose it before any score was seen); the
+    recipe's artifact and plain score stay in the summary for comparison. Refuses (ValueError)
+    an artifact that loses more than ``cfg.quantize_tolerance`` bpb to the trained weights.
+    """
+    from pgolf_codec.container import write_bytes_atomic
+    from pgolf_train.quantize import quantize_checkpoint
+
+    res = quantize_checkpoint(out / "train" / "final_model.safetensors", data_dir, tokenizer, cfg.quantize_budget,
+                              val_tokens=cfg.val_max_tokens or None, device=device)
+    print(f"allocator: {res.info.total_bytes:,} bytes within {cfg.quantize_budget:,}; val_bpb {res.bpb_before:.4f} "
+          f"-> {res.bpb_after:.4f} (+{res.delta:.4f}); the recipe's artifact: {summary['val_bpb']:.4f} "
+          f"in {summary['artifact_bytes']:,} bytes", flush=True)
+    if res.delta > cfg.quantize_tolerance:
+        raise ValueError(f"the allocator's artifact loses {res.delta:.4f} bpb to the trained weights, more than "
+                         f"quantize_tolerance={cfg.quantize_tolerance}; not scoring it (the recipe's artifact is "
+                         f"{summary['artifact']})")
+    path = out / "model_alloc.pgolf"
+    write_bytes_atomic(path, res.data, overwrite=True)
+    return {**summary, "artifact": str(path), "val_bpb": res.bpb_after, "eval": None,
+            "artifact_bytes": res.info.total_bytes, "model_bytes": res.info.model_bytes,
+            "code_bytes": res.info.code_bytes,
+            "recipe_artifact": {"path": summary["artifact"], "val_bpb": summary["val_bpb"],
+                                "artifact_bytes": summary["artifact_bytes"]},
+            "quantize": {"budget": cfg.quantize_budget, "val_bpb_weights": res.bpb_before, "labels": res.labels}}
+
+
 def main(args) -> int:
     from pgolf_train.config import load_config
 
@@ -97,14 +127,18 @@ def main(args) -> int:
     summary = train(cfg, data_dir, tokenizer, out / "train")
     stages["train_total_s"] = time.perf_counter() - t0
 
+    import torch
+
+    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+    if cfg.quantize_budget:
+        t0 = time.perf_counter()
+        summary = _allocate(cfg, summary, data_dir, tokenizer, out, device)
+        stages["allocate_s"] = time.perf_counter() - t0
+
     evals = {"plain": {"val_bpb": summary["val_bpb"], "mode": "plain"}}
     if summary.get("eval"):
         evals["plain"] = summary["eval"]
     from pgolf_eval.evaluate import evaluate_artifact
-
-    import torch
-
-    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
 
     for m in _eval_modes(cfg):
         t0 = time.perf_counter()

@@ -96,6 +96,9 @@ class TrainFields:
     recipe: str = BASELINE_RECIPE  # codec recipe (inline "glob=spec;..." or a .toml/.json path)
     coder: str = "zlib"  # entropy coder of the artifact ("auto", "zstd", "zlib", "lzma", "rans", "raw")
     max_artifact_bytes: int = 16_000_000  # the challenge limit; exceeding it is reported, not fatal
+    quantize_budget: int = 0  # `pgolf run`: > 0 = GPTQ + the bit allocator then fill this many bytes (model + code),
+    #                           and that artifact (RUNDIR/model_alloc.pgolf) is the scored one; 0 = the recipe's
+    quantize_tolerance: float = 0.02  # largest bpb the allocator's artifact may lose to the trained weights
 
     # --- evaluation of the artifact (`pgolf run`) ------------------------------------------------
     val_docs: int = 50_000  # `pgolf run --docs`: the first N documents are validation (the challenge: 50,000)
@@ -316,6 +319,8 @@ def validate(cfg: "TrainConfig") -> None:
     need(cfg.qat_start >= 0.0, "qat_start", "must be >= 0 (0 = from the start, >= 1 = never)")
     need(cfg.max_artifact_bytes >= 0, "max_artifact_bytes", "must be >= 0")
     need(bool(cfg.recipe.strip()), "recipe", "must not be empty")
+    need(cfg.quantize_budget >= 0, "quantize_budget", "must be >= 0 (0 = the recipe's artifact)")
+    need(cfg.quantize_tolerance >= 0, "quantize_tolerance", "must be >= 0")
     need(cfg.muon_weight_decay >= 0, "muon_weight_decay", "must be >= 0")
     need(cfg.val_docs >= 1, "val_docs", "must be >= 1")
     need(cfg.eval_seq_len >= 0, "eval_seq_len", "must be >= 0 (0 = train_seq_len)")

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from pgolf_codec.allocate import AllocationResult, Candidate, allocate
-from pgolf_codec.container import build_artifact, encoded_size, read_artifact, write_bytes_atomic
+from pgolf_codec.container import (build_artifact, encoded_size, read_artifact, read_artifact_bytes,
+                                   write_bytes_atomic)
 from pgolf_codec.gptq import (LOWRANK_A, LOWRANK_B, apply_lowrank, gptq_quantize_many, hessian_error,
                               lowrank_correction)
 from pgolf_codec.schemes import Quantized, QuantSpec, dequantize, quantize
@@ -271,71 +272,93 @@ def quantize_model(state: dict[str, torch.Tensor], cfg: GPTConfig, hessians: dic
     raise ValueError(f"could not fit the artifact within {budget:,} bytes")
 
 
-def _load_quantized_model(path: Path, cfg: GPTConfig, device: str) -> GPT:
-    art = read_artifact(path)
-    model = GPT(cfg)
-    model.load_state_dict(apply_lowrank(art.tensors))
-    return model.to(device).eval()
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize_checkpoint` made: the artifact bytes and how they score."""
+
+    data: bytes
+    info: Any                  # ArtifactInfo of ``data``
+    alloc: AllocationResult
+    labels: dict[str, str]     # tensor -> chosen candidate
+    bpb_before: float          # the checkpoint's own val bpb
+    bpb_after: float           # the artifact's val bpb (same tokens)
+    tokens: int
+
+    @property
+    def delta(self) -> float:
+        return self.bpb_after - self.bpb_before
 
 
-def _run(args: argparse.Namespace) -> int:
+def quantize_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLike, tokenizer: str | os.PathLike,
+                        budget: int, opts: QuantizeOptions = QuantizeOptions(), *, model_config: str | None = None,
+                        calib: str = "shards", calib_tokens: int = 262_144, calib_seconds: float | None = None,
+                        calib_seq_len: int | None = None, calib_batch: int = 16, val_tokens: int | None = None,
+                        device: str | None = None) -> QuantizeResult:
+    """GPTQ + bit allocation of a checkpoint within ``budget`` total bytes, scored before and after.
+
+    Hessians come from ``calib_tokens`` of ``calib`` ("shards": ``data_dir``'s train shards,
+    "self": sampled from the model); both scores use ``data_dir``'s val stream (a prefix of
+    ``val_tokens`` if given). Nothing is written: the caller decides whether to keep the bytes.
+    """
     from pgolf_eval.evaluate import evaluate_tokens, load_val_tokens
     from pgolf_train.calibrate import calibrate, shard_batches
     from pgolf_train.tokenizer import byte_tables, load_byte_sidecar, tokenizer_info
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    state, cfg = load_checkpoint_weights(checkpoint, model_config)
+    model = GPT(cfg).to(device)
+    model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    cal = calibrate(model, source=calib, data_dir=data_dir, tokens=calib_tokens, seconds=calib_seconds,
+                    seq_len=calib_seq_len, batch_size=calib_batch)
+    probe = None
+    if opts.sensitivity == "measured":
+        probe = next(shard_batches(data_dir, seq_len=min(cfg.seq_len, 1024) + 1, batch_size=8,
+                                   vocab_size=cfg.vocab_size))
+    metadata = {"model_config": cfg.to_dict(), "model_code": "model.py", "tokenizer": tokenizer_info(tokenizer),
+                "quantize": {"checkpoint": str(checkpoint), "calib": cal.source, "calib_tokens": cal.tokens,
+                             "budget": budget, "lowrank": opts.lowrank}}
+    data, info, alloc, labels = quantize_model(state, cfg, cal.hessians, budget, opts, metadata=metadata,
+                                               probe=probe, device=device)
+    tokens = load_val_tokens(data_dir, cfg.vocab_size)
+    if val_tokens:
+        tokens = tokens[:val_tokens]
+    sidecar = load_byte_sidecar(data_dir)
+    tables = sidecar[:len(tokens)] if sidecar is not None else byte_tables(tokenizer, cfg.vocab_size)
+    pre = evaluate_tokens(model.eval(), tokens, tables, seq_len=cfg.seq_len, device=device)
+    quantized = GPT(cfg)
+    quantized.load_state_dict(apply_lowrank(read_artifact_bytes(data).tensors))
+    post = evaluate_tokens(quantized.to(device).eval(), tokens, tables, seq_len=cfg.seq_len, device=device)
+    return QuantizeResult(data, info, alloc, labels, pre.val_bpb, post.val_bpb, post.tokens)
+
+
+def _run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists (pass --force to replace it)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    state, cfg = load_checkpoint_weights(args.checkpoint, args.model_config)
     opts = QuantizeOptions(bits=tuple(int(b) for b in args.bits.split(",")),
                            clips=tuple(float(c) for c in args.clips.split(",")), gptq=args.gptq,
                            group=args.group, lowrank=args.lowrank, sensitivity=args.sensitivity, coder=args.coder)
-    model = GPT(cfg).to(device)
-    model.load_state_dict({k: v.to(device) for k, v in state.items()})
-    calib = calibrate(model, source=args.calib, data_dir=args.data, tokens=args.calib_tokens,
-                      seconds=args.calib_seconds, seq_len=args.calib_seq_len, batch_size=args.calib_batch)
-    probe = None
-    if opts.sensitivity == "measured":
-        probe = next(shard_batches(args.data, seq_len=min(cfg.seq_len, 1024) + 1, batch_size=8,
-                                   vocab_size=cfg.vocab_size))
-    metadata = {"model_config": cfg.to_dict(), "model_code": "model.py", "tokenizer": tokenizer_info(args.tokenizer),
-                "quantize": {"checkpoint": str(args.checkpoint), "calib": calib.source, "calib_tokens": calib.tokens,
-                             "budget": args.budget, "lowrank": opts.lowrank}}
-    data, info, alloc, labels = quantize_model(state, cfg, calib.hessians, args.budget, opts, metadata=metadata,
-                                               probe=probe, device=device)
+    res = quantize_checkpoint(args.checkpoint, args.data, args.tokenizer, args.budget, opts,
+                              model_config=args.model_config, calib=args.calib, calib_tokens=args.calib_tokens,
+                              calib_seconds=args.calib_seconds, calib_seq_len=args.calib_seq_len,
+                              calib_batch=args.calib_batch, val_tokens=args.val_tokens, device=args.device)
     print(f"{'tensor':40s} {'choice':32s}")
-    for name, label in labels.items():
+    for name, label in res.labels.items():
         print(f"{name:40s} {label:32s}")
-    print(f"total {info.total_bytes:,} bytes (model {info.model_bytes:,} + code {info.code_bytes:,}) "
-          f"budget {args.budget:,}; allocation exact={alloc.exact}")
+    print(f"total {res.info.total_bytes:,} bytes (model {res.info.model_bytes:,} + code {res.info.code_bytes:,}) "
+          f"budget {args.budget:,}; allocation exact={res.alloc.exact}")
     print("frontier (payload bytes -> distortion):")
-    step = max(1, len(alloc.frontier) // 12)
-    for b, d in alloc.frontier[::step] + alloc.frontier[-1:]:
+    step = max(1, len(res.alloc.frontier) // 12)
+    for b, d in res.alloc.frontier[::step] + res.alloc.frontier[-1:]:
         print(f"  {b:>12,}  {d:.6g}")
-
-    tokens = load_val_tokens(args.data, cfg.vocab_size)
-    if args.val_tokens:
-        tokens = tokens[:args.val_tokens]
-    sidecar = load_byte_sidecar(args.data)
-    tables = sidecar[:len(tokens)] if sidecar is not None else byte_tables(args.tokenizer, cfg.vocab_size)
-    pre = evaluate_tokens(model.eval(), tokens, tables, seq_len=cfg.seq_len, device=device)
-    tmp = out.with_name(f".{out.name}.quantize-tmp{os.getpid()}")
-    write_bytes_atomic(tmp, data, overwrite=True)
-    try:
-        post = evaluate_tokens(_load_quantized_model(tmp, cfg, device), tokens, tables, seq_len=cfg.seq_len,
-                               device=device)
-        delta = post.val_bpb - pre.val_bpb
-        print(f"val_bpb unquantized {pre.val_bpb:.5f}  artifact {post.val_bpb:.5f}  (+{delta:.5f}) "
-              f"on {post.tokens:,} tokens")
-        if delta > args.tolerance and not args.allow_degradation:
-            print(f"pgolf quantize: refusing: quantization costs {delta:.5f} bpb, more than --tolerance "
-                  f"{args.tolerance}; no artifact written (raise the budget, or pass --allow-degradation)",
-                  file=sys.stderr)
-            return 3
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    print(f"val_bpb unquantized {res.bpb_before:.5f}  artifact {res.bpb_after:.5f}  (+{res.delta:.5f}) "
+          f"on {res.tokens:,} tokens")
+    if res.delta > args.tolerance and not args.allow_degradation:
+        print(f"pgolf quantize: refusing: quantization costs {res.delta:.5f} bpb, more than --tolerance "
+              f"{args.tolerance}; no artifact written (raise the budget, or pass --allow-degradation)",
+              file=sys.stderr)
+        return 3
+    write_bytes_atomic(out, res.data, overwrite=args.force)
     print(f"wrote {out}")
     return 0
 

@@ -47,3 +47,25 @@ def test_run_refuses_a_non_empty_directory(demo_run, capsys):
     rc = main(["run", "--config", "demo", "--data", str(out / "data"), "--tokenizer", "x.model", "--out", str(out)])
     assert rc == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_run_with_a_byte_budget_scores_the_allocators_artifact(demo_run, sp1024, tmp_path, capsys):
+    _, demo = demo_run
+    out = tmp_path / "alloc"
+    args = ["run", "--config", "tiny", "--data", str(demo / "data"), "--tokenizer", str(sp1024), "--out", str(out),
+            "--set", "iterations=20", "--set", "val_max_tokens=4096"]
+    assert main(args + ["--set", "quantize_budget=100000"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    alloc, recipe = out / "model_alloc.pgolf", out / "train" / "model.pgolf"
+    assert report["artifact"] == str(alloc) and report["artifact_bytes"] == alloc.stat().st_size <= 100_000
+    assert report["recipe_artifact"]["artifact_bytes"] == recipe.stat().st_size
+    assert report["val_bpb"] == report["evals"]["plain"]["val_bpb"] != report["recipe_artifact"]["val_bpb"]
+    assert report["val_bpb"] - report["val_bpb_prequant"] <= 0.02  # within the default quantize_tolerance
+    assert "the recipe's artifact instead" in (out / "report.md").read_text()
+    # a budget that costs bpb, with no tolerance: refused with a clear error, nothing scored
+    capsys.readouterr()
+    refused = tmp_path / "refused"
+    args[args.index(str(out))] = str(refused)
+    assert main(args + ["--set", "quantize_budget=66500", "--set", "quantize_tolerance=0"]) == 2
+    assert "quantize_tolerance" in capsys.readouterr().err
+    assert not (refused / "model_alloc.pgolf").exists() and not (refused / "report.json").exists()
