@@ -98,9 +98,10 @@ def _inspect(args: argparse.Namespace) -> int:
           f"{d['params']:,} params, {d['bits_per_param']:.3f} bits/param; "
           f"headroom {d['headroom_bytes']:,} under {BUDGET_BYTES:,}")
     w = max([len(t["name"]) for t in d["tensors"]] + [4])
-    print(f"{'name':<{w}}  {'shape':<14} {'scheme':<28} {'coder':<5} {'bytes':>10} {'bits/param':>10}")
+    print(f"{'name':<{w}}  {'shape':<14} {'scheme':<28} {'coder':<11} {'bytes':>10} {'bits/param':>10}")
     for t in d["tensors"]:
-        print(f"{t['name']:<{w}}  {'x'.join(map(str, t['shape'])) or '()':<14} {t['scheme']:<28} {t['coder']:<5} "
+        coder = t["coder"] + (f"/{t['rans_model']}" if "rans_model" in t else "")  # e.g. rans/column
+        print(f"{t['name']:<{w}}  {'x'.join(map(str, t['shape'])) or '()':<14} {t['scheme']:<28} {coder:<11} "
               f"{t['bytes']:>10,} {t['bits_per_param']:>10.3f}")
     if d["code_files"]:
         print("code files:", ", ".join(d["code_files"]))

@@ -31,6 +31,7 @@ from .coders import (CODERS, TRANSFORM_PACKED, StreamDesc, coder_by_name, decode
 from .errors import (ArtifactTooLarge, BadHeader, BadMagic, BadPayload, ChecksumMismatch, FormatError,
                      LimitExceeded, Limits, Truncated, UnsupportedVersion)
 from . import bitpack
+from .rans import RansCoder
 from .schemes import (Q8_TABLE, Quantized, QuantSpec, Recipe, dequantize, n_groups, quantize,
                       rows_view_shape)
 
@@ -191,13 +192,22 @@ class ArtifactInfo:
                 "tensors": self.tensors}
 
 
-def _tensor_info(entry: dict, spec: QuantSpec, coders: dict[str, int], sizes: dict[str, int]) -> dict:
+_RANS_MODELS = {0: "static", 1: "row", 2: "column"}   # the first byte of a coder-4 blob
+
+
+def _tensor_info(entry: dict, spec: QuantSpec, coders: dict[str, int], sizes: dict[str, int],
+                 codes_head: bytes = b"") -> dict:
+    """Per-tensor facts for `inspect`; ``codes_head``: the first byte of the codes blob, which
+    names the rANS model (reported as ``rans_model``) when the codes are rANS-coded."""
     numel = math.prod(entry["shape"])
     nbytes = sum(sizes.values())
-    return {"name": entry["name"], "shape": list(entry["shape"]), "numel": numel, "scheme": str(spec),
+    info = {"name": entry["name"], "shape": list(entry["shape"]), "numel": numel, "scheme": str(spec),
             "bits": spec.bits, "coder": CODERS[coders["codes"]].name, "bytes": nbytes,
             "bits_per_param": 8 * nbytes / numel if numel else 0.0,
             "stream_bytes": dict(sizes), "dtype": entry["dtype"]}
+    if coders["codes"] == RansCoder.id and codes_head:
+        info["rans_model"] = _RANS_MODELS.get(codes_head[0], "unknown")
+    return info
 
 
 # ----------------------------------------------------------------------------- writing
@@ -261,7 +271,7 @@ def build_artifact(tensors: Mapping[str, torch.Tensor | Quantized], recipe: Reci
         entries.append(entry)
         blobs.append(payload)
         infos.append(_tensor_info(entry, q.spec, {k: c for k, (_, c, _) in enc.streams.items()},
-                                  {k: len(b) for k, (_, _, b) in enc.streams.items()}))
+                                  {k: len(b) for k, (_, _, b) in enc.streams.items()}, enc.streams["codes"][2][:1]))
         offset += len(payload)
     files = sorted((code or {}).items())
     for fname, text in files:
@@ -538,10 +548,12 @@ def read_artifact_bytes(data: bytes, limits: Limits = Limits(), *, unpack: bool 
         end = start + sum(e[k][2] for k in descs)
         if zlib.crc32(mv[start:end]) != e["crc"]:
             raise ChecksumMismatch(f"tensor {e['name']!r}: payload CRC-32 mismatch")
-        streams, pos = {}, start
+        streams, pos, codes_head = {}, start, b""
         raw_codes = not unpack and not spec.is_float
         for k, d in descs.items():
             t, c, n = e[k]
+            if k == "codes":
+                codes_head = bytes(mv[pos:pos + min(n, 1)])
             try:
                 if raw_codes and k == "codes":
                     streams[k] = _code_payload(mv[pos:pos + n], t, c, d, spec, limits)
@@ -556,7 +568,7 @@ def read_artifact_bytes(data: bytes, limits: Limits = Limits(), *, unpack: bool 
             code_streams[e["name"]] = CodeStream(spec, shape, payload, packed, scales, zeros)
         else:
             quantized[e["name"]] = _to_quantized(spec, shape, streams, e["name"])
-        infos.append(_tensor_info(e, spec, {k: e[k][1] for k in descs}, {k: e[k][2] for k in descs}))
+        infos.append(_tensor_info(e, spec, {k: e[k][1] for k in descs}, {k: e[k][2] for k in descs}, codes_head))
     cstart = payload_start + offset
     if zlib.crc32(mv[cstart:cstart + c_len]) != _u32(code_hdr.get("crc"), "code: crc"):
         raise ChecksumMismatch("code section CRC-32 mismatch")

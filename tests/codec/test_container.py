@@ -269,3 +269,14 @@ def test_without_zstandard_header_is_plain_and_zstd_artifacts_name_the_package(m
     assert torch.equal(art.tensors["w"], pc.fake_quant(tensors["w"], pc.QuantSpec.parse("int4")))
     with pytest.raises(pc.UnsupportedCoder, match="zstandard"):
         pc.read_artifact_bytes(with_zstd)
+
+
+def test_info_names_the_rans_model_on_write_and_read():
+    # columns of very different widths: the per-column model is the smallest (coder 4, kind 2)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 64, generator=g) * torch.logspace(-2, 0, 64)[None, :]
+    data, info = pc.build_artifact({"w": w, "b": torch.randn(8, generator=g)}, "w=int6;*=fp32", coder="auto")
+    (wrote,) = [t for t in info.tensors if t["name"] == "w"]
+    assert wrote["coder"] == "rans" and wrote["rans_model"] == "column"
+    read = {t["name"]: t for t in pc.read_artifact_bytes(data).info.tensors}
+    assert read["w"]["rans_model"] == "column" and "rans_model" not in read["b"]
