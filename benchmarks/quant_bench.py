@@ -4,15 +4,18 @@ CPU (default): trains a small model for ``--train-seconds`` on real FineWeb text
 for each regime (matrices at B bits, embedding at B+2) compares the hand recipes round-to-nearest
 (max clip), percentile clip, k·σ clip and GPTQ (k·σ) with the GPTQ rate–distortion allocator at
 equal bytes: for every hand recipe an ``alloc@<recipe>`` row gets exactly that recipe's total
-artifact bytes as its budget (candidates are built once per regime). ``frontier`` in the JSON
+artifact bytes as its budget (candidates are built once per regime); with ``--lowrank R`` an
+``alloc+lrR@<recipe>`` row more, where the allocator may also add rank-R corrections (int8
+factors) to the highest-error matrices, at the same budget. ``frontier`` in the JSON
 holds the allocator's convex frontier (total payload bytes → predicted Δloss in nats). GPU: pass
 ``--checkpoint`` (and ``--model-config``) of a trained model and ``--data`` with real shards.
 
-    python benchmarks/quant_bench.py [--train-seconds 60] [--checkpoint model.pt --data DIR]
+    python benchmarks/quant_bench.py [--train-seconds 60] [--checkpoint model.pt --data DIR] [--lowrank 8]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -111,11 +114,12 @@ def main() -> None:
     ap.add_argument("--bits", default="4,6", help="hand-recipe regimes (matrix bit widths)")
     ap.add_argument("--calib-tokens", type=int, default=32_768)
     ap.add_argument("--val-tokens", type=int, default=60_000)
+    ap.add_argument("--lowrank", type=int, default=0, help="also allocate with rank-R low-rank corrections (0 = off)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quant_bench.json"))
     args = ap.parse_args()
-    if args.device == "cpu":
-        torch.set_num_threads(1)  # small matrices: thread hand-offs cost more than the math
+    if args.device == "cpu" and not args.checkpoint:
+        torch.set_num_threads(1)  # the small model's matrices: thread hand-offs cost more than the math
 
     tmp = tempfile.TemporaryDirectory()
     data = Path(args.data) if args.data else Path(tmp.name)
@@ -144,12 +148,18 @@ def main() -> None:
         hand = {m: hand_recipe(state, hessians, bits, m, meta, code) for m in ("rtn-max", "percentile", "sdclip", "gptq")}
         opts = QuantizeOptions(bits=tuple(range(max(2, bits - 2), min(8, bits + 2) + 1)), clips=(6, 8, 10, 12.5, 16),
                                gptq="on")
+        opts_lr = dataclasses.replace(opts, lowrank=args.lowrank)
         t0 = time.perf_counter()
-        cands = build_candidates(model, {k: v.to(args.device) for k, v in hessians.items()}, opts,
-                                 probe=probe.to(args.device))
+        # One build: with --lowrank it also holds the corrected variants of the worst matrices; the
+        # plain allocator sees the same candidates without them (same sensitivity probes).
+        cands_lr = build_candidates(model, {k: v.to(args.device) for k, v in hessians.items()}, opts_lr,
+                                    probe=probe.to(args.device))
+        cands = {n: [c for c in cs if c.payload["lowrank"] is None] for n, cs in cands_lr.items()}
         dt = time.perf_counter() - t0
         print(f"regime {bits}: candidates for {len(cands)} tensors in {dt:.1f}s ({dt / len(cands):.2f}s/tensor, "
               f"{len(next(iter(cands.values())))} each)", file=sys.stderr)
+        if not args.lowrank:
+            cands_lr = None
         alloc = None
         for m, d in hand.items():
             bpb = evaluate_bytes(d, cfg, tokens, tables, args.device)
@@ -162,6 +172,14 @@ def main() -> None:
             rows.append({"regime_bits": bits, "method": f"alloc@{m}", "bytes": len(a_data), "budget": len(d),
                          "val_bpb": a_bpb, "delta_bpb": a_bpb - base, "predicted_nats": alloc.total_distortion,
                          "beats_hand": a_bpb < bpb})
+            if cands_lr is not None:  # the same budget, the allocator also offered low-rank corrections
+                l_data, _, l_alloc, labels = quantize_model(state, cfg, hessians, len(d), opts_lr, metadata=meta,
+                                                            probe=probe, device=args.device, candidates=cands_lr)
+                l_bpb = evaluate_bytes(l_data, cfg, tokens, tables, args.device)
+                rows.append({"regime_bits": bits, "method": f"alloc+lr{args.lowrank}@{m}", "bytes": len(l_data),
+                             "budget": len(d), "val_bpb": l_bpb, "delta_bpb": l_bpb - base,
+                             "predicted_nats": l_alloc.total_distortion, "beats_hand": l_bpb < bpb,
+                             "lowrank_tensors": sorted(n for n, lab in labels.items() if "+lr" in lab)})
         frontiers[bits] = [(b, dist) for b, dist, _ in alloc.hull]
         write_result(args, cfg, base, tokens, rows, frontiers)  # after each regime: a cut-off run keeps it
         if alloc.hull:
