@@ -30,16 +30,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pgolf_codec.container import build_artifact, read_artifact_bytes  # noqa: E402
-from pgolf_codec.gptq import apply_lowrank, gptq_quantize  # noqa: E402
+from pgolf_codec.container import build_artifact  # noqa: E402
+from pgolf_codec.gptq import gptq_quantize  # noqa: E402
 from pgolf_codec.schemes import QuantSpec, quantize  # noqa: E402
 from pgolf_eval.evaluate import evaluate_tokens, load_val_tokens  # noqa: E402
 from pgolf_train.calibrate import calibrate, shard_batches  # noqa: E402
 from pgolf_train.model import GPT, GPTConfig  # noqa: E402
 from pgolf_train.quantize import (MODEL_SOURCE, QuantizeOptions, build_candidates, load_checkpoint_weights,  # noqa: E402
-                                  quantize_model)
+                                  model_from_artifact_bytes, quantize_model)
 from pgolf_train.shards import BOS_ID, read_shard, write_shard  # noqa: E402
 from pgolf_train.tokenizer import byte_tables  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported, not run
+from _results import write_json  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 SMALL = dict(vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, seq_len=128)
@@ -74,10 +77,8 @@ def train_small(data: Path, seconds: float, device: str) -> GPT:
 
 
 def evaluate_bytes(data: bytes, cfg: GPTConfig, tokens, tables, device: str) -> float:
-    art = read_artifact_bytes(data)
-    m = GPT(cfg)
-    m.load_state_dict(apply_lowrank(art.tensors))
-    return evaluate_tokens(m.to(device).eval(), tokens, tables, seq_len=cfg.seq_len, device=device, log=None).val_bpb
+    m = model_from_artifact_bytes(data, cfg, device)
+    return evaluate_tokens(m, tokens, tables, seq_len=cfg.seq_len, device=device, log=None).val_bpb
 
 
 def hand_recipe(state, hessians, bits: int, method: str, meta, code) -> bytes:
@@ -96,12 +97,10 @@ def hand_recipe(state, hessians, bits: int, method: str, meta, code) -> bytes:
 
 
 def write_result(args, cfg: GPTConfig, base: float, tokens, rows: list, frontiers: dict) -> None:
-    out = {"command": " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "device": args.device if args.device != "cuda" else torch.cuda.get_device_name(),
-           "host": platform.node(), "checkpoint": args.checkpoint, "model_config": cfg.to_dict(),
-           "unquantized_bpb": base, "val_tokens": len(tokens), "rows": rows, "frontier": frontiers}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out, {"command": " ".join(sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                          "device": args.device if args.device != "cuda" else torch.cuda.get_device_name(),
+                          "host": platform.node(), "checkpoint": args.checkpoint, "model_config": cfg.to_dict(),
+                          "unquantized_bpb": base, "val_tokens": len(tokens), "rows": rows, "frontier": frontiers})
 
 
 def main() -> None:
@@ -193,7 +192,6 @@ def main() -> None:
         verdict = "" if "beats_hand" not in r else ("  beats the hand recipe" if r["beats_hand"] else "  LOSES to the hand recipe")
         print(f"{r['regime_bits']:>6} {r['method']:22s} {r['bytes']:>10,} {r['val_bpb']:>9.5f} {r['delta_bpb']:>+9.5f}{verdict}")
     write_result(args, cfg, base, tokens, rows, frontiers)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

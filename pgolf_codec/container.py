@@ -31,7 +31,7 @@ from .coders import (CODERS, TRANSFORM_PACKED, StreamDesc, coder_by_name, decode
 from .errors import (ArtifactTooLarge, BadHeader, BadMagic, BadPayload, ChecksumMismatch, FormatError,
                      LimitExceeded, Limits, Truncated, UnsupportedVersion)
 from . import bitpack
-from .rans import RansCoder
+from .rans import MODEL_NAMES as RANS_MODEL_NAMES, RansCoder
 from .schemes import (Q8_TABLE, Quantized, QuantSpec, Recipe, dequantize, n_groups, quantize,
                       rows_view_shape)
 
@@ -192,9 +192,6 @@ class ArtifactInfo:
                 "tensors": self.tensors}
 
 
-_RANS_MODELS = {0: "static", 1: "row", 2: "column"}   # the first byte of a coder-4 blob
-
-
 def _tensor_info(entry: dict, spec: QuantSpec, coders: dict[str, int], sizes: dict[str, int],
                  codes_head: bytes = b"") -> dict:
     """Per-tensor facts for `inspect`; ``codes_head``: the first byte of the codes blob, which
@@ -206,7 +203,7 @@ def _tensor_info(entry: dict, spec: QuantSpec, coders: dict[str, int], sizes: di
             "bits_per_param": 8 * nbytes / numel if numel else 0.0,
             "stream_bytes": dict(sizes), "dtype": entry["dtype"]}
     if coders["codes"] == RansCoder.id and codes_head:
-        info["rans_model"] = _RANS_MODELS.get(codes_head[0], "unknown")
+        info["rans_model"] = RANS_MODEL_NAMES.get(codes_head[0], "unknown")  # a coder-4 blob's first byte
     return info
 
 

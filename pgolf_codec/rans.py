@@ -58,6 +58,7 @@ __all__ = ["RansCoder", "encode", "decode", "entropy_bits", "STATIC", "PARAMETRI
 STATIC = 0
 PARAMETRIC = 1
 COLUMN = 2
+MODEL_NAMES = {STATIC: "static", PARAMETRIC: "row", COLUMN: "column"}   # kind byte -> name (inspect)
 MAX_COLUMN_TABLES = 256   # distinct (width, offset) pairs in a kind-2 blob: bounds decoder memory
 _L = 1 << 16          # lower bound of a state; 16-bit renormalization keeps states < 2^32
 _PROB_BITS = 15       # frequency tables sum to 2^15: tails down to 3e-5 are still representable

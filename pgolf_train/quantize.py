@@ -272,6 +272,13 @@ def quantize_model(state: dict[str, torch.Tensor], cfg: GPTConfig, hessians: dic
     raise ValueError(f"could not fit the artifact within {budget:,} bytes")
 
 
+def model_from_artifact_bytes(data: bytes, cfg: GPTConfig, device: str | torch.device = "cpu") -> GPT:
+    """The model an artifact's bytes decode to (low-rank corrections folded in), in eval mode."""
+    model = GPT(cfg)
+    model.load_state_dict(apply_lowrank(read_artifact_bytes(data).tensors))
+    return model.to(device).eval()
+
+
 @dataclass
 class QuantizeResult:
     """What :func:`quantize_checkpoint` made: the artifact bytes and how they score."""
@@ -325,9 +332,8 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     sidecar = load_byte_sidecar(data_dir)
     tables = sidecar[:len(tokens)] if sidecar is not None else byte_tables(tokenizer, cfg.vocab_size)
     pre = evaluate_tokens(model.eval(), tokens, tables, seq_len=cfg.seq_len, device=device)
-    quantized = GPT(cfg)
-    quantized.load_state_dict(apply_lowrank(read_artifact_bytes(data).tensors))
-    post = evaluate_tokens(quantized.to(device).eval(), tokens, tables, seq_len=cfg.seq_len, device=device)
+    post = evaluate_tokens(model_from_artifact_bytes(data, cfg, device), tokens, tables, seq_len=cfg.seq_len,
+                           device=device)
     return QuantizeResult(data, info, alloc, labels, pre.val_bpb, post.val_bpb, post.tokens)
 
 
