@@ -25,7 +25,7 @@ def main() -> None:
     device = torch.device("cuda", 0)
     torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(cfg, device)
-    compiled = compile_model(model, exact_casts=False)
+    compiled = compile_model(model)  # as the trainer compiles
     optimizers, muon = build_optimizers(cfg, model, device)
     loader = DistributedTokenLoader(args.data, 0, 1, device, cfg.vocab_size)
     params = list(model.parameters())

@@ -35,7 +35,9 @@ def register(sub) -> None:
     p.add_argument("--ttt-reset", choices=("doc", "carry"), default="doc", help="adapted state per document or carried")
     p.add_argument("--ttt-targets", default="q,v", help="LoRA targets: q,k,v,o,up,down,mlp,attn or module-name globs")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; TTT stops adapting past it")
-    p.add_argument("--batch-tokens", type=int, default=None, help="forward positions per batch")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="forward positions per batch; TTT adapts batch-tokens/seq-len documents at once "
+                        "(default: 131072 on a GPU, 16384 on a CPU)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N val tokens (quick checks)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: the local rank's GPU if any)")
     p.add_argument("--compile", action="store_true", help="torch.compile the scorer")
@@ -74,7 +76,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import DEFAULT_BATCH_TOKENS, dist_rank_world, evaluate_artifact
+    from .evaluate import dist_rank_world, evaluate_artifact
     from .ttt import TTTConfig
 
     warnings.showwarning = _show_warning
@@ -94,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
                                 max_tokens=args.max_tokens, seq_len=args.seq_len, stride=args.stride,
                                 truncate=args.truncate, doc_isolated=args.doc_isolated, ttt=ttt,
                                 time_budget=args.time_budget, compile=args.compile,
-                                batch_tokens=args.batch_tokens or DEFAULT_BATCH_TOKENS)
+                                batch_tokens=args.batch_tokens)
         ok = True
     finally:
         if owns_group:

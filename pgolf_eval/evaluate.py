@@ -23,7 +23,15 @@ from pgolf_train.tokenizer import ByteTables, token_bytes
 
 from .sliding import WindowPlan, document_segments, plan_windows
 
-DEFAULT_BATCH_TOKENS = 1 << 17  # forward positions per batch: ~128 windows of 1024 on one GPU
+DEFAULT_BATCH_TOKENS = 1 << 17  # forward positions per batch on a GPU: ~128 windows of 1024
+# On a CPU, 8x fewer: LoRA TTT of an 18.6M-parameter, 4096-vocab model (forward and backward of
+# 128 documents at once, float32) grew past 24 GB at 1 << 17 and was killed by the OOM killer.
+CPU_BATCH_TOKENS = 1 << 14
+
+
+def default_batch_tokens(device: str | torch.device) -> int:
+    """Forward positions per batch when the caller gives none: by device type."""
+    return DEFAULT_BATCH_TOKENS if torch.device(device).type == "cuda" else CPU_BATCH_TOKENS
 PAD_ID = 0  # fills batch rows past a window's end; causal attention keeps it out of real positions
 Log = Callable[[str], None]
 
@@ -176,7 +184,7 @@ def target_bytes(tokens: np.ndarray, byte_source: ByteTables | np.ndarray, lo: i
 
 
 def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTables | np.ndarray, *,
-                    seq_len: int, stride: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                    seq_len: int, stride: int | None = None, batch_tokens: int | None = None,
                     device: str | torch.device = "cpu", doc_isolated: bool = False, ttt: Any = None,
                     time_budget: float | None = None, truncate: bool = False, bos_id: int = BOS_ID,
                     compile: bool = False, log: Log | None = stderr_log) -> EvalResult:
@@ -186,9 +194,12 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
     ``doc_isolated`` restarts the context at every BOS. ``ttt`` (a :class:`pgolf_eval.ttt.TTTConfig`)
     runs legal score-first test-time training on a copy of the adapted parameters, within
     ``time_budget`` seconds of adaptation. ``tables`` may be a per-token byte sidecar instead.
+    ``batch_tokens``: forward positions per batch (TTT: documents adapted at once × seq_len);
+    None picks :func:`default_batch_tokens` for the device.
     Under an initialized process group each rank must pass the same arguments; the result is global.
     """
     device = torch.device(device)
+    batch_tokens = batch_tokens or default_batch_tokens(device)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or tokens.size < 2:
         raise ValueError(f"need a 1-D stream of at least 2 tokens, got shape {tokens.shape}")

@@ -178,6 +178,23 @@ def test_ttt_without_updates_equals_sliding_and_budget_stops_adapting(val_tokens
     assert spent.val_bpb == pytest.approx(sliding.val_bpb, rel=1e-6)
 
 
+def test_lora_ttt_per_document_is_independent_of_documents_per_batch(val_tokens, sp1024):
+    """The CPU default batches 8x fewer documents than the GPU one; with per-document adapters,
+    a per-document mean loss and element-wise Adam, the score must not depend on it."""
+    from pgolf_eval.evaluate import CPU_BATCH_TOKENS, DEFAULT_BATCH_TOKENS, default_batch_tokens
+
+    model, tables = tiny_model(), byte_tables(sp1024, 1024)
+    toks, cfg = val_tokens[:600], TTTConfig(chunk=4, rank=2, lr=0.05)
+    one = evaluate_tokens(model, toks, tables, seq_len=16, ttt=cfg, batch_tokens=16, log=None)
+    many = evaluate_tokens(model, toks, tables, seq_len=16, ttt=cfg, batch_tokens=16 * 64, log=None)
+    assert one.extra["ttt"]["documents_in_parallel"] == 1 and many.extra["ttt"]["documents_in_parallel"] == 64
+    assert one.extra["ttt"]["adapted_chunks"] == many.extra["ttt"]["adapted_chunks"] > 0
+    assert many.val_loss == pytest.approx(one.val_loss, rel=1e-6) and many.tokens == one.tokens
+    assert default_batch_tokens("cpu") == CPU_BATCH_TOKENS < DEFAULT_BATCH_TOKENS == default_batch_tokens("cuda")
+    cpu = evaluate_tokens(model, toks, tables, seq_len=16, ttt=cfg, log=None)  # no batch given: by device
+    assert cpu.extra["ttt"]["documents_in_parallel"] == CPU_BATCH_TOKENS // 16
+
+
 def test_evaluate_artifact_sidecar_rope_and_tokenizer_checks(tmp_path, val_dir, sp1024):
     from pgolf_train.shards import write_shard
     from pgolf_train.tokenizer import tokenizer_info

@@ -56,7 +56,7 @@ def test_qat_forward_equals_codec_dequant():
 def test_qat_switch_changes_the_compiled_graph():
     torch._dynamo.reset()
     model = _model()
-    compiled = compile_model(model, exact_casts=True)  # as the trainer compiles when QAT is planned
+    compiled = compile_model(model)  # as the trainer compiles
     x = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         before = compiled(x)
