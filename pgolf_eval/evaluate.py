@@ -27,13 +27,13 @@ DEFAULT_BATCH_TOKENS = 1 << 17  # forward positions per batch on a GPU: ~128 win
 # On a CPU, 8x fewer: LoRA TTT of an 18.6M-parameter, 4096-vocab model (forward and backward of
 # 128 documents at once, float32) grew past 24 GB at 1 << 17 and was killed by the OOM killer.
 CPU_BATCH_TOKENS = 1 << 14
+PAD_ID = 0  # fills batch rows past a window's end; causal attention keeps it out of real positions
+Log = Callable[[str], None]
 
 
 def default_batch_tokens(device: str | torch.device) -> int:
     """Forward positions per batch when the caller gives none: by device type."""
     return DEFAULT_BATCH_TOKENS if torch.device(device).type == "cuda" else CPU_BATCH_TOKENS
-PAD_ID = 0  # fills batch rows past a window's end; causal attention keeps it out of real positions
-Log = Callable[[str], None]
 
 
 @dataclass
