@@ -141,13 +141,15 @@ def _batches(plan: WindowPlan, batch_tokens: int) -> list[np.ndarray]:
 
 @torch.inference_mode()
 def score_plan(model: torch.nn.Module, tokens: np.ndarray, plan: WindowPlan, *, device: torch.device,
-               batch_tokens: int = DEFAULT_BATCH_TOKENS, scorer: Callable | None = None,
+               batch_tokens: int | None = None, scorer: Callable | None = None,
                log: Log | None = None, label: str = "eval") -> tuple[float, int]:
     """Sum of the scored targets' losses (nats, float64) and their count, for this process's plan.
 
-    ``scorer(idx, targets) -> float32 (B, T)`` defaults to ``model.token_losses``.
+    ``scorer(idx, targets) -> float32 (B, T)`` defaults to ``model.token_losses``; ``batch_tokens``
+    to :func:`default_batch_tokens` of ``device``.
     """
     scorer = scorer or model.token_losses
+    batch_tokens = batch_tokens or default_batch_tokens(device)
     total = torch.zeros((), dtype=torch.float64, device=device)
     count, done = 0, 0
     progress = Progress(label, plan.scored, log)
@@ -199,7 +201,6 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
     Under an initialized process group each rank must pass the same arguments; the result is global.
     """
     device = torch.device(device)
-    batch_tokens = batch_tokens or default_batch_tokens(device)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or tokens.size < 2:
         raise ValueError(f"need a 1-D stream of at least 2 tokens, got shape {tokens.shape}")

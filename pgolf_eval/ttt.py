@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .evaluate import Log, Progress, autocast_for, dist_rank_world, gather_windows, score_mask
+from .evaluate import (Log, Progress, autocast_for, default_batch_tokens, dist_rank_world, gather_windows,
+                       score_mask)
 from .sliding import WindowPlan, document_segments, segment_windows
 
 # Short target names → the module-name suffixes they select in pgolf_train.model.GPT.
@@ -157,7 +158,7 @@ def _lanes(segments: np.ndarray, cfg: TTTConfig, seq_len: int, doc_isolated: boo
 
 def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_len: int, device: torch.device,
             doc_isolated: bool = False, time_budget: float | None = None, bos_id: int = 1,
-            batch_tokens: int = 1 << 17, log: Log | None = None) -> tuple[float, int, int, int, dict[str, Any]]:
+            batch_tokens: int | None = None, log: Log | None = None) -> tuple[float, int, int, int, dict[str, Any]]:
     """Score ``tokens`` with score-first TTT; returns ``(loss_sum_nats, tokens, lo, hi, info)``.
 
     This rank scores targets ``lo..hi-1``. ``time_budget`` (seconds from the start) bounds
@@ -170,6 +171,7 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
     segments = _split_segments(document_segments(tokens, bos_id), rank, world)
     lanes = _lanes(segments, cfg, seq_len, doc_isolated)
     lo, hi = (int(segments[0, 0]), int(segments[-1, 1])) if len(segments) else (0, 0)
+    batch_tokens = batch_tokens or default_batch_tokens(device)  # / seq_len = documents adapted at once
     group = max(1, batch_tokens // seq_len) if (cfg.kind == "lora" and cfg.reset == "doc") else 1
     lanes.sort(key=len, reverse=True)  # like-length documents share a batch
 
