@@ -76,7 +76,12 @@ def _eval_modes(cfg) -> list[dict]:
     if cfg.eval_stride and cfg.eval_stride < (cfg.eval_seq_len or cfg.train_seq_len):
         modes.append({"mode": "sliding", "stride": cfg.eval_stride})
     if cfg.eval_ttt:
-        modes.append({"mode": "ttt", "ttt": cfg.eval_ttt, "stride": cfg.eval_stride or None})
+        from pgolf_eval.ttt import TTTConfig
+
+        ttt = TTTConfig(kind=cfg.eval_ttt, rank=cfg.eval_ttt_rank, lr=cfg.eval_ttt_lr or None,
+                        epochs=cfg.eval_ttt_epochs, chunk=cfg.eval_ttt_chunk,
+                        targets=tuple(t.strip() for t in cfg.eval_ttt_targets.split(",") if t.strip()))
+        modes.append({"mode": "ttt", "ttt": ttt})
     return modes
 
 

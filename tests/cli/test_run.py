@@ -69,3 +69,20 @@ def test_run_with_a_byte_budget_scores_the_allocators_artifact(demo_run, sp1024,
     assert main(args + ["--set", "quantize_budget=66500", "--set", "quantize_tolerance=0"]) == 2
     assert "quantize_tolerance" in capsys.readouterr().err
     assert not (refused / "model_alloc.pgolf").exists() and not (refused / "report.json").exists()
+
+
+def test_eval_modes_build_the_configs_ttt_settings():
+    from pgolf.run import _eval_modes
+    from pgolf_eval.ttt import TTTConfig
+    from pgolf_train.config import ConfigError, load_config
+
+    cfg = load_config("h200", ["eval_ttt_lr=0.003", "eval_ttt_chunk=64", "eval_ttt_targets=attn, mlp",
+                               "eval_ttt_epochs=2", "eval_ttt_rank=4"])
+    modes = {m["mode"]: m for m in _eval_modes(cfg)}
+    assert modes["sliding"]["stride"] == cfg.eval_stride
+    assert modes["ttt"]["ttt"] == TTTConfig(kind="lora", rank=4, lr=0.003, epochs=2, chunk=64, targets=("attn", "mlp"))
+    assert _eval_modes(load_config("h200", ["eval_ttt_lr=0"]))[-1]["ttt"].learning_rate == 1e-3  # 0 = the default
+    with pytest.raises(ConfigError, match="eval_ttt_chunk"):
+        load_config("h200", ["eval_ttt_chunk=2048"])
+    with pytest.raises(ConfigError, match="eval_ttt_targets"):
+        load_config("h200", ["eval_ttt_targets= ,"])

@@ -1,0 +1,100 @@
+"""Test-time-training settings side by side on one artifact: bpb and seconds per setting.
+
+Loads the artifact once, scores the full val stream plain and sliding (stride 64) as the
+references, then once per TTT setting (LoRA rank, learning rate, epochs, chunk, targets).
+Prints a table with each setting's delta to sliding, writes benchmarks/results/ttt_sweep.json.
+
+    python3 benchmarks/ttt_sweep.py --artifact A.pgolf --data DIR --tokenizer T.model   # H200: ~5 min
+    python3 benchmarks/ttt_sweep.py ... --variants ref,lr3e-3 --max-tokens 20000 --device cpu
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_json  # noqa: E402
+
+from pgolf_eval.evaluate import evaluate_tokens, load_val_tokens  # noqa: E402
+from pgolf_eval.loader import check_tokenizer, model_from_artifact  # noqa: E402
+from pgolf_eval.ttt import TTTConfig  # noqa: E402
+from pgolf_train.tokenizer import byte_tables, load_byte_sidecar  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# name -> TTTConfig keywords; "ref" is the evaluator's default (LoRA r8 on q,v, Adam 1e-3, chunk 256).
+VARIANTS: dict[str, dict] = {
+    "ref": {},
+    "lr3e-3": {"lr": 3e-3},
+    "lr1e-2": {"lr": 1e-2},
+    "lr3e-3_e2": {"lr": 3e-3, "epochs": 2},
+    "lr3e-3_r16": {"lr": 3e-3, "rank": 16},
+    "lr3e-3_all": {"lr": 3e-3, "targets": ("attn", "mlp")},
+    "lr3e-3_c128": {"lr": 3e-3, "chunk": 128},
+    "lr3e-3_c64": {"lr": 3e-3, "chunk": 64},
+    "lr1e-2_all": {"lr": 1e-2, "targets": ("attn", "mlp")},
+    "lr3e-3_all_e2": {"lr": 3e-3, "targets": ("attn", "mlp"), "epochs": 2},
+    "lr3e-3_all_c64": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 64},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifact", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True, help="directory with the val shards (and byte sidecar)")
+    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    ap.add_argument("--max-tokens", type=int, default=None, help="score only a prefix of the val stream")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--trust-code", action="store_true", help="run the artifact's embedded model source")
+    ap.add_argument("--out", type=Path, default=RESULTS / "ttt_sweep.json")
+    args = ap.parse_args(argv)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; have {list(VARIANTS)}")
+
+    model, art = model_from_artifact(args.artifact, device=args.device, trust_code=args.trust_code)
+    vocab = check_tokenizer(art.metadata, args.tokenizer, model_vocab=int(model.cfg.vocab_size))
+    tokens = load_val_tokens(args.data, vocab)
+    sidecar = load_byte_sidecar(args.data)
+    byte_source = sidecar if sidecar is not None else byte_tables(args.tokenizer, vocab)
+    if args.max_tokens:
+        tokens = tokens[:args.max_tokens]
+        byte_source = byte_source[:args.max_tokens] if sidecar is not None else byte_source
+    seq_len = int(model.cfg.seq_len)
+
+    runs: list[tuple[str, dict, dict]] = [("plain", {}, {}), ("sliding s=64", {"stride": 64}, {})]
+    runs += [(n, {"ttt": TTTConfig(**VARIANTS[n])}, VARIANTS[n]) for n in names]
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+    head = {"command": "python3 " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
+            "torch": torch.__version__, "artifact": str(args.artifact), "artifact_bytes": int(art.info.total_bytes),
+            "seq_len": seq_len}
+    rows: list[dict] = []
+    for name, kw, setting in runs:
+        t = time.perf_counter()
+        res = evaluate_tokens(model, tokens, byte_source, seq_len=seq_len, device=args.device, log=None, **kw)
+        rows.append({"variant": name, "setting": {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()},
+                     "val_bpb": res.val_bpb, "val_loss": res.val_loss, "tokens": res.tokens,
+                     "seconds": time.perf_counter() - t, "ttt": res.extra.get("ttt")})
+        print(f"  {name:<16} {res.val_bpb:.5f}  {rows[-1]['seconds']:7.1f} s", file=sys.stderr, flush=True)
+        write_json(args.out, {**head, "tokens": rows[0]["tokens"], "rows": rows})  # partial results survive a stop
+    sliding = rows[1]["val_bpb"]
+    for r in rows:
+        r["delta_vs_sliding"] = r["val_bpb"] - sliding
+
+    print(f"\n{'variant':<16} {'val_bpb':>9} {'Δ sliding':>10} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['variant']:<16} {r['val_bpb']:>9.5f} {r['delta_vs_sliding']:>+10.5f} {r['seconds']:>8.1f}")
+    write_json(args.out, {**head, "tokens": rows[0]["tokens"], "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
