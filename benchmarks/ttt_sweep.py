@@ -40,6 +40,9 @@ VARIANTS: dict[str, dict] = {
     "lr1e-2_all": {"lr": 1e-2, "targets": ("attn", "mlp")},
     "lr3e-3_all_e2": {"lr": 3e-3, "targets": ("attn", "mlp"), "epochs": 2},
     "lr3e-3_all_c64": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 64},
+    "lr3e-3_all_c64_e2": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 64, "epochs": 2},
+    "lr2e-3_all_c64_e2": {"lr": 2e-3, "targets": ("attn", "mlp"), "chunk": 64, "epochs": 2},
+    "lr3e-3_all_c32": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 32},
 }
 
 
