@@ -72,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         byte_source = byte_source[:args.max_tokens] if sidecar is not None else byte_source
     seq_len = int(model.cfg.seq_len)
 
-    runs: list[tuple[str, dict, dict]] = [("plain", {}, {}), ("sliding s=64", {"stride": 64}, {})]
-    runs += [(n, {"ttt": TTTConfig(**VARIANTS[n])}, VARIANTS[n]) for n in names]
+    stride = min(64, max(1, seq_len // 4))  # 64 on any real model
+    runs: list[tuple[str, dict, dict]] = [("plain", {}, {}), (f"sliding s={stride}", {"stride": stride}, {})]
+    for n in names:  # a chunk longer than the model's context is the context
+        setting = {**VARIANTS[n], "chunk": min(VARIANTS[n].get("chunk", TTTConfig.chunk), seq_len)}
+        runs.append((n, {"ttt": TTTConfig(**setting)}, setting))
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
     head = {"command": "python3 " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,

@@ -78,8 +78,9 @@ def _eval_modes(cfg) -> list[dict]:
     if cfg.eval_ttt:
         from pgolf_eval.ttt import TTTConfig
 
+        window = cfg.eval_seq_len or cfg.train_seq_len
         ttt = TTTConfig(kind=cfg.eval_ttt, rank=cfg.eval_ttt_rank, lr=cfg.eval_ttt_lr or None,
-                        epochs=cfg.eval_ttt_epochs, chunk=cfg.eval_ttt_chunk,
+                        epochs=cfg.eval_ttt_epochs, chunk=min(cfg.eval_ttt_chunk, window),
                         targets=tuple(t.strip() for t in cfg.eval_ttt_targets.split(",") if t.strip()))
         modes.append({"mode": "ttt", "ttt": ttt})
     return modes

@@ -108,7 +108,7 @@ class TrainFields:
     eval_ttt_rank: int = 8  # LoRA rank of the TTT adapters
     eval_ttt_lr: float = 0.0  # TTT Adam learning rate; 0 = the evaluator's default (1e-3 LoRA, 1e-5 full)
     eval_ttt_epochs: int = 1  # TTT gradient steps per chunk
-    eval_ttt_chunk: int = 256  # TTT chunk in tokens: scored, then trained on (the TTT score's stride)
+    eval_ttt_chunk: int = 256  # TTT chunk in tokens, scored then trained on (its stride); at most the eval window
     eval_ttt_targets: str = "q,v"  # LoRA targets, comma-separated: q,k,v,o,up,down,mlp,attn or module globs
     eval_time_budget: float = 600.0  # seconds each evaluation mode may take (the challenge allows 600)
 
@@ -326,8 +326,7 @@ def validate(cfg: "TrainConfig") -> None:
     need(cfg.eval_ttt_rank >= 1, "eval_ttt_rank", "must be >= 1")
     need(cfg.eval_ttt_lr >= 0, "eval_ttt_lr", "must be >= 0 (0 = the evaluator's default)")
     need(cfg.eval_ttt_epochs >= 0, "eval_ttt_epochs", "must be >= 0")
-    need(1 <= cfg.eval_ttt_chunk <= (cfg.eval_seq_len or cfg.train_seq_len), "eval_ttt_chunk",
-         "must be in [1, the evaluation window]")
+    need(cfg.eval_ttt_chunk >= 1, "eval_ttt_chunk", "must be >= 1")
     need(bool([t for t in cfg.eval_ttt_targets.split(",") if t.strip()]), "eval_ttt_targets", "must name a target")
     need(cfg.eval_time_budget > 0, "eval_time_budget", "must be > 0")
     need(0.0 <= cfg.distill_teacher_frac < 1.0, "distill_teacher_frac", "must be in [0, 1) (0 = no distillation)")

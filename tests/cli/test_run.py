@@ -82,7 +82,8 @@ def test_eval_modes_build_the_configs_ttt_settings():
     assert modes["sliding"]["stride"] == cfg.eval_stride
     assert modes["ttt"]["ttt"] == TTTConfig(kind="lora", rank=4, lr=0.003, epochs=2, chunk=64, targets=("attn", "mlp"))
     assert _eval_modes(load_config("h200", ["eval_ttt_lr=0"]))[-1]["ttt"].learning_rate == 1e-3  # 0 = the default
+    assert _eval_modes(load_config("h200", ["eval_ttt_chunk=4096"]))[-1]["ttt"].chunk == 1024  # the window at most
     with pytest.raises(ConfigError, match="eval_ttt_chunk"):
-        load_config("h200", ["eval_ttt_chunk=2048"])
+        load_config("h200", ["eval_ttt_chunk=0"])
     with pytest.raises(ConfigError, match="eval_ttt_targets"):
         load_config("h200", ["eval_ttt_targets= ,"])
