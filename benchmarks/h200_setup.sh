@@ -3,13 +3,15 @@
 # Expects (carried beside the checkout, ignored by git): .data/{wikipedia,fineweb,tokenizers}
 # and .whl/zstandard-*-min.tar.xz (the GPU image lacks zstandard).
 # Leaves: PYTHONPATH set for the checkout; /tmp/pg/sp1024 = challenge-format shards (train = all
-# Wikipedia shards, val = the 200 FineWeb documents) tokenized with the challenge's sp1024.
+# Wikipedia shards, val = the 200 FineWeb documents) tokenized with the challenge's sp1024 (with
+# VOCAB unset or 1024; with another VOCAB, /tmp/pg/sp$VOCAB instead).
 set -euo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 mkdir -p /tmp/site && tar xJf .whl/zstandard-*-min.tar.xz -C /tmp/site
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import torch, zstandard, numba, msgpack, sentencepiece, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-if [ ! -f /tmp/pg/sp1024/manifest.json ]; then
+# The challenge-tokenizer shards only when a run needs them (VOCAB unset or 1024): ~15 s of device time.
+if [ "${VOCAB:-1024}" = 1024 ] && [ ! -f /tmp/pg/sp1024/manifest.json ]; then
   python3 -m pgolf data prepare --docs .data/fineweb/parameter_golf_verify_docs_200.jsonl .data/wikipedia/*.jsonl.xz \
     --vocab 1024 --val-docs 200 --tokenizer .data/tokenizers/fineweb_1024_bpe.model --out /tmp/pg/sp1024 --workers 16
 fi

@@ -130,7 +130,7 @@ def main(args) -> int:
     from pgolf_train.trainer import train
 
     t0 = time.perf_counter()
-    summary = train(cfg, data_dir, tokenizer, out / "train")
+    summary = train(cfg, data_dir, tokenizer, out / "train", force=args.force)  # --force covers the whole run
     stages["train_total_s"] = time.perf_counter() - t0
 
     import torch

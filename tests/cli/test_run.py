@@ -49,6 +49,20 @@ def test_run_refuses_a_non_empty_directory(demo_run, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+def test_run_force_starts_a_previous_run_over(demo_run, sp1024, tmp_path):
+    _, first = demo_run
+    out = tmp_path / "again"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "model.pgolf").write_bytes(b"an earlier run's artifact")
+    args = ["run", "--config", "demo", "--data", str(first / "data"), "--tokenizer", str(sp1024), "--out", str(out),
+            "--set", "max_wallclock_seconds=1", "--set", "val_max_tokens=4096", "--set", "eval_stride=0"]
+    assert main(args) == 2  # without --force the earlier run is kept
+    assert (out / "train" / "model.pgolf").read_bytes() == b"an earlier run's artifact"
+    assert main([*args, "--force"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "train" / "model.pgolf").stat().st_size == report["artifact_bytes"]
+
+
 def test_run_with_a_byte_budget_scores_the_allocators_artifact(demo_run, sp1024, tmp_path, capsys):
     _, demo = demo_run
     out = tmp_path / "alloc"
