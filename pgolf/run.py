@@ -86,6 +86,20 @@ def _eval_modes(cfg) -> list[dict]:
     return modes
 
 
+def _check_eval_modes(cfg) -> None:
+    """Build the evaluation settings before training: a bad TTT setting (a misspelt target) fails
+    now, not after the training budget is spent. The model is built on the meta device (no memory)."""
+    import torch
+
+    from pgolf_eval.ttt import select_targets
+    from pgolf_train.model import GPT
+
+    for m in _eval_modes(cfg):
+        if "ttt" in m and m["ttt"].kind == "lora":
+            with torch.device("meta"):
+                select_targets(GPT(cfg.model_config()), m["ttt"].targets)
+
+
 def _allocate(cfg, summary: dict, data_dir: Path, tokenizer: Path, out: Path, device: str) -> dict:
     """GPTQ + the bit allocator on the trained weights within ``cfg.quantize_budget`` bytes.
 
@@ -121,6 +135,7 @@ def main(args) -> int:
     out = args.out
     _check_out_dir(out, args.force)
     cfg = load_config(args.config, args.overrides)
+    _check_eval_modes(cfg)
     stages: dict[str, float] = {}
 
     t0 = time.perf_counter()

@@ -74,16 +74,17 @@ class TTTConfig:
 def select_targets(model: torch.nn.Module, targets: tuple[str, ...]) -> list[tuple[str, torch.nn.Linear]]:
     """The linear layers (``CastedLinear``/``nn.Linear``) named by ``targets``, in model order."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    chosen = []
+    chosen, used = [], set()
     for name, m in linears:
-        for t in targets:
-            suffixes = TARGET_ALIASES.get(t)
-            hit = any(name == s or name.endswith("." + s) for s in suffixes) if suffixes else fnmatch.fnmatch(name, t)
-            if hit:
-                chosen.append((name, m))
-                break
-    if not chosen:
-        raise ValueError(f"TTT targets {list(targets)} match no linear layer (have e.g. {[n for n, _ in linears[:6]]})")
+        hits = [t for t in targets if (any(name == s or name.endswith("." + s) for s in TARGET_ALIASES[t])
+                                       if t in TARGET_ALIASES else fnmatch.fnmatch(name, t))]
+        used.update(hits)
+        if hits:
+            chosen.append((name, m))
+    unused = [t for t in targets if t not in used]
+    if unused or not chosen:  # a misspelt target would otherwise be dropped silently
+        raise ValueError(f"TTT targets {unused or list(targets)} match no linear layer "
+                         f"(have e.g. {[n for n, _ in linears[:6]]})")
     return chosen
 
 

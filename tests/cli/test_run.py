@@ -101,3 +101,13 @@ def test_eval_modes_build_the_configs_ttt_settings():
         load_config("h200", ["eval_ttt_chunk=0"])
     with pytest.raises(ConfigError, match="eval_ttt_targets"):
         load_config("h200", ["eval_ttt_targets= ,"])
+
+
+def test_run_rejects_a_misspelt_ttt_target_before_training(tmp_path, capsys):
+    out = tmp_path / "bad"
+    rc = main(["run", "--config", "demo", "--data", str(tmp_path), "--tokenizer", "x.model", "--out", str(out),
+               "--set", "eval_ttt=lora", "--set", "eval_ttt_targets=q,vv"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "['vv']" in err and "match no linear layer" in err and not (out / "train").exists()
+

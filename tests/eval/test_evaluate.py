@@ -11,7 +11,7 @@ import torch
 
 from pgolf_eval.evaluate import evaluate_artifact, evaluate_tokens
 from pgolf_eval.loader import EvalWarning, model_from_artifact
-from pgolf_eval.ttt import TTTConfig
+from pgolf_eval.ttt import TTTConfig, select_targets
 from pgolf_train.tokenizer import byte_tables
 
 from .conftest import pack, tiny_model
@@ -237,3 +237,13 @@ def test_embedded_source_only_runs_with_trust(tmp_path, sp1024, val_dir):
     assert getattr(__import__("sys").modules[type(trusted).__module__], "ARTIFACT_MARKER") == 1
     x = torch.randint(0, 1024, (1, 16))
     assert torch.equal(m.token_losses(x, x), trusted.token_losses(x, x))
+
+
+def test_select_targets_takes_aliases_and_globs_and_names_a_target_that_matches_nothing():
+    model = tiny_model()
+    names = [n for n, _ in select_targets(model, ("attn", "mlp"))]
+    assert len(names) == 6 * model.cfg.num_layers and names[0] == "blocks.0.attn.c_q"
+    assert [n for n, _ in select_targets(model, ("blocks.0.*",))] == names[:6]
+    with pytest.raises(ValueError, match=r"\['vv'\] match no linear layer"):
+        select_targets(model, ("q", "vv"))  # one good target does not hide a misspelt one
+
