@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict] = {
     "lr3e-3_all_c64_e2": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 64, "epochs": 2},
     "lr2e-3_all_c64_e2": {"lr": 2e-3, "targets": ("attn", "mlp"), "chunk": 64, "epochs": 2},
     "lr3e-3_all_c32": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 32},
+    "lr3e-3_all_c64_start": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 64, "from_start": True},
     "lr3e-3_all_c64_r16": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 64, "rank": 16},
     "lr3e-3_all_c64_r32": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 64, "rank": 32},
     "lr3e-3_all_c32_r16": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 32, "rank": 16},

@@ -81,7 +81,8 @@ def _eval_modes(cfg) -> list[dict]:
         window = cfg.eval_seq_len or cfg.train_seq_len
         ttt = TTTConfig(kind=cfg.eval_ttt, rank=cfg.eval_ttt_rank, lr=cfg.eval_ttt_lr or None,
                         epochs=cfg.eval_ttt_epochs, chunk=min(cfg.eval_ttt_chunk, window),
-                        targets=tuple(t.strip() for t in cfg.eval_ttt_targets.split(",") if t.strip()))
+                        targets=tuple(t.strip() for t in cfg.eval_ttt_targets.split(",") if t.strip()),
+                        from_start=cfg.eval_ttt_from_start)
         modes.append({"mode": "ttt", "ttt": ttt})
     return modes
 

@@ -34,6 +34,8 @@ def register(sub) -> None:
     p.add_argument("--ttt-chunk", type=int, default=256, help="targets scored, then trained on, per step")
     p.add_argument("--ttt-reset", choices=("doc", "carry"), default="doc", help="adapted state per document or carried")
     p.add_argument("--ttt-targets", default="q,v", help="LoRA targets: q,k,v,o,up,down,mlp,attn or module-name globs")
+    p.add_argument("--ttt-from-start", action="store_true",
+                   help="chunk each document from its first token (adapt inside the first window too)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; TTT stops adapting past it")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="forward positions per batch; TTT adapts batch-tokens/seq-len documents at once "
@@ -85,7 +87,8 @@ def main(args: argparse.Namespace) -> int:
     if args.ttt:
         ttt = TTTConfig(kind=args.ttt, rank=args.ttt_rank, lr=args.ttt_lr, epochs=args.ttt_epochs,
                         chunk=args.ttt_chunk, reset=args.ttt_reset,
-                        targets=tuple(t.strip() for t in args.ttt_targets.split(",") if t.strip()))
+                        targets=tuple(t.strip() for t in args.ttt_targets.split(",") if t.strip()),
+                        from_start=args.ttt_from_start)
         if args.stride is not None:
             raise ValueError("--stride does not apply with --ttt: the chunk (--ttt-chunk) is the stride")
     owns_group = _init_distributed(device)
@@ -129,6 +132,7 @@ def format_report(d: dict) -> str:
     if "ttt" in ex:
         t = ex["ttt"]
         lines.append(f"ttt           {t['kind']} lr {t['lr']:g} epochs {t['epochs']} chunk {t['chunk']} reset {t['reset']}"
+                     f"{' from-start' if t.get('from_start') else ''}"
                      f"  adapted {t['adapted_chunks']}/{t['chunks']} chunks"
                      f"{'  TIME BUDGET EXCEEDED' if t['budget_exceeded'] else ''}")
     tps = d.get("tokens_per_second") or 0

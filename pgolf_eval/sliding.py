@@ -97,6 +97,21 @@ def segment_windows(begin: int, end: int, seq_len: int, stride: int) -> tuple[np
     return starts, lengths, score_from
 
 
+def growing_windows(begin: int, end: int, seq_len: int, stride: int) -> tuple[np.ndarray, ...]:
+    """Windows of one segment that each score ``stride`` targets from the segment's start on.
+
+    Window ``k`` ends ``(k + 1) * stride`` inputs into the segment (the last one at ``end``) and
+    holds up to ``seq_len`` of context: windows grow until they reach ``seq_len``, then slide.
+    Unlike :func:`segment_windows` the first ``seq_len`` targets are not scored in one window,
+    so score-first test-time training can adapt after each chunk of a document's start too.
+    """
+    ends = np.minimum(np.arange(begin + stride, end + stride, stride, dtype=np.int64), end)
+    prev_ends = np.concatenate([[begin], ends[:-1]])
+    starts = np.maximum(begin, ends - seq_len)
+    lengths = ends - starts
+    return starts, lengths, lengths - (ends - prev_ends)
+
+
 def plan_windows(n_targets: int, seq_len: int, stride: int | None = None, *,
                  segments: np.ndarray | None = None, truncate: bool = False) -> WindowPlan:
     """Plan the windows that score targets ``0..n_targets-1``.

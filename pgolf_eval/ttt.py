@@ -25,7 +25,7 @@ import torch
 
 from .evaluate import (Log, Progress, autocast_for, default_batch_tokens, dist_rank_world, gather_windows,
                        score_mask)
-from .sliding import WindowPlan, document_segments, segment_windows
+from .sliding import WindowPlan, document_segments, growing_windows, segment_windows
 
 # Short target names → the module-name suffixes they select in pgolf_train.model.GPT.
 TARGET_ALIASES = {
@@ -43,7 +43,10 @@ class TTTConfig:
     LoRA, 1e-5 for full weights); ``epochs``: gradient steps per chunk; ``chunk``: targets scored
     (then trained on) per step; ``reset``: "doc" (fresh state per document, context within the
     document) or "carry"; ``targets``: LoRA targets, aliases of :data:`TARGET_ALIASES` or globs
-    over module names.
+    over module names. ``from_start``: chunk a document from its first token
+    (:func:`~pgolf_eval.sliding.growing_windows`), so adaptation begins after its first chunk;
+    False scores its first ``seq_len`` targets in one window, as sliding evaluation does, and adapts
+    only from there (a third of FineWeb's targets sit in documents' first 1,024 tokens).
     """
 
     kind: str = "lora"
@@ -54,6 +57,7 @@ class TTTConfig:
     reset: str = "doc"
     targets: tuple[str, ...] = ("q", "v")
     seed: int = 0
+    from_start: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("lora", "full"):
@@ -149,12 +153,13 @@ def _lanes(segments: np.ndarray, cfg: TTTConfig, seq_len: int, doc_isolated: boo
     """Sequences of windows processed in order: one per document (reset) or one stream (carry)."""
     if len(segments) == 0:
         return []
+    windows = growing_windows if cfg.from_start else segment_windows
     if cfg.reset == "doc" or doc_isolated:
-        plans = [WindowPlan(*segment_windows(int(b), int(e), seq_len, cfg.chunk)) for b, e in segments]
+        plans = [WindowPlan(*windows(int(b), int(e), seq_len, cfg.chunk)) for b, e in segments]
         if cfg.reset == "doc":
             return plans
         return [WindowPlan(*(np.concatenate([getattr(p, f) for p in plans]) for f in ("starts", "lengths", "score_from")))]
-    return [WindowPlan(*segment_windows(int(segments[0, 0]), int(segments[-1, 1]), seq_len, cfg.chunk))]
+    return [WindowPlan(*windows(int(segments[0, 0]), int(segments[-1, 1]), seq_len, cfg.chunk))]
 
 
 def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_len: int, device: torch.device,
@@ -239,6 +244,7 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
             p.requires_grad_(flag)
     info = {"kind": cfg.kind, "rank": cfg.rank if cfg.kind == "lora" else None, "lr": cfg.learning_rate,
             "epochs": cfg.epochs, "chunk": cfg.chunk, "reset": cfg.reset, "targets": list(cfg.targets),
+            "from_start": cfg.from_start,
             "adapted_modules": len(bank.modules) if bank is not None else None,
             "documents_in_parallel": group, "chunks": n_chunks, "adapted_chunks": adapted,
             "time_budget": time_budget, "budget_exceeded": stopped_at is not None,

@@ -110,6 +110,7 @@ class TrainFields:
     eval_ttt_epochs: int = 1  # TTT gradient steps per chunk
     eval_ttt_chunk: int = 256  # TTT chunk in tokens, scored then trained on (its stride); at most the eval window
     eval_ttt_targets: str = "q,v"  # LoRA targets, comma-separated: q,k,v,o,up,down,mlp,attn or module globs
+    eval_ttt_from_start: bool = False  # TTT chunks documents from their first token (else after their first window)
     eval_time_budget: float = 600.0  # seconds each evaluation mode may take (the challenge allows 600)
 
     # --- distillation (pgolf_train/distill.py): teacher(s) first, then this model on their soft targets -----

@@ -54,7 +54,7 @@ RUN_FILES = ("train.log", "train.jsonl", "checkpoint.pt", "final_model.safetenso
 RESUME_MUTABLE = {"train_log_every", "val_loss_every", "val_batch_tokens", "val_max_tokens", "checkpoint_every_s",
                   "checkpoint_every_steps", "device", "val_docs", "eval_seq_len", "eval_stride", "eval_ttt",
                   "eval_ttt_rank", "eval_ttt_lr", "eval_ttt_epochs", "eval_ttt_chunk", "eval_ttt_targets",
-                  "eval_time_budget", "quantize_budget", "quantize_tolerance"}
+                  "eval_ttt_from_start", "eval_time_budget", "quantize_budget", "quantize_tolerance"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,10 +91,11 @@ def test_eval_modes_build_the_configs_ttt_settings():
     from pgolf_train.config import ConfigError, load_config
 
     cfg = load_config("h200", ["eval_ttt_lr=0.003", "eval_ttt_chunk=64", "eval_ttt_targets=attn, mlp",
-                               "eval_ttt_epochs=2", "eval_ttt_rank=4"])
+                               "eval_ttt_epochs=2", "eval_ttt_rank=4", "eval_ttt_from_start=true"])
     modes = {m["mode"]: m for m in _eval_modes(cfg)}
     assert modes["sliding"]["stride"] == cfg.eval_stride
-    assert modes["ttt"]["ttt"] == TTTConfig(kind="lora", rank=4, lr=0.003, epochs=2, chunk=64, targets=("attn", "mlp"))
+    assert modes["ttt"]["ttt"] == TTTConfig(kind="lora", rank=4, lr=0.003, epochs=2, chunk=64, targets=("attn", "mlp"),
+                                            from_start=True)
     assert _eval_modes(load_config("h200", ["eval_ttt_lr=0"]))[-1]["ttt"].learning_rate == 1e-3  # 0 = the default
     assert _eval_modes(load_config("h200", ["eval_ttt_chunk=4096"]))[-1]["ttt"].chunk == 1024  # the window at most
     with pytest.raises(ConfigError, match="eval_ttt_chunk"):

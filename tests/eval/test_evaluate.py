@@ -141,7 +141,8 @@ def test_doc_isolated_context_never_crosses_bos(S):
 
 @pytest.mark.parametrize("cfg", [TTTConfig(chunk=6, rank=2, lr=0.05, epochs=2),
                                  TTTConfig(chunk=6, rank=2, lr=0.05, reset="carry", targets=("q", "v", "mlp")),
-                                 TTTConfig(kind="full", chunk=6, lr=0.01)])
+                                 TTTConfig(kind="full", chunk=6, lr=0.01),
+                                 TTTConfig(chunk=6, rank=2, lr=0.05, from_start=True)])
 def test_ttt_updates_only_on_scored_tokens(cfg):
     toks = unique_stream(100, 37)
     inner = tiny_model(vocab=4096)
@@ -162,8 +163,28 @@ def test_ttt_updates_only_on_scored_tokens(cfg):
     assert res.tokens == len(toks) - 1
     assert all(torch.equal(before[k], v) for k, v in inner.state_dict().items())  # weights restored
     # adaptation changed the score relative to no adaptation, scored on the same windows
-    frozen = evaluate_tokens(inner, toks, byte_tables_flat(4096), seq_len=16, ttt=TTTConfig(chunk=6, epochs=0, reset=cfg.reset), log=None)
+    frozen = evaluate_tokens(inner, toks, byte_tables_flat(4096), seq_len=16, log=None,
+                             ttt=TTTConfig(chunk=6, epochs=0, reset=cfg.reset, from_start=cfg.from_start))
     assert frozen.val_loss != res.val_loss
+
+
+def test_ttt_from_the_start_adapts_inside_the_first_window(val_tokens, sp1024):
+    """Chunked from each document's first token, the frozen model scores exactly as sliding does
+    (same context per target when seq_len is a multiple of the chunk), and adaptation now reaches
+    documents no longer than one window, which the sliding layout leaves unadapted."""
+    model, tables = tiny_model(), byte_tables(sp1024, 1024)
+    toks = val_tokens[:400]
+    sliding = evaluate_tokens(model, toks, tables, seq_len=16, stride=4, doc_isolated=True, log=None)
+    still = evaluate_tokens(model, toks, tables, seq_len=16, ttt=TTTConfig(chunk=4, epochs=0, from_start=True),
+                            log=None)
+    assert still.val_loss == pytest.approx(sliding.val_loss, rel=1e-6) and still.tokens == sliding.tokens
+    short = np.concatenate([[1], toks[1:12], [1], toks[20:30]]).astype(np.uint16)  # two documents < seq_len
+    cfg = TTTConfig(chunk=4, rank=2, lr=0.05)
+    late = evaluate_tokens(model, short, tables, seq_len=16, ttt=cfg, log=None)
+    early = evaluate_tokens(model, short, tables, seq_len=16, ttt=TTTConfig(**{**cfg.__dict__, "from_start": True}),
+                            log=None)
+    assert late.extra["ttt"]["adapted_chunks"] == 0 and early.extra["ttt"]["adapted_chunks"] == 2 + 2  # all chunks but the last of each
+    assert early.val_loss != late.val_loss and early.tokens == late.tokens == len(short) - 1
 
 
 def test_ttt_without_updates_equals_sliding_and_budget_stops_adapting(val_tokens, sp1024):

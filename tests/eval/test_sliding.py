@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgolf_eval.sliding import document_segments, plan_windows
+from pgolf_eval.sliding import WindowPlan, document_segments, growing_windows, plan_windows
 
 
 def coverage(plan, n_targets: int) -> np.ndarray:
@@ -48,6 +48,19 @@ def test_each_target_once_with_longest_context(case, isolated):
     # target order: scored ranges are consecutive, so any contiguous run covers one range
     ends = plan.starts + plan.lengths
     assert np.all(plan.starts[1:] + plan.score_from[1:] == ends[:-1])
+
+
+@given(st.integers(0, 50), st.integers(1, 300), st.integers(1, 40), st.integers(1, 40))
+def test_growing_windows_score_every_chunk_from_the_start(begin, n, seq_len, stride):
+    stride = min(stride, seq_len)
+    plan = WindowPlan(*growing_windows(begin, begin + n, seq_len, stride))
+    hits = coverage(plan, begin + n)
+    assert np.all(hits[begin:] == 1) and not hits[:begin].any()
+    assert len(plan) == -(-n // stride) and np.all(plan.lengths - plan.score_from <= stride)
+    ends = plan.starts + plan.lengths
+    assert np.all(plan.starts[1:] + plan.score_from[1:] == ends[:-1])  # in target order
+    # every window holds the longest context inside the segment, up to seq_len
+    assert np.all(plan.starts >= begin) and np.all(plan.lengths == np.minimum(seq_len, ends - begin))
 
 
 @given(st.integers(1, 500), st.integers(1, 64), st.integers(1, 5))
