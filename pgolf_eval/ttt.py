@@ -4,7 +4,8 @@ The field's four conditions hold by construction: the model stays causal and sco
 normalized softmax over the vocabulary (``token_losses``); every chunk is scored under
 ``torch.inference_mode`` *before* any gradient step sees it; each document (or the carried stream)
 is traversed once, in order. Chunks are the windows of the sliding planner with
-``stride = chunk``, so each target is scored exactly once with up to ``seq_len`` of context.
+``stride = chunk`` (or, with ``from_start``, windows that grow from each document's first chunk),
+so each target is scored exactly once with up to ``seq_len`` of context.
 
 Two variants: LoRA adapters on the model's ``CastedLinear`` layers, attached with forward hooks
 (the model file is untouched), and full-weight fine-tuning. With per-document reset and LoRA,
