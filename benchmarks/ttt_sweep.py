@@ -20,10 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_json  # noqa: E402
 
-from pgolf_eval.evaluate import evaluate_tokens, load_val_tokens  # noqa: E402
+from pgolf_eval.evaluate import evaluate_tokens, load_val_stream  # noqa: E402
 from pgolf_eval.loader import check_tokenizer, model_from_artifact  # noqa: E402
 from pgolf_eval.ttt import TTTConfig  # noqa: E402
-from pgolf_train.tokenizer import byte_tables, load_byte_sidecar  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,12 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, art = model_from_artifact(args.artifact, device=args.device, trust_code=args.trust_code)
     vocab = check_tokenizer(art.metadata, args.tokenizer, model_vocab=int(model.cfg.vocab_size))
-    tokens = load_val_tokens(args.data, vocab)
-    sidecar = load_byte_sidecar(args.data)
-    byte_source = sidecar if sidecar is not None else byte_tables(args.tokenizer, vocab)
-    if args.max_tokens:
-        tokens = tokens[:args.max_tokens]
-        byte_source = byte_source[:args.max_tokens] if sidecar is not None else byte_source
+    tokens, byte_source = load_val_stream(args.data, args.tokenizer, vocab, args.max_tokens)
     seq_len = int(model.cfg.seq_len)
 
     stride = min(64, max(1, seq_len // 4))  # 64 on any real model

@@ -76,26 +76,26 @@ def _eval_modes(cfg) -> list[dict]:
     if cfg.eval_stride and cfg.eval_stride < (cfg.eval_seq_len or cfg.train_seq_len):
         modes.append({"mode": "sliding", "stride": cfg.eval_stride})
     if cfg.eval_ttt:
-        from pgolf_eval.ttt import TTTConfig
+        from pgolf_eval.ttt import TTTConfig, parse_targets
 
         window = cfg.eval_seq_len or cfg.train_seq_len
         ttt = TTTConfig(kind=cfg.eval_ttt, rank=cfg.eval_ttt_rank, lr=cfg.eval_ttt_lr or None,
                         epochs=cfg.eval_ttt_epochs, chunk=min(cfg.eval_ttt_chunk, window),
-                        targets=tuple(t.strip() for t in cfg.eval_ttt_targets.split(",") if t.strip()),
+                        targets=parse_targets(cfg.eval_ttt_targets),
                         from_start=cfg.eval_ttt_from_start)
         modes.append({"mode": "ttt", "ttt": ttt})
     return modes
 
 
-def _check_eval_modes(cfg) -> None:
-    """Build the evaluation settings before training: a bad TTT setting (a misspelt target) fails
-    now, not after the training budget is spent. The model is built on the meta device (no memory)."""
+def _check_eval_modes(cfg, modes: list[dict]) -> None:
+    """Run before training: a bad TTT setting (a misspelt target) fails now, not after the training
+    budget is spent. The model is built on the meta device (no memory)."""
     import torch
 
     from pgolf_eval.ttt import select_targets
     from pgolf_train.model import GPT
 
-    for m in _eval_modes(cfg):
+    for m in modes:
         if "ttt" in m and m["ttt"].kind == "lora":
             with torch.device("meta"):
                 select_targets(GPT(cfg.model_config()), m["ttt"].targets)
@@ -136,7 +136,8 @@ def main(args) -> int:
     out = args.out
     _check_out_dir(out, args.force)
     cfg = load_config(args.config, args.overrides)
-    _check_eval_modes(cfg)
+    modes = _eval_modes(cfg)
+    _check_eval_modes(cfg, modes)
     stages: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -162,7 +163,7 @@ def main(args) -> int:
         evals["plain"] = summary["eval"]
     from pgolf_eval.evaluate import evaluate_artifact
 
-    for m in _eval_modes(cfg):
+    for m in modes:
         t0 = time.perf_counter()
         kw = {k: v for k, v in m.items() if k != "mode"}
         res = evaluate_artifact(Path(summary["artifact"]), data_dir, tokenizer, device=device,

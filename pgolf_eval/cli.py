@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluate import dist_rank_world, evaluate_artifact
-    from .ttt import TTTConfig
+    from .ttt import TTTConfig, parse_targets
 
     warnings.showwarning = _show_warning
     device = _device(args.device)
@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
     if args.ttt:
         ttt = TTTConfig(kind=args.ttt, rank=args.ttt_rank, lr=args.ttt_lr, epochs=args.ttt_epochs,
                         chunk=args.ttt_chunk, reset=args.ttt_reset,
-                        targets=tuple(t.strip() for t in args.ttt_targets.split(",") if t.strip()),
+                        targets=parse_targets(args.ttt_targets),
                         from_start=args.ttt_from_start)
         if args.stride is not None:
             raise ValueError("--stride does not apply with --ttt: the chunk (--ttt-chunk) is the stride")

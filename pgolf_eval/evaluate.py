@@ -252,6 +252,21 @@ def load_val_tokens(data_dir: str | os.PathLike, vocab_size: int) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def load_val_stream(data_dir: str | os.PathLike, tokenizer: str | os.PathLike, vocab_size: int,
+                    max_tokens: int | None = None) -> tuple[np.ndarray, ByteTables | np.ndarray]:
+    """The val tokens (a prefix of ``max_tokens`` if given) and their byte source: the data's
+    per-token byte sidecar, cut to the same prefix, when it has one, else the tokenizer's tables."""
+    from pgolf_train.tokenizer import byte_tables, load_byte_sidecar
+
+    tokens = load_val_tokens(data_dir, vocab_size)
+    sidecar = load_byte_sidecar(data_dir)
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    if sidecar is not None:
+        return tokens, sidecar[:len(tokens)]
+    return tokens, byte_tables(tokenizer, vocab_size)
+
+
 def evaluate_artifact(path: str | os.PathLike, data_dir: str | os.PathLike, tokenizer: str | os.PathLike,
                       *, device: str = "cpu", trust_code: bool = False, rope_scaling: str | None = None,
                       rope_factor: float | None = None, max_tokens: int | None = None,
@@ -265,8 +280,6 @@ def evaluate_artifact(path: str | os.PathLike, data_dir: str | os.PathLike, toke
     :class:`pgolf_eval.ttt.TTTConfig` or its kind (``"lora"``/``"full"``). ``max_tokens``
     evaluates a prefix of the stream (quick checks). Other keywords go to :func:`evaluate_tokens`.
     """
-    from pgolf_train.tokenizer import byte_tables, load_byte_sidecar
-
     from .loader import apply_rope_scaling, check_tokenizer, model_from_artifact
     from .ttt import TTTConfig
 
@@ -275,18 +288,12 @@ def evaluate_artifact(path: str | os.PathLike, data_dir: str | os.PathLike, toke
     seq_len = int(seq_len or model.cfg.seq_len)
     if rope_scaling and rope_scaling != "none":
         rope_factor = apply_rope_scaling(model, rope_scaling, rope_factor, seq_len)
-    tokens = load_val_tokens(data_dir, vocab)
-    sidecar = load_byte_sidecar(data_dir)
-    byte_source: ByteTables | np.ndarray = sidecar if sidecar is not None else byte_tables(tokenizer, vocab)
-    if max_tokens is not None:
-        tokens = tokens[:max_tokens]
-        if sidecar is not None:
-            byte_source = sidecar[:max_tokens]
+    tokens, byte_source = load_val_stream(data_dir, tokenizer, vocab, max_tokens)
     if isinstance(ttt, str):  # a kind alone: default settings, the chunk no longer than the context
         ttt = TTTConfig(kind=ttt, chunk=min(TTTConfig.chunk, seq_len))
     result = evaluate_tokens(model, tokens, byte_source, device=device, seq_len=seq_len, ttt=ttt, **kw)
     result.extra.update(artifact=str(Path(path)), artifact_bytes=int(art.info.total_bytes),
-                        byte_source="sidecar" if sidecar is not None else "tables",
+                        byte_source="tables" if isinstance(byte_source, ByteTables) else "sidecar",
                         rope_scaling=rope_scaling if rope_scaling and rope_scaling != "none" else None,
                         rope_factor=rope_factor if rope_scaling and rope_scaling != "none" else None)
     return result

@@ -76,6 +76,11 @@ class TTTConfig:
         return self.lr if self.lr is not None else (1e-3 if self.kind == "lora" else 1e-5)
 
 
+def parse_targets(text: str) -> tuple[str, ...]:
+    """``"q, v,mlp"`` -> ``("q", "v", "mlp")``: the comma-separated target list of the CLI and configs."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def select_targets(model: torch.nn.Module, targets: tuple[str, ...]) -> list[tuple[str, torch.nn.Linear]]:
     """The linear layers (``CastedLinear``/``nn.Linear``) named by ``targets``, in model order."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

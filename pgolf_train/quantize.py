@@ -307,9 +307,9 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     "self": sampled from the model); both scores use ``data_dir``'s val stream (a prefix of
     ``val_tokens`` if given). Nothing is written: the caller decides whether to keep the bytes.
     """
-    from pgolf_eval.evaluate import evaluate_tokens, load_val_tokens
+    from pgolf_eval.evaluate import evaluate_tokens, load_val_stream
     from pgolf_train.calibrate import calibrate, shard_batches
-    from pgolf_train.tokenizer import byte_tables, load_byte_sidecar, tokenizer_info
+    from pgolf_train.tokenizer import tokenizer_info
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     state, cfg = load_checkpoint_weights(checkpoint, model_config)
@@ -326,11 +326,7 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
                              "budget": budget, "lowrank": opts.lowrank}}
     data, info, alloc, labels = quantize_model(state, cfg, cal.hessians, budget, opts, metadata=metadata,
                                                probe=probe, device=device)
-    tokens = load_val_tokens(data_dir, cfg.vocab_size)
-    if val_tokens:
-        tokens = tokens[:val_tokens]
-    sidecar = load_byte_sidecar(data_dir)
-    tables = sidecar[:len(tokens)] if sidecar is not None else byte_tables(tokenizer, cfg.vocab_size)
+    tokens, tables = load_val_stream(data_dir, tokenizer, cfg.vocab_size, val_tokens)
     pre = evaluate_tokens(model.eval(), tokens, tables, seq_len=cfg.seq_len, device=device)
     post = evaluate_tokens(model_from_artifact_bytes(data, cfg, device), tokens, tables, seq_len=cfg.seq_len,
                            device=device)

@@ -473,17 +473,9 @@ def load_recipe(spec: str):
 def load_val(cfg: TrainConfig, data_dir: Path, tokenizer: Path):
     """Validation tokens (uint16, the ``fineweb_val_*`` split, capped by ``val_max_tokens``) and the
     byte source (a per-token sidecar when the data has one, else the tokenizer's tables)."""
-    from pgolf_eval.evaluate import load_val_tokens
-    from pgolf_train.tokenizer import byte_tables, load_byte_sidecar
+    from pgolf_eval.evaluate import load_val_stream
 
-    tokens = load_val_tokens(data_dir, cfg.vocab_size)
-    sidecar = load_byte_sidecar(data_dir)
-    source = sidecar if sidecar is not None else byte_tables(tokenizer, cfg.vocab_size)
-    if cfg.val_max_tokens:
-        tokens = tokens[:cfg.val_max_tokens]
-        if sidecar is not None:
-            source = sidecar[:cfg.val_max_tokens]
-    return tokens, source
+    return load_val_stream(data_dir, tokenizer, cfg.vocab_size, cfg.val_max_tokens or None)
 
 
 def evaluate(model: nn.Module, val_tokens, byte_source, cfg: TrainConfig, device: torch.device):
