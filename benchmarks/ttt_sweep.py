@@ -46,6 +46,9 @@ VARIANTS: dict[str, dict] = {
     "lr3e-3_all_c64_r16": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 64, "rank": 16},
     "lr3e-3_all_c64_r32": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 64, "rank": 32},
     "lr3e-3_all_c32_r16": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 32, "rank": 16},
+    "lr3e-3_all_c64_r16_start": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 64, "rank": 16,
+                                 "from_start": True},
+    "lr3e-3_all_c32_start": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 32, "from_start": True},
 }
 
 
