@@ -30,7 +30,9 @@ def modes(seq_len: int, n: int) -> list[tuple[str, dict, int]]:
     """(name, evaluate_tokens keywords, tokens to evaluate): costlier modes get fewer tokens."""
     stride = min(64, seq_len)
     return [("plain", {}, n), (f"sliding s={stride}", {"stride": stride}, max(n // 4, 2 * seq_len)),
-            ("ttt lora r8 c256", {"ttt": TTTConfig(chunk=min(256, seq_len), rank=8)}, max(n // 16, 2 * seq_len))]
+            ("ttt lora r8 q,v c256", {"ttt": TTTConfig(chunk=min(256, seq_len), rank=8, lr=1e-3, targets=("q", "v"),
+                                                       from_start=False)}, max(n // 16, 2 * seq_len)),
+            ("ttt default", {"ttt": TTTConfig(chunk=min(TTTConfig.chunk, seq_len))}, max(n // 16, 2 * seq_len))]
 
 
 def main(argv: list[str] | None = None) -> int:

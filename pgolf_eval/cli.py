@@ -15,6 +15,8 @@ from pathlib import Path
 
 
 def register(sub) -> None:
+    from .ttt import FULL_LR, LORA_LR, TTTConfig
+
     p = sub.add_parser("eval", help="exact val bpb of an artifact (plain, sliding, long-context, TTT)",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("artifact", type=Path, help="the .pgolf artifact")
@@ -28,14 +30,18 @@ def register(sub) -> None:
     p.add_argument("--rope-scaling", choices=("ntk", "yarn"), default=None, help="RoPE scaling for long contexts")
     p.add_argument("--rope-factor", type=float, default=None, help="context factor (default: seq-len / training seq-len)")
     p.add_argument("--ttt", choices=("lora", "full"), default=None, help="legal score-first test-time training")
-    p.add_argument("--ttt-rank", type=int, default=8, help="LoRA rank")
-    p.add_argument("--ttt-lr", type=float, default=None, help="Adam lr (default 1e-3 LoRA, 1e-5 full)")
-    p.add_argument("--ttt-epochs", type=int, default=1, help="gradient steps per chunk")
-    p.add_argument("--ttt-chunk", type=int, default=256, help="targets scored, then trained on, per step")
-    p.add_argument("--ttt-reset", choices=("doc", "carry"), default="doc", help="adapted state per document or carried")
-    p.add_argument("--ttt-targets", default="q,v", help="LoRA targets: q,k,v,o,up,down,mlp,attn or module-name globs")
-    p.add_argument("--ttt-from-start", action="store_true",
-                   help="chunk each document from its first token (adapt inside the first window too)")
+    d = TTTConfig()  # the defaults live in one place
+    p.add_argument("--ttt-rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
+    p.add_argument("--ttt-lr", type=float, default=None, help=f"Adam lr (default {LORA_LR:g} LoRA, {FULL_LR:g} full)")
+    p.add_argument("--ttt-epochs", type=int, default=d.epochs, help=f"gradient steps per chunk (default {d.epochs})")
+    p.add_argument("--ttt-chunk", type=int, default=d.chunk,
+                   help=f"targets scored, then trained on, per step (default {d.chunk})")
+    p.add_argument("--ttt-reset", choices=("doc", "carry"), default=d.reset, help="adapted state per document or carried")
+    p.add_argument("--ttt-targets", default=",".join(d.targets),
+                   help=f"LoRA targets: q,k,v,o,up,down,mlp,attn or module-name globs (default {','.join(d.targets)})")
+    p.add_argument("--ttt-from-start", action=argparse.BooleanOptionalAction, default=d.from_start,
+                   help="chunk each document from its first token, adapting inside its first window too "
+                        "(--no-ttt-from-start: score the first window whole, as sliding evaluation does)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; TTT stops adapting past it")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="forward positions per batch; TTT adapts batch-tokens/seq-len documents at once "
@@ -75,22 +81,26 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"pgolf eval: warning: {message}", file=sys.stderr, flush=True)
 
 
+def ttt_config(args: argparse.Namespace):
+    """The ``--ttt*`` flags as a :class:`~pgolf_eval.ttt.TTTConfig`, or None without ``--ttt``."""
+    from .ttt import TTTConfig, parse_targets
+
+    if not args.ttt:
+        return None
+    if args.stride is not None:
+        raise ValueError("--stride does not apply with --ttt: the chunk (--ttt-chunk) is the stride")
+    return TTTConfig(kind=args.ttt, rank=args.ttt_rank, lr=args.ttt_lr, epochs=args.ttt_epochs, chunk=args.ttt_chunk,
+                     reset=args.ttt_reset, targets=parse_targets(args.ttt_targets), from_start=args.ttt_from_start)
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluate import dist_rank_world, evaluate_artifact
-    from .ttt import TTTConfig, parse_targets
 
     warnings.showwarning = _show_warning
     device = _device(args.device)
-    ttt = None
-    if args.ttt:
-        ttt = TTTConfig(kind=args.ttt, rank=args.ttt_rank, lr=args.ttt_lr, epochs=args.ttt_epochs,
-                        chunk=args.ttt_chunk, reset=args.ttt_reset,
-                        targets=parse_targets(args.ttt_targets),
-                        from_start=args.ttt_from_start)
-        if args.stride is not None:
-            raise ValueError("--stride does not apply with --ttt: the chunk (--ttt-chunk) is the stride")
+    ttt = ttt_config(args)
     owns_group = _init_distributed(device)
     ok = False
     try:

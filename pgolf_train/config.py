@@ -105,12 +105,13 @@ class TrainFields:
     eval_seq_len: int = 0  # evaluation window in tokens; 0 = train_seq_len
     eval_stride: int = 0  # sliding-window stride in tokens; 0 = non-overlapping windows only
     eval_ttt: str = ""  # test-time training while scoring: "" (off), "lora" or "full"
-    eval_ttt_rank: int = 8  # LoRA rank of the TTT adapters
-    eval_ttt_lr: float = 0.0  # TTT Adam learning rate; 0 = the evaluator's default (1e-3 LoRA, 1e-5 full)
+    # TTT defaults are pgolf_eval.ttt.TTTConfig's (tests/cli/test_run.py holds them equal)
+    eval_ttt_rank: int = 16  # LoRA rank of the TTT adapters
+    eval_ttt_lr: float = 0.0  # TTT Adam learning rate; 0 = the evaluator's default (3e-3 LoRA, 1e-5 full)
     eval_ttt_epochs: int = 1  # TTT gradient steps per chunk
-    eval_ttt_chunk: int = 256  # TTT chunk in tokens, scored then trained on (its stride); at most the eval window
-    eval_ttt_targets: str = "q,v"  # LoRA targets, comma-separated: q,k,v,o,up,down,mlp,attn or module globs
-    eval_ttt_from_start: bool = False  # TTT chunks documents from their first token (else after their first window)
+    eval_ttt_chunk: int = 64  # TTT chunk in tokens, scored then trained on (its stride); at most the eval window
+    eval_ttt_targets: str = "attn,mlp"  # LoRA targets, comma-separated: q,k,v,o,up,down,mlp,attn or module globs
+    eval_ttt_from_start: bool = True  # TTT chunks documents from their first token (else after their first window)
     eval_time_budget: float = 600.0  # seconds each evaluation mode may take (the challenge allows 600)
 
     # --- distillation (pgolf_train/distill.py): teacher(s) first, then this model on their soft targets -----

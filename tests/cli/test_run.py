@@ -96,12 +96,34 @@ def test_eval_modes_build_the_configs_ttt_settings():
     assert modes["sliding"]["stride"] == cfg.eval_stride
     assert modes["ttt"]["ttt"] == TTTConfig(kind="lora", rank=4, lr=0.003, epochs=2, chunk=64, targets=("attn", "mlp"),
                                             from_start=True)
-    assert _eval_modes(load_config("h200", ["eval_ttt_lr=0"]))[-1]["ttt"].learning_rate == 1e-3  # 0 = the default
+    assert _eval_modes(load_config("h200", ["eval_ttt_lr=0"]))[-1]["ttt"].learning_rate == 3e-3  # 0 = the default
     assert _eval_modes(load_config("h200", ["eval_ttt_chunk=4096"]))[-1]["ttt"].chunk == 1024  # the window at most
     with pytest.raises(ConfigError, match="eval_ttt_chunk"):
         load_config("h200", ["eval_ttt_chunk=0"])
     with pytest.raises(ConfigError, match="eval_ttt_targets"):
         load_config("h200", ["eval_ttt_targets= ,"])
+
+
+def test_ttt_defaults_are_one_setting_in_the_evaluator_the_cli_and_configs():
+    """TTTConfig holds the defaults; a config that turns TTT on and `pgolf eval --ttt lora` get them
+    unchanged (they once drifted: the CLI kept the pre-sweep settings)."""
+    import argparse
+
+    from pgolf.run import _eval_modes
+    from pgolf_eval import cli as eval_cli
+    from pgolf_eval.ttt import TTTConfig
+    from pgolf_train.config import load_config
+
+    best = TTTConfig()
+    assert (best.rank, best.learning_rate, best.chunk, best.targets, best.from_start) == (16, 3e-3, 64, ("attn", "mlp"), True)
+    assert _eval_modes(load_config("demo", ["eval_ttt=lora"]))[-1]["ttt"] == TTTConfig(chunk=min(best.chunk, 256))
+    sub = argparse.ArgumentParser().add_subparsers()
+    eval_cli.register(sub)
+    args = sub.choices["eval"].parse_args(["a.pgolf", "--data", "d", "--tokenizer", "t", "--ttt", "lora"])
+    assert eval_cli.ttt_config(args) == best
+    off = sub.choices["eval"].parse_args(["a.pgolf", "--data", "d", "--tokenizer", "t", "--ttt", "lora",
+                                          "--no-ttt-from-start"])
+    assert not eval_cli.ttt_config(off).from_start
 
 
 def test_run_rejects_a_misspelt_ttt_target_before_training(tmp_path, capsys):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pgolf.cli import main
+from pgolf_eval.ttt import TTTConfig
 from pgolf_eval.evaluate import evaluate_artifact
 from pgolf_train.shards import write_shard
 
@@ -76,7 +77,7 @@ def test_benchmark_runs_tiny(tmp_path, artifact, val_dir, sp1024):
     assert bench.main(["--tiny", "--tokens", "512", "--seq-len", "32", "--out", str(out),
                        "--artifact", str(artifact), "--data", str(val_dir), "--tokenizer", str(sp1024)]) == 0
     d = json.loads(out.read_text())
-    assert {"command", "date", "device"} <= set(d) and len(d["speed"]) == 3 and len(d["quality"]) == 3
+    assert {"command", "date", "device"} <= set(d) and len(d["speed"]) == len(d["quality"]) == len(bench.modes(32, 512)) == 4
     assert all(r["tokens_per_s"] > 0 for r in d["speed"]) and d["quality"][0]["delta_vs_plain"] == 0
 
 
@@ -90,13 +91,14 @@ def test_ttt_sweep_runs_tiny(tmp_path, artifact, val_dir, sp1024):
     spec.loader.exec_module(bench)
     out = tmp_path / "sweep.json"
     assert bench.main(["--artifact", str(artifact), "--data", str(val_dir), "--tokenizer", str(sp1024),
-                       "--variants", "ref,lr3e-3_all_c64", "--device", "cpu", "--out", str(out)]) == 0
+                       "--variants", "ref,lr3e-3_all_c64,best", "--device", "cpu", "--out", str(out)]) == 0
     d = json.loads(out.read_text())
     rows = {r["variant"]: r for r in d["rows"]}
-    assert {"command", "date", "device"} <= set(d) and list(rows) == ["plain", "sliding s=4", "ref", "lr3e-3_all_c64"]
+    assert {"command", "date", "device"} <= set(d) and list(rows) == ["plain", "sliding s=4", "ref", "lr3e-3_all_c64", "best"]
     assert rows["sliding s=4"]["delta_vs_sliding"] == 0 and rows["ref"]["setting"]["chunk"] == 16  # the context
     assert rows["lr3e-3_all_c64"]["ttt"]["adapted_modules"] == 6 * rows["ref"]["ttt"]["adapted_modules"] // 2
-    for name, kw in (("plain", {}), ("sliding s=4", {"stride": 4}), ("ref", {"ttt": "lora"})):
+    old = TTTConfig(**{**bench.OLD, "chunk": 16})  # the evaluator's first default, in a 16-token context
+    for name, kw in (("plain", {}), ("sliding s=4", {"stride": 4}), ("ref", {"ttt": old}), ("best", {"ttt": "lora"})):
         api = evaluate_artifact(artifact, val_dir, sp1024, log=None, **kw)
         assert rows[name]["val_bpb"] == pytest.approx(api.val_bpb, rel=1e-6), name
     with pytest.raises(SystemExit):

@@ -139,10 +139,11 @@ def test_doc_isolated_context_never_crosses_bos(S):
     assert rows > 0
 
 
-@pytest.mark.parametrize("cfg", [TTTConfig(chunk=6, rank=2, lr=0.05, epochs=2),
-                                 TTTConfig(chunk=6, rank=2, lr=0.05, reset="carry", targets=("q", "v", "mlp")),
+@pytest.mark.parametrize("cfg", [TTTConfig(chunk=6, rank=2, lr=0.05, epochs=2, from_start=False),
+                                 TTTConfig(chunk=6, rank=2, lr=0.05, reset="carry", targets=("q", "v", "mlp"),
+                                           from_start=False),
                                  TTTConfig(kind="full", chunk=6, lr=0.01),
-                                 TTTConfig(chunk=6, rank=2, lr=0.05, from_start=True)])
+                                 TTTConfig(chunk=6, rank=2, lr=0.05)])
 def test_ttt_updates_only_on_scored_tokens(cfg):
     toks = unique_stream(100, 37)
     inner = tiny_model(vocab=4096)
@@ -179,7 +180,7 @@ def test_ttt_from_the_start_adapts_inside_the_first_window(val_tokens, sp1024):
                             log=None)
     assert still.val_loss == pytest.approx(sliding.val_loss, rel=1e-6) and still.tokens == sliding.tokens
     short = np.concatenate([[1], toks[1:12], [1], toks[20:30]]).astype(np.uint16)  # two documents < seq_len
-    cfg = TTTConfig(chunk=4, rank=2, lr=0.05)
+    cfg = TTTConfig(chunk=4, rank=2, lr=0.05, from_start=False)
     late = evaluate_tokens(model, short, tables, seq_len=16, ttt=cfg, log=None)
     early = evaluate_tokens(model, short, tables, seq_len=16, ttt=TTTConfig(**{**cfg.__dict__, "from_start": True}),
                             log=None)
@@ -191,7 +192,8 @@ def test_ttt_without_updates_equals_sliding_and_budget_stops_adapting(val_tokens
     model, tables = tiny_model(), byte_tables(sp1024, 1024)
     toks = val_tokens[:400]
     sliding = evaluate_tokens(model, toks, tables, seq_len=16, stride=4, doc_isolated=True, log=None)
-    still = evaluate_tokens(model, toks, tables, seq_len=16, ttt=TTTConfig(chunk=4, epochs=0), log=None)
+    still = evaluate_tokens(model, toks, tables, seq_len=16, ttt=TTTConfig(chunk=4, epochs=0, from_start=False),
+                            log=None)
     assert still.val_bpb == pytest.approx(sliding.val_bpb, rel=1e-6) and still.tokens == sliding.tokens
     spent = evaluate_tokens(model, toks, tables, seq_len=16, ttt=TTTConfig(chunk=4), time_budget=0.0, log=None)
     t = spent.extra["ttt"]
