@@ -31,14 +31,13 @@ def register(sub) -> None:
     p.add_argument("--rope-factor", type=float, default=None, help="context factor (default: seq-len / training seq-len)")
     p.add_argument("--ttt", choices=("lora", "full"), default=None, help="legal score-first test-time training")
     d = TTTConfig()  # the defaults live in one place
-    p.add_argument("--ttt-rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
+    p.add_argument("--ttt-rank", type=int, default=d.rank, help="LoRA rank")
     p.add_argument("--ttt-lr", type=float, default=None, help=f"Adam lr (default {LORA_LR:g} LoRA, {FULL_LR:g} full)")
-    p.add_argument("--ttt-epochs", type=int, default=d.epochs, help=f"gradient steps per chunk (default {d.epochs})")
-    p.add_argument("--ttt-chunk", type=int, default=d.chunk,
-                   help=f"targets scored, then trained on, per step (default {d.chunk})")
+    p.add_argument("--ttt-epochs", type=int, default=d.epochs, help="gradient steps per chunk")
+    p.add_argument("--ttt-chunk", type=int, default=d.chunk, help="targets scored, then trained on, per step")
     p.add_argument("--ttt-reset", choices=("doc", "carry"), default=d.reset, help="adapted state per document or carried")
     p.add_argument("--ttt-targets", default=",".join(d.targets),
-                   help=f"LoRA targets: q,k,v,o,up,down,mlp,attn or module-name globs (default {','.join(d.targets)})")
+                   help="LoRA targets: q,k,v,o,up,down,mlp,attn or module-name globs")
     p.add_argument("--ttt-from-start", action=argparse.BooleanOptionalAction, default=d.from_start,
                    help="chunk each document from its first token, adapting inside its first window too "
                         "(--no-ttt-from-start: score the first window whole, as sliding evaluation does)")
