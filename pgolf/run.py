@@ -112,7 +112,8 @@ def _allocate(cfg, summary: dict, data_dir: Path, tokenizer: Path, out: Path, de
     from pgolf_train.quantize import quantize_checkpoint
 
     res = quantize_checkpoint(out / "train" / "final_model.safetensors", data_dir, tokenizer, cfg.quantize_budget,
-                              val_tokens=cfg.val_max_tokens or None, device=device)
+                              val_tokens=cfg.val_max_tokens or None, device=device,
+                              bpb_before=summary["val_bpb_prequant"])  # the same weights, stream and windows
     print(f"allocator: {res.info.total_bytes:,} bytes within {cfg.quantize_budget:,}; val_bpb {res.bpb_before:.4f} "
           f"-> {res.bpb_after:.4f} (+{res.delta:.4f}); the recipe's artifact: {summary['val_bpb']:.4f} "
           f"in {summary['artifact_bytes']:,} bytes", flush=True)

@@ -300,12 +300,14 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
                         budget: int, opts: QuantizeOptions = QuantizeOptions(), *, model_config: str | None = None,
                         calib: str = "shards", calib_tokens: int = 262_144, calib_seconds: float | None = None,
                         calib_seq_len: int | None = None, calib_batch: int = 16, val_tokens: int | None = None,
-                        device: str | None = None) -> QuantizeResult:
+                        device: str | None = None, bpb_before: float | None = None) -> QuantizeResult:
     """GPTQ + bit allocation of a checkpoint within ``budget`` total bytes, scored before and after.
 
     Hessians come from ``calib_tokens`` of ``calib`` ("shards": ``data_dir``'s train shards,
     "self": sampled from the model); both scores use ``data_dir``'s val stream (a prefix of
-    ``val_tokens`` if given). Nothing is written: the caller decides whether to keep the bytes.
+    ``val_tokens`` if given). ``bpb_before``: the checkpoint's score on that stream when the caller
+    already has it (the trainer's pre-quantization score of the same weights), so it is not scored
+    twice. Nothing is written: the caller decides whether to keep the bytes.
     """
     from pgolf_eval.evaluate import evaluate_tokens, load_val_stream
     from pgolf_train.calibrate import calibrate, shard_batches
@@ -327,10 +329,12 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     data, info, alloc, labels = quantize_model(state, cfg, cal.hessians, budget, opts, metadata=metadata,
                                                probe=probe, device=device)
     tokens, tables = load_val_stream(data_dir, tokenizer, cfg.vocab_size, val_tokens)
-    pre = evaluate_tokens(model.eval(), tokens, tables, seq_len=cfg.seq_len, device=device)
+    if bpb_before is None:
+        bpb_before = evaluate_tokens(model.eval(), tokens, tables, seq_len=cfg.seq_len, device=device).val_bpb
+    del model  # the decoded artifact's model takes its place
     post = evaluate_tokens(model_from_artifact_bytes(data, cfg, device), tokens, tables, seq_len=cfg.seq_len,
                            device=device)
-    return QuantizeResult(data, info, alloc, labels, pre.val_bpb, post.val_bpb, post.tokens)
+    return QuantizeResult(data, info, alloc, labels, bpb_before, post.val_bpb, post.tokens)
 
 
 def _run(args: argparse.Namespace) -> int:

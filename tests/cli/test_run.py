@@ -75,6 +75,18 @@ def test_run_with_a_byte_budget_scores_the_allocators_artifact(demo_run, sp1024,
     assert report["recipe_artifact"]["artifact_bytes"] == recipe.stat().st_size
     assert report["val_bpb"] == report["evals"]["plain"]["val_bpb"] != report["recipe_artifact"]["val_bpb"]
     assert report["val_bpb"] - report["val_bpb_prequant"] <= 0.02  # within the default quantize_tolerance
+    # the allocator reuses the trainer's score of the weights: the same number it would compute itself
+    assert report["quantize"]["val_bpb_weights"] == report["val_bpb_prequant"]
+    from pgolf_eval.evaluate import evaluate_tokens, load_val_stream
+    from pgolf_train.model import GPT
+    from pgolf_train.quantize import load_checkpoint_weights
+
+    state, cfg = load_checkpoint_weights(out / "train" / "final_model.safetensors", None)
+    model = GPT(cfg)
+    model.load_state_dict(state)
+    tokens, tables = load_val_stream(demo / "data", sp1024, cfg.vocab_size, 4096)
+    again = evaluate_tokens(model.eval(), tokens, tables, seq_len=cfg.seq_len, device="cpu", log=None)
+    assert again.val_bpb == pytest.approx(report["val_bpb_prequant"], rel=1e-5)
     assert "the recipe's artifact instead" in (out / "report.md").read_text()
     # a budget that costs bpb, with no tolerance: refused with a clear error, nothing scored
     capsys.readouterr()
