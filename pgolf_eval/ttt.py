@@ -15,6 +15,7 @@ With ``reset="carry"`` the adapted state flows from one document to the next, se
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import time
@@ -180,9 +181,11 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
             batch_tokens: int | None = None, log: Log | None = None) -> tuple[float, int, int, int, dict[str, Any]]:
     """Score ``tokens`` with score-first TTT; returns ``(loss_sum_nats, tokens, lo, hi, info)``.
 
-    This rank scores targets ``lo..hi-1``. ``time_budget`` (seconds from the start) bounds
-    adaptation: past it, the remaining chunks are scored without further updates and
-    ``info["budget_exceeded"]`` is set. The model's weights are restored before returning.
+    This rank scores targets ``lo..hi-1``. ``time_budget`` (seconds from the start) bounds the
+    whole pass: adaptation stops once the time spent plus a reserve for scoring the remaining
+    chunks (their forwarded positions at the measured scoring cost, plus 10%) would pass it; the
+    rest is scored without updates and ``info["budget_exceeded"]`` is set. The model's weights are
+    restored before returning.
     """
     if cfg.chunk > seq_len:
         raise ValueError(f"TTT chunk {cfg.chunk} exceeds seq_len {seq_len}")
@@ -208,9 +211,11 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
 
     t0 = time.perf_counter()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    count = adapted = 0
+    count = adapted = step = 0
     n_chunks = sum(len(l) for l in lanes)
-    adapting, stopped_at = cfg.epochs > 0, None
+    adapting, stopped_at, reserve = cfg.epochs > 0, None, 0.0
+    remaining = _remaining_positions(lanes, group)  # forwarded positions still to score after each step
+    timer = _ScoreTimer(device)
     progress = Progress(f"ttt {cfg.kind} chunk={cfg.chunk}", sum(l.scored for l in lanes), log)
     model.eval()
     try:
@@ -234,13 +239,18 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
                 if bank is not None:
                     bank.rows = torch.as_tensor(rows, device=device)
                 # 1. score: no gradient can flow from these losses into any update
-                with torch.inference_mode(), autocast_for(device):
+                timed = adapting and time_budget is not None and step % 8 == 0  # a sample: it synchronizes
+                with timer(timed, len(rows) * width), torch.inference_mode(), autocast_for(device):
                     losses = model.token_losses(x, y)
                     total += torch.where(mask, losses.float(), 0.0).sum(dtype=torch.float64)
                 count += int((lengths - score_from).sum())
-                # 2. adapt on the chunk just scored, where a later chunk can still benefit
-                if adapting and time_budget is not None and time.perf_counter() - t0 > time_budget:
-                    adapting, stopped_at = False, time.perf_counter() - t0
+                # 2. adapt on the chunk just scored, where a later chunk can still benefit, while the
+                # time left covers scoring what remains
+                if adapting and time_budget is not None:
+                    reserve = 1.1 * timer.seconds_per_position * int(remaining[step])
+                    if time.perf_counter() - t0 + reserve > time_budget:
+                        adapting, stopped_at = False, time.perf_counter() - t0
+                step += 1
                 keep = [j for j, i in enumerate(rows) if cfg.reset == "carry" or len(members[i]) > k + 1]
                 if adapting and keep and not (cfg.reset == "carry" and k + 1 == len(members[0])):
                     _adapt(model, opt, bank, x[keep], y[keep], mask[keep], [rows[j] for j in keep], cfg, device)
@@ -261,8 +271,45 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
             "adapted_modules": len(bank.modules) if bank is not None else None,
             "documents_in_parallel": group, "chunks": n_chunks, "adapted_chunks": adapted,
             "time_budget": time_budget, "budget_exceeded": stopped_at is not None,
-            "stopped_adapting_at_s": stopped_at}
+            "stopped_adapting_at_s": stopped_at, "scoring_reserve_s": reserve if stopped_at is not None else None}
     return float(total.item()), count, lo, hi, info
+
+
+def _remaining_positions(lanes: list[WindowPlan], group: int) -> np.ndarray:
+    """Per step of :func:`run_ttt`'s loop (documents in groups of ``group``, chunk ``k`` of each), the
+    positions forwarded by all later steps: a step forwards its documents' windows padded to the widest."""
+    cost = [sum(1 for lane in members if len(lane) > k) * max(int(lane.lengths[k]) for lane in members if len(lane) > k)
+            for members in (lanes[g:g + group] for g in range(0, len(lanes), group)) for k in range(len(members[0]))]
+    return np.cumsum(np.asarray(cost[::-1], dtype=np.int64))[::-1] - np.asarray(cost, dtype=np.int64)
+
+
+class _ScoreTimer:
+    """Seconds per forwarded position of the scoring pass, from sampled steps (synchronized on a GPU,
+    whose kernels run asynchronously)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.sync = self.device.type == "cuda"
+        self.seconds = 0.0
+        self.positions = 0
+
+    @property
+    def seconds_per_position(self) -> float:
+        return self.seconds / self.positions if self.positions else 0.0
+
+    @contextlib.contextmanager
+    def __call__(self, timed: bool, positions: int):
+        if not timed:
+            yield
+            return
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        t = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - t
+        self.positions += positions
 
 
 def _adapt(model: torch.nn.Module, opt: torch.optim.Optimizer, bank: LoRABank | None, x: torch.Tensor,

@@ -201,6 +201,62 @@ def test_ttt_without_updates_equals_sliding_and_budget_stops_adapting(val_tokens
     assert spent.val_bpb == pytest.approx(sliding.val_bpb, rel=1e-6)
 
 
+class FakeClock:
+    """Stands in for the ``time`` module of pgolf_eval.ttt: time passes only when ``Timed`` forwards."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class Timed(torch.nn.Module):
+    """A model whose forwards cost fake seconds: 1 per scored position, 3 per adapted one."""
+
+    def __init__(self, inner: torch.nn.Module, clock: FakeClock) -> None:
+        super().__init__()
+        self.inner, self.clock = inner, clock
+
+    def token_losses(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.clock.now += (3.0 if torch.is_grad_enabled() else 1.0) * idx.numel()
+        return self.inner.token_losses(idx, targets)
+
+
+def test_ttt_time_budget_keeps_time_to_score_what_remains(monkeypatch):
+    """The budget bounds the whole pass: adaptation stops while the time left still covers scoring
+    the remaining chunks (it once stopped only when the budget was spent, and the scoring tail ran over)."""
+    from pgolf_eval import ttt as ttt_mod
+
+    clock = FakeClock()
+    monkeypatch.setattr(ttt_mod, "time", clock)
+    toks, tables = unique_stream(900, 113), byte_tables_flat(4096)
+    model, cfg = Timed(tiny_model(vocab=4096), clock), TTTConfig(chunk=4, rank=2, lr=0.05)
+    free = evaluate_tokens(model, toks, tables, seq_len=16, ttt=cfg, batch_tokens=64, log=None)
+    full_cost, clock.now = clock.now, 0.0
+    budget = full_cost / 3
+    res = evaluate_tokens(model, toks, tables, seq_len=16, ttt=cfg, batch_tokens=64, time_budget=budget, log=None)
+    t = res.extra["ttt"]
+    assert t["budget_exceeded"] and 0 < t["adapted_chunks"] < free.extra["ttt"]["adapted_chunks"]
+    assert 0.8 * budget < clock.now <= budget  # the pass ends inside the budget, having used most of it
+    assert t["stopped_adapting_at_s"] + t["scoring_reserve_s"] > budget and res.tokens == free.tokens
+
+
+def test_ttt_plan_counts_the_positions_each_step_forwards():
+    from pgolf_eval.ttt import _lanes, _remaining_positions
+    from pgolf_eval.sliding import document_segments
+
+    toks, cfg = unique_stream(700, 53), TTTConfig(chunk=4, rank=2, lr=0.05)
+    rec = Recorder(inner=tiny_model(vocab=4096))
+    evaluate_tokens(rec, toks, byte_tables_flat(4096), seq_len=16, ttt=TTTConfig(**{**cfg.__dict__, "epochs": 0}),
+                    batch_tokens=48, log=None)
+    forwarded = np.array([x.numel() for x, _, grad in rec.calls if not grad])  # one scoring forward per step
+    lanes = sorted(_lanes(document_segments(toks, 1), cfg, 16, False), key=len, reverse=True)
+    remaining = _remaining_positions(lanes, 48 // 16)
+    assert len(remaining) == len(forwarded) and remaining[-1] == 0
+    assert np.array_equal(remaining, forwarded[::-1].cumsum()[::-1] - forwarded)
+
+
 def test_lora_ttt_per_document_is_independent_of_documents_per_batch(val_tokens, sp1024):
     """The CPU default batches 8x fewer documents than the GPU one; with per-document adapters,
     a per-document mean loss and element-wise Adam, the score must not depend on it."""
