@@ -31,8 +31,11 @@ def test_run_writes_a_scored_artifact_and_report(demo_run):
     assert report["model_bytes"] + report["code_bytes"] == report["artifact_bytes"]  # every byte is counted
     assert report["headroom_bytes"] == CAP - report["artifact_bytes"]
     assert report["steps"] > 0 and 0 < report["val_bpb"] < 10
-    # the final number is the sliding evaluation the config asked for, of the artifact
-    assert report["val_bpb_mode"] == "sliding" and report["evals"]["sliding"]["stride"] == 128
+    # the final number is the last evaluation the config asks for (sliding, then TTT), of the artifact
+    ev = report["evals"]
+    assert report["val_bpb_mode"] == "ttt" and report["val_bpb"] == ev["ttt"]["val_bpb"]
+    assert ev["sliding"]["stride"] == 128 and ev["ttt"]["tokens"] == ev["sliding"]["tokens"]
+    assert ev["ttt"]["extra"]["ttt"]["adapted_chunks"] > 0
     assert {t["name"] for t in report["tensors"]} >= {"tok_emb.weight"}
     md = (out / "report.md").read_text()
     assert "val bpb before quantization" in md and f"{report['artifact_bytes']:,}" in md
