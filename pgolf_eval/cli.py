@@ -41,7 +41,8 @@ def register(sub) -> None:
     p.add_argument("--ttt-from-start", action=argparse.BooleanOptionalAction, default=d.from_start,
                    help="chunk each document from its first token, adapting inside its first window too "
                         "(--no-ttt-from-start: score the first window whole, as sliding evaluation does)")
-    p.add_argument("--time-budget", type=float, default=None, help="seconds for the TTT pass: adaptation stops while the remaining chunks can still be scored within it")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the TTT pass: adaptation stops while the remaining chunks can still be scored within it")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="forward positions per batch; TTT adapts batch-tokens/seq-len documents at once "
                         "(default: 131072 on a GPU, 16384 on a CPU)")

@@ -195,7 +195,8 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
     ``stride`` None or ``seq_len`` scores non-overlapping windows; a smaller stride slides.
     ``doc_isolated`` restarts the context at every BOS. ``ttt`` (a :class:`pgolf_eval.ttt.TTTConfig`)
     runs legal score-first test-time training on a copy of the adapted parameters; the pass ends
-    within ``time_budget`` seconds (adaptation stops while the rest can still be scored in time). ``tables`` may be a per-token byte sidecar instead.
+    within ``time_budget`` seconds (adaptation stops while the rest can still be scored in time).
+    ``tables`` may be a per-token byte sidecar instead.
     ``batch_tokens``: forward positions per batch (TTT: documents adapted at once × seq_len);
     None picks :func:`default_batch_tokens` for the device.
     Under an initialized process group each rank must pass the same arguments; the result is global.

@@ -214,7 +214,8 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
     count = adapted = step = 0
     n_chunks = sum(len(l) for l in lanes)
     adapting, stopped_at, reserve = cfg.epochs > 0, None, 0.0
-    remaining = _remaining_positions(lanes, group)  # forwarded positions still to score after each step
+    positions = _step_positions(lanes, group)
+    left = int(positions.sum())  # positions still to forward for scoring
     timer = _ScoreTimer(device)
     progress = Progress(f"ttt {cfg.kind} chunk={cfg.chunk}", sum(l.scored for l in lanes), log)
     model.eval()
@@ -240,17 +241,18 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
                     bank.rows = torch.as_tensor(rows, device=device)
                 # 1. score: no gradient can flow from these losses into any update
                 timed = adapting and time_budget is not None and step % 8 == 0  # a sample: it synchronizes
-                with timer(timed, len(rows) * width), torch.inference_mode(), autocast_for(device):
+                with timer(timed, int(positions[step])), torch.inference_mode(), autocast_for(device):
                     losses = model.token_losses(x, y)
                     total += torch.where(mask, losses.float(), 0.0).sum(dtype=torch.float64)
                 count += int((lengths - score_from).sum())
+                left -= int(positions[step])
+                step += 1
                 # 2. adapt on the chunk just scored, where a later chunk can still benefit, while the
                 # time left covers scoring what remains
                 if adapting and time_budget is not None:
-                    reserve = 1.1 * timer.seconds_per_position * int(remaining[step])
-                    if time.perf_counter() - t0 + reserve > time_budget:
-                        adapting, stopped_at = False, time.perf_counter() - t0
-                step += 1
+                    reserve, elapsed = 1.1 * timer.seconds_per_position * left, time.perf_counter() - t0
+                    if elapsed + reserve > time_budget:
+                        adapting, stopped_at = False, elapsed
                 keep = [j for j, i in enumerate(rows) if cfg.reset == "carry" or len(members[i]) > k + 1]
                 if adapting and keep and not (cfg.reset == "carry" and k + 1 == len(members[0])):
                     _adapt(model, opt, bank, x[keep], y[keep], mask[keep], [rows[j] for j in keep], cfg, device)
@@ -275,12 +277,16 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
     return float(total.item()), count, lo, hi, info
 
 
-def _remaining_positions(lanes: list[WindowPlan], group: int) -> np.ndarray:
-    """Per step of :func:`run_ttt`'s loop (documents in groups of ``group``, chunk ``k`` of each), the
-    positions forwarded by all later steps: a step forwards its documents' windows padded to the widest."""
-    cost = [sum(1 for lane in members if len(lane) > k) * max(int(lane.lengths[k]) for lane in members if len(lane) > k)
-            for members in (lanes[g:g + group] for g in range(0, len(lanes), group)) for k in range(len(members[0]))]
-    return np.cumsum(np.asarray(cost[::-1], dtype=np.int64))[::-1] - np.asarray(cost, dtype=np.int64)
+def _step_positions(lanes: list[WindowPlan], group: int) -> np.ndarray:
+    """Positions each step of :func:`run_ttt`'s loop forwards to score (documents in groups of
+    ``group``, chunk ``k`` of each per step): its documents' windows, padded to the widest."""
+    out = []
+    for g in range(0, len(lanes), group):
+        members = lanes[g:g + group]
+        for k in range(len(members[0])):
+            widths = [int(lane.lengths[k]) for lane in members if len(lane) > k]
+            out.append(len(widths) * max(widths))
+    return np.asarray(out, dtype=np.int64)
 
 
 class _ScoreTimer:

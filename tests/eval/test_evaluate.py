@@ -175,10 +175,6 @@ def test_ttt_from_the_start_adapts_inside_the_first_window(val_tokens, sp1024):
     documents no longer than one window, which the sliding layout leaves unadapted."""
     model, tables = tiny_model(), byte_tables(sp1024, 1024)
     toks = val_tokens[:400]
-    sliding = evaluate_tokens(model, toks, tables, seq_len=16, stride=4, doc_isolated=True, log=None)
-    still = evaluate_tokens(model, toks, tables, seq_len=16, ttt=TTTConfig(chunk=4, epochs=0, from_start=True),
-                            log=None)
-    assert still.val_loss == pytest.approx(sliding.val_loss, rel=1e-6) and still.tokens == sliding.tokens
     short = np.concatenate([[1], toks[1:12], [1], toks[20:30]]).astype(np.uint16)  # two documents < seq_len
     cfg = TTTConfig(chunk=4, rank=2, lr=0.05, from_start=False)
     late = evaluate_tokens(model, short, tables, seq_len=16, ttt=cfg, log=None)
@@ -188,13 +184,23 @@ def test_ttt_from_the_start_adapts_inside_the_first_window(val_tokens, sp1024):
     assert early.val_loss != late.val_loss and early.tokens == late.tokens == len(short) - 1
 
 
-def test_ttt_without_updates_equals_sliding_and_budget_stops_adapting(val_tokens, sp1024):
+@pytest.mark.parametrize("from_start", [False, True])
+def test_ttt_without_updates_equals_sliding(val_tokens, sp1024, from_start):
+    """Either layout, frozen, scores each target with the context sliding evaluation gives it (the
+    growing windows too, when seq_len is a multiple of the chunk)."""
     model, tables = tiny_model(), byte_tables(sp1024, 1024)
     toks = val_tokens[:400]
     sliding = evaluate_tokens(model, toks, tables, seq_len=16, stride=4, doc_isolated=True, log=None)
-    still = evaluate_tokens(model, toks, tables, seq_len=16, ttt=TTTConfig(chunk=4, epochs=0, from_start=False),
+    still = evaluate_tokens(model, toks, tables, seq_len=16, ttt=TTTConfig(chunk=4, epochs=0, from_start=from_start),
                             log=None)
-    assert still.val_bpb == pytest.approx(sliding.val_bpb, rel=1e-6) and still.tokens == sliding.tokens
+    assert still.val_loss == pytest.approx(sliding.val_loss, rel=1e-6) and still.tokens == sliding.tokens
+    assert still.val_bpb == pytest.approx(sliding.val_bpb, rel=1e-6)
+
+
+def test_ttt_budget_stops_adapting(val_tokens, sp1024):
+    model, tables = tiny_model(), byte_tables(sp1024, 1024)
+    toks = val_tokens[:400]
+    sliding = evaluate_tokens(model, toks, tables, seq_len=16, stride=4, doc_isolated=True, log=None)
     spent = evaluate_tokens(model, toks, tables, seq_len=16, ttt=TTTConfig(chunk=4), time_budget=0.0, log=None)
     t = spent.extra["ttt"]
     assert t["budget_exceeded"] and t["adapted_chunks"] == 0
@@ -243,7 +249,7 @@ def test_ttt_time_budget_keeps_time_to_score_what_remains(monkeypatch):
 
 
 def test_ttt_plan_counts_the_positions_each_step_forwards():
-    from pgolf_eval.ttt import _lanes, _remaining_positions
+    from pgolf_eval.ttt import _lanes, _step_positions
     from pgolf_eval.sliding import document_segments
 
     toks, cfg = unique_stream(700, 53), TTTConfig(chunk=4, rank=2, lr=0.05)
@@ -252,9 +258,7 @@ def test_ttt_plan_counts_the_positions_each_step_forwards():
                     batch_tokens=48, log=None)
     forwarded = np.array([x.numel() for x, _, grad in rec.calls if not grad])  # one scoring forward per step
     lanes = sorted(_lanes(document_segments(toks, 1), cfg, 16, False), key=len, reverse=True)
-    remaining = _remaining_positions(lanes, 48 // 16)
-    assert len(remaining) == len(forwarded) and remaining[-1] == 0
-    assert np.array_equal(remaining, forwarded[::-1].cumsum()[::-1] - forwarded)
+    assert np.array_equal(_step_positions(lanes, 48 // 16), forwarded)
 
 
 def test_lora_ttt_per_document_is_independent_of_documents_per_batch(val_tokens, sp1024):
