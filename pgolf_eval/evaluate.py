@@ -21,6 +21,7 @@ import torch
 from pgolf_train.shards import BOS_ID, list_shards, read_shard
 from pgolf_train.tokenizer import ByteTables, token_bytes
 
+from .breakdown import TargetLosses, summarize
 from .sliding import WindowPlan, document_segments, plan_windows
 
 DEFAULT_BATCH_TOKENS = 1 << 17  # forward positions per batch on a GPU: ~128 windows of 1024
@@ -52,6 +53,10 @@ class EvalResult:
     doc_isolated: bool = False
     world_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    # per-document-length buckets and the 95% bootstrap interval (pgolf_eval.breakdown.summarize)
+    docs: dict[str, Any] | None = None
+    # per document, in stream order: length, scored tokens, bytes, loss (nats); for paired comparisons
+    per_doc: dict[str, list] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -142,11 +147,12 @@ def _batches(plan: WindowPlan, batch_tokens: int) -> list[np.ndarray]:
 @torch.inference_mode()
 def score_plan(model: torch.nn.Module, tokens: np.ndarray, plan: WindowPlan, *, device: torch.device,
                batch_tokens: int | None = None, scorer: Callable | None = None,
-               log: Log | None = None, label: str = "eval") -> tuple[float, int]:
+               log: Log | None = None, label: str = "eval",
+               target_losses: TargetLosses | None = None) -> tuple[float, int]:
     """Sum of the scored targets' losses (nats, float64) and their count, for this process's plan.
 
     ``scorer(idx, targets) -> float32 (B, T)`` defaults to ``model.token_losses``; ``batch_tokens``
-    to :func:`default_batch_tokens` of ``device``.
+    to :func:`default_batch_tokens` of ``device``; ``target_losses`` also records each target's loss.
     """
     scorer = scorer or model.token_losses
     batch_tokens = batch_tokens or default_batch_tokens(device)
@@ -162,6 +168,8 @@ def score_plan(model: torch.nn.Module, tokens: np.ndarray, plan: WindowPlan, *, 
             losses = scorer(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         # float64 accumulation on the device: no host sync per batch
         total += torch.where(mask, losses.float(), 0.0).sum(dtype=torch.float64)
+        if target_losses is not None:
+            target_losses.add(losses, mask, plan.starts[idx])
         n = int((lengths - score_from).sum())
         count += n
         done += n
@@ -169,20 +177,18 @@ def score_plan(model: torch.nn.Module, tokens: np.ndarray, plan: WindowPlan, *, 
     return float(total.item()), count
 
 
-def target_bytes(tokens: np.ndarray, byte_source: ByteTables | np.ndarray, lo: int, hi: int) -> int:
-    """UTF-8 bytes of targets ``lo..hi-1`` (target j is ``tokens[j + 1]``).
+def per_target_bytes(tokens: np.ndarray, byte_source: ByteTables | np.ndarray) -> np.ndarray:
+    """int64 ``(N - 1,)``: the UTF-8 bytes of each target (target j is ``tokens[j + 1]``).
 
     ``byte_source`` is the tokenizer's :class:`ByteTables` or a per-token byte sidecar aligned with
     ``tokens`` (uint16, same length), which then decides.
     """
-    if hi <= lo:
-        return 0
     if isinstance(byte_source, ByteTables):
-        return int(token_bytes(tokens[lo + 1:hi + 1], byte_source, tokens[lo:hi]).sum(dtype=np.int64))
+        return token_bytes(tokens[1:], byte_source, tokens[:-1]).astype(np.int64)
     side = np.asarray(byte_source)
     if side.shape != (len(tokens),):
         raise ValueError(f"byte sidecar has shape {side.shape}, tokens have ({len(tokens)},)")
-    return int(side[lo + 1:hi + 1].sum(dtype=np.int64))
+    return side[1:].astype(np.int64)
 
 
 def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTables | np.ndarray, *,
@@ -211,14 +217,15 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
     t0 = time.perf_counter()
     model.eval()
     extra: dict[str, Any] = {}
+    losses = TargetLosses(n_targets, device)
     if ttt is not None:
         from .ttt import run_ttt  # local: TTT pulls in the optimizer machinery only when used
 
         if truncate:
             raise ValueError("--truncate applies to plain/sliding evaluation, not TTT")
-        loss_sum, count, lo, hi, extra["ttt"] = run_ttt(
+        loss_sum, count, _, _, extra["ttt"] = run_ttt(
             model, tokens, ttt, seq_len=seq_len, device=device, doc_isolated=doc_isolated,
-            time_budget=time_budget, bos_id=bos_id, batch_tokens=batch_tokens, log=log)
+            time_budget=time_budget, bos_id=bos_id, batch_tokens=batch_tokens, log=log, target_losses=losses)
         mode, stride = "ttt", ttt.chunk
         doc_isolated = doc_isolated or ttt.reset == "doc"  # per-document state keeps context in the document
     else:
@@ -227,13 +234,14 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
         mine = plan.shard(rank, world)
         scorer = torch.compile(model.token_losses) if compile else None
         loss_sum, count = score_plan(model, tokens, mine, device=device, batch_tokens=batch_tokens,
-                                     scorer=scorer, log=log, label=f"eval seq_len={seq_len} stride={stride}")
-        lo, hi = mine.target_range()
+                                     scorer=scorer, log=log, label=f"eval seq_len={seq_len} stride={stride}",
+                                     target_losses=losses)
         mode = "plain" if stride == seq_len else "sliding"
         extra["forward_tokens"] = plan.input_tokens
-    n_bytes = target_bytes(tokens, tables, lo, hi)
-    loss_sum, count, n_bytes = all_reduce_sums([loss_sum, float(count), float(n_bytes)], device)
-    count, n_bytes = int(count), int(n_bytes)
+    # the bytes of exactly the targets scored (on any rank), with each document's share
+    per_doc = _per_document(tokens, tables, losses, bos_id, device)
+    loss_sum, count = all_reduce_sums([loss_sum, float(count)], device)
+    count, n_bytes = int(count), int(sum(per_doc["bytes"]))
     if count == 0 or n_bytes == 0:
         raise ValueError(f"nothing to score: {count} tokens, {n_bytes} bytes (stream of {len(tokens)} tokens, "
                          f"seq_len {seq_len}{', truncated' if truncate else ''})")
@@ -241,7 +249,17 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
     return EvalResult(val_loss=loss_sum / count, val_bpb=loss_sum / math.log(2) / n_bytes, tokens=count,
                       bytes=n_bytes, seconds=seconds, mode=mode, seq_len=seq_len, stride=stride,
                       coverage="truncate" if truncate else "full", doc_isolated=doc_isolated,
-                      world_size=world, extra=extra)
+                      world_size=world, extra=extra, docs=summarize(per_doc), per_doc=per_doc)
+
+
+def _per_document(tokens: np.ndarray, tables: ByteTables | np.ndarray, losses: TargetLosses, bos_id: int,
+                  device: torch.device) -> dict[str, list]:
+    """Each document's length, scored tokens, bytes and loss, summed over ranks."""
+    segments = document_segments(tokens, bos_id)
+    part = losses.per_doc(segments, per_target_bytes(tokens, tables))
+    sums = np.asarray(all_reduce_sums(part.ravel().tolist(), device)).reshape(part.shape)
+    return {"length": (segments[:, 1] - segments[:, 0]).tolist(), "tokens": sums[1].round().astype(int).tolist(),
+            "bytes": sums[2].round().astype(int).tolist(), "loss": sums[0].tolist()}
 
 
 def load_val_tokens(data_dir: str | os.PathLike, vocab_size: int) -> np.ndarray:

@@ -12,6 +12,16 @@ Two variants: LoRA adapters on the model's ``CastedLinear`` layers, attached wit
 many documents adapt in parallel, each with its own adapter slice of a batched bank; Adam is
 element-wise and the loss is a sum of per-document means, so the documents stay independent.
 With ``reset="carry"`` the adapted state flows from one document to the next, sequentially.
+
+Phased TTT (``scope="phased"``, or ``"both"`` with per-document LoRA on top) carries one adapter
+across documents: the stream's documents, in order, form phases of about ``phase_tokens`` targets;
+a phase is scored first (its documents in parallel), then the carried adapter takes Adam steps on
+the phase's tokens, now scored, and the next phase is scored with it. Short documents, which
+per-document adaptation barely reaches, gain from what earlier documents taught. Under ``torchrun``
+every rank takes the same steps on all-reduced gradients, so the carried state agrees.
+
+Timing: any warm-up (first CUDA calls, kernel loading) runs on synthetic tokens before the clock
+starts; the scoring cost that the time budget plans with is sampled only after the first steps.
 """
 from __future__ import annotations
 
@@ -25,11 +35,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .evaluate import (Log, Progress, autocast_for, default_batch_tokens, dist_rank_world, gather_windows,
-                       score_mask)
+from .breakdown import TargetLosses
+from .evaluate import (Log, Progress, all_reduce_sums, autocast_for, default_batch_tokens, dist_rank_world,
+                       gather_windows, score_mask)
 from .sliding import WindowPlan, document_segments, growing_windows, segment_windows
 
 LORA_LR, FULL_LR = 3e-3, 1e-5  # Adam learning rates when TTTConfig.lr is None
+SCOPES = ("doc", "phased", "both")
+WARMUP_STEPS = 2  # scoring-cost samples dropped after the synthetic warm-up (shapes still new)
+MIN_SAMPLES = 3  # samples the budget needs before it may stop adaptation
 
 # Short target names → the module-name suffixes they select in pgolf_train.model.GPT.
 TARGET_ALIASES = {
@@ -56,6 +70,12 @@ class TTTConfig:
     of 256, the first window scored whole, gave 1.5380 where every block matrix at 3e-3 in chunks of
     64 gave 1.5097; on the next artifact that setting's 1.5084 went to 1.4992 from the first token
     and 1.4976 at rank 16, for ~4x the evaluation time of the first setting.
+
+    ``scope``: "doc" (adapters per document, as above), "phased" (one adapter carried over the
+    stream, trained after each phase of ``phase_tokens`` targets on that phase's scored tokens:
+    ``phase_epochs`` passes in steps of ``phase_batch`` windows of ``seq_len``, Adam at
+    ``phase_lr``, default the per-document rate) or "both" (the carried adapter, with per-document
+    LoRA on top inside each phase).
     """
 
     kind: str = "lora"
@@ -67,21 +87,39 @@ class TTTConfig:
     targets: tuple[str, ...] = ("attn", "mlp")
     seed: int = 0
     from_start: bool = True
+    scope: str = "doc"
+    phase_tokens: int = 32768
+    phase_epochs: int = 1
+    phase_lr: float | None = None
+    phase_batch: int = 16
 
     def __post_init__(self) -> None:
         if self.kind not in ("lora", "full"):
             raise ValueError(f"TTT kind must be 'lora' or 'full', got {self.kind!r}")
         if self.reset not in ("doc", "carry"):
             raise ValueError(f"TTT reset must be 'doc' or 'carry', got {self.reset!r}")
-        for name, v, lo in (("rank", self.rank, 1), ("epochs", self.epochs, 0), ("chunk", self.chunk, 1)):
-            if not isinstance(v, int) or v < lo:
+        if self.scope not in SCOPES:
+            raise ValueError(f"TTT scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.scope != "doc" and self.reset != "doc":
+            raise ValueError("TTT reset='carry' is the sequential per-chunk carry; phased scopes carry by phase")
+        if self.scope == "both" and self.kind != "lora":
+            raise ValueError("TTT scope 'both' puts per-document LoRA on the carried adapter: kind must be 'lora'")
+        for name, v, lo in (("rank", self.rank, 1), ("epochs", self.epochs, 0), ("chunk", self.chunk, 1),
+                            ("phase_tokens", self.phase_tokens, 1), ("phase_epochs", self.phase_epochs, 0),
+                            ("phase_batch", self.phase_batch, 1)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"TTT {name} must be an integer >= {lo}, got {v!r}")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"TTT lr must be a positive number, got {self.lr!r}")
+        for name, v in (("lr", self.lr), ("phase_lr", self.phase_lr)):
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"TTT {name} must be a positive number, got {v!r}")
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (LORA_LR if self.kind == "lora" else FULL_LR)
+
+    @property
+    def phase_learning_rate(self) -> float:
+        return self.phase_lr if self.phase_lr is not None else self.learning_rate
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
@@ -110,7 +148,8 @@ class LoRABank:
     """Rank-``r`` adapters on ``modules``, one independent slice per lane: ``W x + B_i A_i x``.
 
     A: float32 ``(lanes, r, in)``, B: float32 ``(lanes, out, r)`` (zero, so a fresh adapter is the
-    base model exactly). ``rows`` (int64 ``(b,)``) picks the lanes of the current batch rows.
+    base model exactly). ``rows`` (int64 ``(b,)``) picks the lanes of the current batch rows;
+    ``rows = None`` applies lane 0 to every row (the carried adapter of phased TTT).
     """
 
     def __init__(self, modules: list[tuple[str, torch.nn.Linear]], rank: int, lanes: int,
@@ -118,13 +157,19 @@ class LoRABank:
         self.modules, self.rank, self.lanes, self.seed = modules, rank, lanes, seed
         self.A = [torch.zeros(lanes, rank, m.in_features, device=device, requires_grad=True) for _, m in modules]
         self.B = [torch.zeros(lanes, m.out_features, rank, device=device, requires_grad=True) for _, m in modules]
-        self.rows = torch.arange(lanes, device=device)
+        self.rows: torch.Tensor | None = torch.arange(lanes, device=device)
+        self.active = True
         self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(modules)]
         self.reset(range(lanes))
 
     def _hook(self, i: int):
         def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
             x = inputs[0]  # (b, T, in)
+            if not self.active:
+                return out
+            if self.rows is None:
+                a, b = self.A[i][0].to(x.dtype), self.B[i][0].to(x.dtype)
+                return out + ((x @ a.t()) @ b.t()).to(out.dtype)
             a, b = self.A[i][self.rows].to(x.dtype), self.B[i][self.rows].to(x.dtype)
             return out + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)).to(out.dtype)
         return hook
@@ -151,6 +196,10 @@ class LoRABank:
         for h in self.handles:
             h.remove()
 
+    def requires_grad_(self, flag: bool) -> None:
+        for t in self.parameters():
+            t.requires_grad_(flag)
+
 
 def _split_segments(segments: np.ndarray, rank: int, world: int) -> np.ndarray:
     """This rank's contiguous run of segments, balanced by token count (documents stay whole)."""
@@ -176,105 +225,230 @@ def _lanes(segments: np.ndarray, cfg: TTTConfig, seq_len: int, doc_isolated: boo
     return [WindowPlan(*windows(int(segments[0, 0]), int(segments[-1, 1]), seq_len, cfg.chunk))]
 
 
+def _phases(segments: np.ndarray, phase_tokens: int) -> list[np.ndarray]:
+    """Runs of consecutive documents, in stream order, of at least ``phase_tokens`` targets each
+    (the last may hold fewer; a longer document is a phase of its own)."""
+    out, first, acc = [], 0, 0
+    for i, (b, e) in enumerate(segments):
+        acc += int(e - b)
+        if acc >= phase_tokens:
+            out.append(segments[first:i + 1])
+            first, acc = i + 1, 0
+    if first < len(segments):
+        out.append(segments[first:])
+    return out
+
+
 def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_len: int, device: torch.device,
             doc_isolated: bool = False, time_budget: float | None = None, bos_id: int = 1,
-            batch_tokens: int | None = None, log: Log | None = None) -> tuple[float, int, int, int, dict[str, Any]]:
+            batch_tokens: int | None = None, log: Log | None = None, target_losses: TargetLosses | None = None,
+            warmup: bool | None = None) -> tuple[float, int, int, int, dict[str, Any]]:
     """Score ``tokens`` with score-first TTT; returns ``(loss_sum_nats, tokens, lo, hi, info)``.
 
-    This rank scores targets ``lo..hi-1``. ``time_budget`` (seconds from the start) bounds the
-    whole pass: adaptation stops once the time spent plus a reserve for scoring the remaining
-    chunks (their forwarded positions at the measured scoring cost, plus 10%) would pass it; the
-    rest is scored without updates and ``info["budget_exceeded"]`` is set. The model's weights are
-    restored before returning.
+    This rank scores targets ``lo..hi-1`` (scope "doc": a contiguous run of documents; phased
+    scopes: its share of every phase, so ``lo..hi`` is the whole stream). ``time_budget`` (seconds
+    from the start) bounds the whole pass: adaptation stops once the time spent plus a reserve for
+    scoring what remains (its forwarded positions at the sampled scoring cost, plus 10%) would pass
+    it; the rest is scored without updates and ``info["budget_exceeded"]`` is set.
+    ``info["adapted_fraction"]`` is the share of scored targets processed while adaptation was on.
+    ``warmup`` (default: with a time budget or on a GPU) first runs the scoring and adapting passes
+    on synthetic tokens, outside the clock. The model's weights are restored before returning.
     """
     if cfg.chunk > seq_len:
         raise ValueError(f"TTT chunk {cfg.chunk} exceeds seq_len {seq_len}")
+    device = torch.device(device)
     rank, world = dist_rank_world()
-    segments = _split_segments(document_segments(tokens, bos_id), rank, world)
-    lanes = _lanes(segments, cfg, seq_len, doc_isolated)
-    lo, hi = (int(segments[0, 0]), int(segments[-1, 1])) if len(segments) else (0, 0)
+    segments = document_segments(tokens, bos_id)
+    phases = [segments] if cfg.scope == "doc" else _phases(segments, cfg.phase_tokens)
     batch_tokens = batch_tokens or default_batch_tokens(device)  # / seq_len = documents adapted at once
-    group = max(1, batch_tokens // seq_len) if (cfg.kind == "lora" and cfg.reset == "doc") else 1
-    lanes.sort(key=len, reverse=True)  # like-length documents share a batch
+    per_doc = cfg.scope != "phased"
+    parallel = cfg.reset == "doc" and (cfg.kind == "lora" or not per_doc)
+    group = max(1, batch_tokens // seq_len) if parallel else 1
+    plans = []
+    for ph in phases:
+        lanes = _lanes(_split_segments(ph, rank, world), cfg, seq_len, doc_isolated)
+        lanes.sort(key=len, reverse=True)  # like-length documents share a batch
+        plans.append(lanes)
+    mine = [seg for ph in phases for seg in [_split_segments(ph, rank, world)] if len(seg)]
+    lo, hi = (int(mine[0][0, 0]), int(mine[-1][-1, 1])) if mine else (0, 0)
 
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
     snapshot = [p.detach().clone() for p in params] if cfg.kind == "full" else None
-    bank = None
+    bank = carried = None
     if cfg.kind == "lora":
-        bank = LoRABank(select_targets(model, cfg.targets), cfg.rank, group, device, cfg.seed)
-        trainable = bank.parameters()
-    else:
-        trainable = [p for p in params if p.is_floating_point()]
-        for p in trainable:
-            p.requires_grad_(True)
+        modules = select_targets(model, cfg.targets)
+        if not per_doc or cfg.scope == "both":
+            carried = LoRABank(modules, cfg.rank, 1, device, cfg.seed)
+            carried.reset([-1])
+            carried.rows = None
+            carried.requires_grad_(False)  # trained only between phases (_phase_training)
+        if per_doc:
+            bank = LoRABank(modules, cfg.rank, group, device, cfg.seed)
+    full = [p for p in params if p.is_floating_point()] if cfg.kind == "full" else []
+    for p in full:
+        p.requires_grad_(True)
+    doc_params = bank.parameters() if bank is not None else (full if per_doc else [])
+    phase_params = carried.parameters() if carried is not None else ([] if per_doc else full)
+    phase_opt = torch.optim.Adam(phase_params, lr=cfg.phase_learning_rate) if phase_params else None
 
-    t0 = time.perf_counter()
+    doc_adapting = per_doc and cfg.epochs > 0
+    phase_adapting = phase_opt is not None and cfg.phase_epochs > 0 and len(phases) > 1
+    warm_s = None
+    if warmup if warmup is not None else (time_budget is not None or device.type == "cuda"):
+        warm_s = _warmup(model, bank, doc_params or phase_params, cfg.chunk, seq_len, group, device,
+                         train=doc_adapting or phase_adapting)
+        if carried is not None:
+            carried.reset([-1])
+
+    positions = np.concatenate([_step_positions(lanes, group) for lanes in plans] or [np.zeros(0, np.int64)])
+    budget = _Budget(time_budget, device, int(positions.sum()))
     total = torch.zeros((), dtype=torch.float64, device=device)
-    count = adapted = step = 0
-    n_chunks = sum(len(l) for l in lanes)
-    adapting, stopped_at, reserve = cfg.epochs > 0, None, 0.0
-    positions = _step_positions(lanes, group)
-    left = int(positions.sum())  # positions still to forward for scoring
-    timer = _ScoreTimer(device)
-    progress = Progress(f"ttt {cfg.kind} chunk={cfg.chunk}", sum(l.scored for l in lanes), log)
+    count = adapted = adapted_tokens = step = phases_trained = 0
+    n_chunks = sum(len(l) for lanes in plans for l in lanes)
+    stopped_at, reserve = None, 0.0
+    progress = Progress(f"ttt {cfg.kind} {cfg.scope} chunk={cfg.chunk}", sum(l.scored for p in plans for l in p), log)
     model.eval()
     try:
-        for g in range(0, len(lanes), group):
-            members = lanes[g:g + group]
-            if bank is not None:
-                bank.reset([int(lane.starts[0]) for lane in members])
-            elif cfg.reset == "doc":
-                with torch.no_grad():
-                    for p, s in zip(params, snapshot):
-                        p.copy_(s)
-            opt = torch.optim.Adam(trainable, lr=cfg.learning_rate)
-            for k in range(len(members[0])):
-                rows = [i for i, lane in enumerate(members) if len(lane) > k]
-                starts = np.array([members[i].starts[k] for i in rows])
-                lengths = np.array([members[i].lengths[k] for i in rows])
-                score_from = np.array([members[i].score_from[k] for i in rows])
-                width = int(lengths.max())
-                x, y = (t.to(device, non_blocking=True) for t in gather_windows(tokens, starts, lengths, width))
-                mask = score_mask(lengths, score_from, width).to(device)
+        for p_idx, lanes in enumerate(plans):
+            for g in range(0, len(lanes), group):
+                members = lanes[g:g + group]
                 if bank is not None:
-                    bank.rows = torch.as_tensor(rows, device=device)
-                # 1. score: no gradient can flow from these losses into any update
-                timed = adapting and time_budget is not None and step % 8 == 0  # a sample: it synchronizes
-                with timer(timed, int(positions[step])), torch.inference_mode(), autocast_for(device):
-                    losses = model.token_losses(x, y)
-                    total += torch.where(mask, losses.float(), 0.0).sum(dtype=torch.float64)
-                count += int((lengths - score_from).sum())
-                left -= int(positions[step])
-                step += 1
-                # 2. adapt on the chunk just scored, where a later chunk can still benefit, while the
-                # time left covers scoring what remains
-                if adapting and time_budget is not None:
-                    reserve, elapsed = 1.1 * timer.seconds_per_position * left, time.perf_counter() - t0
-                    if elapsed + reserve > time_budget:
-                        adapting, stopped_at = False, elapsed
-                keep = [j for j, i in enumerate(rows) if cfg.reset == "carry" or len(members[i]) > k + 1]
-                if adapting and keep and not (cfg.reset == "carry" and k + 1 == len(members[0])):
-                    _adapt(model, opt, bank, x[keep], y[keep], mask[keep], [rows[j] for j in keep], cfg, device)
-                    adapted += len(keep)
-                progress.update(count, "  (time budget spent: scoring only)" if stopped_at is not None else "")
+                    bank.reset([int(lane.starts[0]) for lane in members])
+                elif per_doc and cfg.reset == "doc":
+                    with torch.no_grad():
+                        for p, s in zip(params, snapshot):
+                            p.copy_(s)
+                opt = torch.optim.Adam(doc_params, lr=cfg.learning_rate) if doc_adapting else None
+                for k in range(len(members[0])):
+                    rows = [i for i, lane in enumerate(members) if len(lane) > k]
+                    starts = np.array([members[i].starts[k] for i in rows])
+                    lengths = np.array([members[i].lengths[k] for i in rows])
+                    score_from = np.array([members[i].score_from[k] for i in rows])
+                    width = int(lengths.max())
+                    x, y = (t.to(device, non_blocking=True) for t in gather_windows(tokens, starts, lengths, width))
+                    mask = score_mask(lengths, score_from, width).to(device)
+                    if bank is not None:
+                        bank.rows = torch.as_tensor(rows, device=device)
+                    # 1. score: no gradient can flow from these losses into any update
+                    with budget.timed(step, int(positions[step]), doc_adapting or phase_adapting), \
+                            torch.inference_mode(), autocast_for(device):
+                        losses = model.token_losses(x, y)
+                        total += torch.where(mask, losses.float(), 0.0).sum(dtype=torch.float64)
+                        if target_losses is not None:
+                            target_losses.add(losses, mask, starts)
+                    n = int((lengths - score_from).sum())
+                    count += n
+                    adapted_tokens += n if (doc_adapting or phase_adapting) else 0
+                    budget.left -= int(positions[step])
+                    step += 1
+                    # 2. adapt on the chunk just scored, where a later chunk can still benefit, while the
+                    # time left covers scoring what remains
+                    if doc_adapting and not budget.allows():
+                        doc_adapting, stopped_at, reserve = False, budget.elapsed(), budget.reserve()
+                    keep = [j for j, i in enumerate(rows) if cfg.reset == "carry" or len(members[i]) > k + 1]
+                    if doc_adapting and keep and not (cfg.reset == "carry" and k + 1 == len(members[0])):
+                        _adapt(model, opt, bank, x[keep], y[keep], mask[keep], [rows[j] for j in keep], cfg, device)
+                        adapted += len(keep)
+                    progress.update(count, "  (time budget spent: scoring only)" if stopped_at is not None else "")
+            # 3. a phase is scored on every rank: the carried adapter learns from it for the phases after
+            if phase_adapting and p_idx + 1 < len(plans):
+                cost = budget.train_estimate(_phase_positions(phases[p_idx], seq_len, cfg) // world)
+                if all_reduce_sums([float(budget.allows(cost))], device)[0] < world:  # the ranks agree
+                    phase_adapting = False
+                    if stopped_at is None:
+                        stopped_at, reserve = budget.elapsed(), budget.reserve()
+                else:
+                    with budget.timed_training(), _phase_training(bank, carried):
+                        budget.trained += _train_phase(model, phase_opt, tokens, phases[p_idx], seq_len, cfg,
+                                                       device, rank, world)
+                    phases_trained += 1
     finally:
-        if bank is not None:
-            bank.remove()
+        for b in (bank, carried):
+            if b is not None:
+                b.remove()
         if snapshot is not None:
             with torch.no_grad():
                 for p, s in zip(params, snapshot):
                     p.copy_(s)
         for p, flag in zip(params, saved_flags):
             p.requires_grad_(flag)
+    n_all, adapted_all, chunks_all, adapted_chunks_all = all_reduce_sums(
+        [float(count), float(adapted_tokens), float(n_chunks), float(adapted)], device)
     info = {"kind": cfg.kind, "rank": cfg.rank if cfg.kind == "lora" else None, "lr": cfg.learning_rate,
             "epochs": cfg.epochs, "chunk": cfg.chunk, "reset": cfg.reset, "targets": list(cfg.targets),
-            "from_start": cfg.from_start,
-            "adapted_modules": len(bank.modules) if bank is not None else None,
-            "documents_in_parallel": group, "chunks": n_chunks, "adapted_chunks": adapted,
+            "from_start": cfg.from_start, "scope": cfg.scope,
+            "adapted_modules": len(bank.modules if bank is not None else carried.modules)
+            if cfg.kind == "lora" else None,
+            "documents_in_parallel": group, "chunks": int(chunks_all), "adapted_chunks": int(adapted_chunks_all),
+            "adapted_fraction": adapted_all / n_all if n_all else 0.0,
             "time_budget": time_budget, "budget_exceeded": stopped_at is not None,
-            "stopped_adapting_at_s": stopped_at, "scoring_reserve_s": reserve if stopped_at is not None else None}
+            "stopped_adapting_at_s": stopped_at, "scoring_reserve_s": reserve if stopped_at is not None else None,
+            "seconds_per_position": budget.rate(), "cost_samples": len(budget.samples),
+            "warmup_s": warm_s, "warmup": "synthetic tokens, before the timer" if warm_s is not None else None}
+    if cfg.scope != "doc":
+        info.update(phases=len(phases), phases_trained=phases_trained, phase_tokens=cfg.phase_tokens,
+                    phase_epochs=cfg.phase_epochs, phase_lr=cfg.phase_learning_rate, phase_batch=cfg.phase_batch)
     return float(total.item()), count, lo, hi, info
+
+
+@contextlib.contextmanager
+def _phase_training(bank: LoRABank | None, carried: LoRABank | None):
+    """While the carried adapter trains on a phase: it takes gradients, the per-document bank is off."""
+    if bank is not None:
+        bank.active = False
+    if carried is not None:
+        carried.requires_grad_(True)
+    try:
+        yield
+    finally:
+        if bank is not None:
+            bank.active = True
+        if carried is not None:
+            carried.requires_grad_(False)
+
+
+def _phase_windows(phase: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, lengths)``: the phase's documents in non-overlapping windows of ``seq_len``."""
+    parts = [segment_windows(int(b), int(e), seq_len, seq_len) for b, e in phase]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _phase_positions(phase: np.ndarray, seq_len: int, cfg: TTTConfig) -> int:
+    """Positions a phase's training forwards (and backpropagates), over all ranks."""
+    return int(_phase_windows(phase, seq_len)[1].sum()) * cfg.phase_epochs
+
+
+def _train_phase(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: np.ndarray, phase: np.ndarray,
+                 seq_len: int, cfg: TTTConfig, device: torch.device, rank: int, world: int) -> int:
+    """``cfg.phase_epochs`` passes of Adam steps on a scored phase, ``cfg.phase_batch`` windows a step
+    (each document's own context), the same steps on every rank: each rank differentiates its share
+    of a step's windows, the gradients are summed over ranks. Returns the positions this rank forwarded."""
+    starts, lengths = _phase_windows(phase, seq_len)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    forwarded = 0
+    for _ in range(cfg.phase_epochs):
+        for s in range(0, len(starts), cfg.phase_batch):
+            idx = np.arange(s, min(s + cfg.phase_batch, len(starts)))
+            share = idx[rank::world]
+            n = int(lengths[idx].sum())  # the step's mean is over all ranks' targets
+            opt.zero_grad(set_to_none=True)
+            if len(share):
+                width = int(lengths[share].max())
+                x, y = (t.to(device, non_blocking=True) for t in
+                        gather_windows(tokens, starts[share], lengths[share], width))
+                mask = score_mask(lengths[share], np.zeros(len(share), np.int64), width).to(device)
+                with autocast_for(device):
+                    losses = model.token_losses(x, y)
+                (torch.where(mask, losses.float(), 0.0).sum() / n).backward()
+                forwarded += len(share) * width
+            if world > 1:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    torch.distributed.all_reduce(p.grad)
+            opt.step()
+    return forwarded
 
 
 def _step_positions(lanes: list[WindowPlan], group: int) -> np.ndarray:
@@ -289,33 +463,101 @@ def _step_positions(lanes: list[WindowPlan], group: int) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-class _ScoreTimer:
-    """Seconds per forwarded position of the scoring pass, from sampled steps (synchronized on a GPU,
-    whose kernels run asynchronously)."""
+def _vocab_size(model: torch.nn.Module) -> int:
+    return next(m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding))
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = torch.device(device)
-        self.sync = self.device.type == "cuda"
-        self.seconds = 0.0
-        self.positions = 0
 
-    @property
-    def seconds_per_position(self) -> float:
-        return self.seconds / self.positions if self.positions else 0.0
+def _warmup(model: torch.nn.Module, bank: LoRABank | None, trainable: list[torch.Tensor], chunk: int,
+            seq_len: int, rows: int, device: torch.device, train: bool) -> float:
+    """Seconds spent running the scoring pass (at the first and the full window width) and, with
+    ``train``, one adapting pass on synthetic tokens: first-call costs (CUDA context and kernel
+    loading, allocator growth) fall here, before the clock and never on validation tokens.
+    Weights and adapters are left as they were (no optimizer step; gradients cleared)."""
+    t = time.perf_counter()
+    gen = torch.Generator().manual_seed(0)
+    vocab = _vocab_size(model)
+    if bank is not None:
+        bank.rows = torch.arange(rows, device=device)
+    for width in sorted({chunk, seq_len}):
+        x, y = (torch.randint(0, vocab, (rows, width), generator=gen).to(device) for _ in range(2))
+        with torch.inference_mode(), autocast_for(device):
+            model.token_losses(x, y)
+        if train:
+            with autocast_for(device):
+                model.token_losses(x, y).float().mean().backward()
+            for p in trainable:
+                p.grad = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+class _Budget:
+    """The time budget of a TTT pass: elapsed time, and a reserve for scoring what is left.
+
+    Scoring steps are timed (synchronized on a GPU, whose kernels run asynchronously): the first
+    ``WARMUP_STEPS + MIN_SAMPLES`` steps, then every 8th. The cost per forwarded position is the
+    median of the samples after the first ``WARMUP_STEPS`` (new shapes, lazy initialisation), so
+    one slow call cannot switch adaptation off; no decision is taken on fewer than ``MIN_SAMPLES``.
+    Phase training is timed whole; its first estimate is 3x the scoring cost (forward + backward).
+    """
+
+    def __init__(self, budget: float | None, device: torch.device, positions: int) -> None:
+        self.budget, self.sync = budget, device.type == "cuda"
+        self.device = device
+        self.left = positions  # positions still to forward for scoring
+        self.samples: list[float] = []
+        self.train_seconds, self.trained = 0.0, 0
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def rate(self) -> float | None:
+        usable = self.samples[WARMUP_STEPS:]
+        return float(np.median(usable)) if len(usable) >= MIN_SAMPLES else None
+
+    def reserve(self) -> float:
+        rate = self.rate()
+        return 1.1 * rate * self.left if rate is not None else 0.0
+
+    def train_estimate(self, positions: int) -> float:
+        if self.trained:
+            return self.train_seconds / self.trained * positions
+        rate = self.rate()
+        return 3.0 * rate * positions if rate is not None else 0.0
+
+    def allows(self, extra_s: float = 0.0) -> bool:
+        """Whether adapting may go on: the time spent, the scoring reserve and ``extra_s`` fit."""
+        if self.budget is None:
+            return True
+        return self.elapsed() + self.reserve() + extra_s <= self.budget
+
+    def _sync(self) -> None:
+        if self.sync:
+            torch.cuda.synchronize(self.device)
 
     @contextlib.contextmanager
-    def __call__(self, timed: bool, positions: int):
-        if not timed:
+    def timed(self, step: int, positions: int, adapting: bool):
+        n = WARMUP_STEPS + MIN_SAMPLES
+        if self.budget is None or not adapting or not positions or (step >= n and step % 8):
             yield
             return
-        if self.sync:
-            torch.cuda.synchronize(self.device)
+        self._sync()
         t = time.perf_counter()
         yield
-        if self.sync:
-            torch.cuda.synchronize(self.device)
-        self.seconds += time.perf_counter() - t
-        self.positions += positions
+        self._sync()
+        self.samples.append((time.perf_counter() - t) / positions)
+
+    @contextlib.contextmanager
+    def timed_training(self):
+        self._sync()
+        t = time.perf_counter()
+        trained = self.trained
+        yield
+        self._sync()
+        if self.trained > trained:
+            self.train_seconds += time.perf_counter() - t
 
 
 def _adapt(model: torch.nn.Module, opt: torch.optim.Optimizer, bank: LoRABank | None, x: torch.Tensor,

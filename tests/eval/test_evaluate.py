@@ -244,7 +244,8 @@ def test_ttt_time_budget_keeps_time_to_score_what_remains(monkeypatch):
     res = evaluate_tokens(model, toks, tables, seq_len=16, ttt=cfg, batch_tokens=64, time_budget=budget, log=None)
     t = res.extra["ttt"]
     assert t["budget_exceeded"] and 0 < t["adapted_chunks"] < free.extra["ttt"]["adapted_chunks"]
-    assert 0.8 * budget < clock.now <= budget  # the pass ends inside the budget, having used most of it
+    spent = clock.now - t["warmup_s"]  # the synthetic warm-up runs before the clock starts
+    assert t["warmup_s"] > 0 and 0.8 * budget < spent <= budget  # the pass ends inside the budget, using most of it
     assert t["stopped_adapting_at_s"] + t["scoring_reserve_s"] > budget and res.tokens == free.tokens
 
 
@@ -272,7 +273,9 @@ def test_lora_ttt_per_document_is_independent_of_documents_per_batch(val_tokens,
     many = evaluate_tokens(model, toks, tables, seq_len=16, ttt=cfg, batch_tokens=16 * 64, log=None)
     assert one.extra["ttt"]["documents_in_parallel"] == 1 and many.extra["ttt"]["documents_in_parallel"] == 64
     assert one.extra["ttt"]["adapted_chunks"] == many.extra["ttt"]["adapted_chunks"] > 0
-    assert many.val_loss == pytest.approx(one.val_loss, rel=1e-6) and many.tokens == one.tokens
+    # float32 bmm over 1 or 64 lanes rounds differently, and Adam carries that through ~100 steps
+    # (6.6e-6 relative seen on a 2-core CPU); a document leaking into another moves it far more
+    assert many.val_loss == pytest.approx(one.val_loss, rel=1e-4) and many.tokens == one.tokens
     assert default_batch_tokens("cpu") == CPU_BATCH_TOKENS < DEFAULT_BATCH_TOKENS == default_batch_tokens("cuda")
     cpu = evaluate_tokens(model, toks, tables, seq_len=16, ttt=cfg, log=None)  # no batch given: by device
     assert cpu.extra["ttt"]["documents_in_parallel"] == CPU_BATCH_TOKENS // 16
