@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pgolf_train.config import ConfigError, TrainConfig, field_types, load_config
+from pgolf_train.config import ConfigError, TrainConfig, field_types, load_config, load_recipe
+from pgolf_train.device import check_device
 from pgolf_train.ema import EMA
 from pgolf_train.loader import DistributedTokenLoader
 from pgolf_train.model import GPT
@@ -84,9 +85,9 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     """Join the ``torchrun`` process group if the environment names one (else a single process)."""
     # NVLink multicast (NVLS) must stay off on our machines; respect an explicit user setting.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if device_pref != "auto":
+        check_device(device_pref, "device")  # ValueError: "device cuda: no CUDA device available (...)"
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device = 'cuda' but CUDA is not available")
     in_group = dist.is_available() and dist.is_initialized()
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = dist.get_rank() if in_group else int(os.environ.get("RANK", "0"))
@@ -454,21 +455,6 @@ def prepare_out_dir(out_dir: Path, resume: bool, force: bool) -> bool:
 # ---------------------------------------------------------------------------------------------
 # evaluation and export
 # ---------------------------------------------------------------------------------------------
-
-def load_recipe(spec: str):
-    """The export recipe: a .toml/.json file path or the inline ``glob=spec;...`` text."""
-    from pgolf_codec.schemes import Recipe
-
-    if spec.endswith((".toml", ".json")):
-        path = Path(spec)
-        if not path.is_file():
-            raise ConfigError(f"recipe file not found: {path}")
-        return Recipe.load(path)
-    try:
-        return Recipe.parse(spec)
-    except ValueError as e:
-        raise ConfigError(f"recipe = {spec!r}: {e}") from None
-
 
 def load_val(cfg: TrainConfig, data_dir: Path, tokenizer: Path):
     """Validation tokens (uint16, the ``fineweb_val_*`` split, capped by ``val_max_tokens``) and the
