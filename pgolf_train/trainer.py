@@ -655,7 +655,8 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
             res = evaluate(base_model, val_tokens, byte_source, cfg, device)
             log(f"step:{step} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} "
                 f"train_time:{training_ms / 1000:.1f}s eval:{res.seconds:.1f}s")
-            log.record(step=step, val_loss=res.val_loss, val_bpb=res.val_bpb, elapsed=training_ms / 1000)
+            log.record(step=step, val_loss=res.val_loss, val_bpb=res.val_bpb, elapsed=training_ms / 1000,
+                       tokens=step * tokens_per_step)
             synchronize(device)
             t0 = time.perf_counter()
         if not last_step and (ckpt_requested or (cfg.checkpoint_every_steps > 0 and step > 0
@@ -716,7 +717,8 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
             extra = distiller.stats() if distiller is not None else {}
             if extra:
                 log(f"step:{step} " + " ".join(f"{k}:{v:.4f}" for k, v in extra.items()))
-            log.record(step=step, loss=loss_value, lr=mul, tokens_per_s=tok_s, elapsed=elapsed_s, **extra)
+            log.record(step=step, loss=loss_value, lr=mul, tokens_per_s=tok_s, elapsed=elapsed_s,
+                       tokens=step * tokens_per_step, **extra)
 
         # Decisions by the clock: stop at the budget, timed checkpoint, QAT and EMA start. Ranks
         # must agree, so with several ranks the flags go through an all-reduce whose result is read
@@ -783,7 +785,8 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
     pre = evaluate(base_model, val_tokens, byte_source, cfg, device)
     log(f"pre-quantization: val_loss:{pre.val_loss:.4f} val_bpb:{pre.val_bpb:.4f} "
         f"({pre.tokens:,} tokens, {pre.seconds:.1f}s)")
-    log.record(step=step, val_loss_prequant=pre.val_loss, val_bpb_prequant=pre.val_bpb, elapsed=training_ms / 1000)
+    log.record(step=step, val_loss_prequant=pre.val_loss, val_bpb_prequant=pre.val_bpb, elapsed=training_ms / 1000,
+               tokens=step * cfg.train_batch_tokens)
 
     run = {"val_bpb_prequant": pre.val_bpb, "val_loss_prequant": pre.val_loss, "steps": step,
            "train_seconds": training_ms / 1000, "tokens_seen": step * cfg.train_batch_tokens,
@@ -834,7 +837,8 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
     post = evaluate(qmodel, val_tokens, byte_source, cfg, device)
     log(f"post-quantization (artifact): val_loss:{post.val_loss:.4f} val_bpb:{post.val_bpb:.4f} "
         f"(+{post.val_bpb - pre.val_bpb:.4f} from quantization)")
-    log.record(step=step, val_loss=post.val_loss, val_bpb=post.val_bpb, elapsed=training_ms / 1000)
+    log.record(step=step, val_loss=post.val_loss, val_bpb=post.val_bpb, elapsed=training_ms / 1000,
+               tokens=step * cfg.train_batch_tokens)
     return {
         **run, "val_bpb": post.val_bpb, "val_loss": post.val_loss, "val_tokens": post.tokens, "val_bytes": post.bytes,
         "artifact_bytes": sizes[0], "model_bytes": sizes[1], "code_bytes": sizes[2],
