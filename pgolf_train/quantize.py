@@ -412,7 +412,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``pgolf quantize``."""
-    from pgolf_codec.argtypes import float_list, int_list, int_range, nonneg_float, nonneg_int, positive_float, positive_int
+    from pgolf_codec.argtypes import (float_list, int_list, int_range, nonneg_float, nonneg_int, positive_float,
+                                      positive_int)
 
     p = subparsers.add_parser("quantize", help="GPTQ + bit allocation: a checkpoint -> the best artifact within a byte budget",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -427,7 +428,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib-seq-len", type=positive_int, help="calibration sequence length (default: the model's)")
     p.add_argument("--calib-batch", type=positive_int, default=16, help="calibration sequences per batch")
     p.add_argument("--bits", type=int_list(1, 8), default="4,5,6,7,8", help="candidate bit widths")
-    p.add_argument("--clips", type=float_list(0.0, lo_open=True), default="8,10,12,14,16", help="candidate k of the k·std clip")
+    p.add_argument("--clips", type=float_list(0.0, lo_open=True), default="8,10,12,14,16",
+                   help="candidate k of the k·std clip")
     p.add_argument("--gptq", choices=("on", "off", "both"), default="both", help="GPTQ candidates, RTN ones, or both")
     p.add_argument("--group", type=nonneg_int, default=0, help="elements per scale group (0 = per row)")
     p.add_argument("--lowrank", type=nonneg_int, default=0, help="rank of a low-rank error correction (0 = off)")

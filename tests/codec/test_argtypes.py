@@ -5,7 +5,8 @@ import argparse
 
 import pytest
 
-from pgolf_codec.argtypes import float_list, float_range, int_list, int_range, nonneg_float, nonneg_int, positive_float, positive_int
+from pgolf_codec.argtypes import (float_list, float_range, int_list, int_range, nonneg_float, nonneg_int, positive_float,
+                                  positive_int)
 
 
 def parser() -> argparse.ArgumentParser:
