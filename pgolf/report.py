@@ -57,25 +57,64 @@ def _tensor_table(artifact: Path) -> tuple[list[dict], dict]:
     return list(d["tensors"]), d
 
 
-def plot_curves(log: list[dict], out: Path) -> list[str]:
-    """loss and val bpb against wall time and tokens; returns the PNG names written."""
+def ema(values: list[float], span: float) -> list[float]:
+    """Exponential moving average of ``values`` over about ``span`` points, bias-corrected so the
+    first points are not pulled toward 0 (span <= 1: the values themselves)."""
+    beta = max(0.0, 1.0 - 2.0 / (span + 1.0))
+    out, acc, weight = [], 0.0, 0.0
+    for v in values:
+        acc = beta * acc + (1.0 - beta) * v
+        weight = beta * weight + (1.0 - beta)
+        out.append(acc / weight)
+    return out
+
+
+def curve_series(log: list[dict], tokens_per_step: int | None = None) -> dict[str, dict[str, list[float]]]:
+    """The plotted series of a run's ``train.jsonl`` records.
+
+    ``{"train": {"elapsed", "tokens", "step", "loss", "loss_ema"}, "val": {"elapsed", "tokens", "step",
+    "val_bpb"}}``, each a list in log order. ``tokens`` is the record's tokens seen; a log written
+    before the trainer recorded it falls back to ``step * tokens_per_step`` (the config's
+    ``train_batch_tokens``). ``loss_ema`` smooths the per-step noise over ~1/10 of the points.
+    """
+    def tokens(r: dict) -> float:
+        if r.get("tokens") is not None:
+            return r["tokens"]
+        return r.get("step", 0) * tokens_per_step if tokens_per_step else float("nan")
+
+    train = [r for r in log if r.get("loss") is not None and "elapsed" in r]
+    val = [r for r in log if r.get("val_bpb") is not None and "elapsed" in r]
+    losses = [r["loss"] for r in train]
+    return {
+        "train": {"elapsed": [r["elapsed"] for r in train], "tokens": [tokens(r) for r in train],
+                  "step": [r.get("step", 0) for r in train], "loss": losses,
+                  "loss_ema": ema(losses, span=min(max(len(losses) / 10, 1.0), 50.0))},
+        "val": {"elapsed": [r["elapsed"] for r in val], "tokens": [tokens(r) for r in val],
+                "step": [r.get("step", 0) for r in val], "val_bpb": [r["val_bpb"] for r in val]},
+    }
+
+
+def plot_curves(log: list[dict], out: Path, tokens_per_step: int | None = None) -> list[str]:
+    """loss (raw points and their EMA) and val bpb against wall time and tokens; the PNG names written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [r for r in log if "loss" in r and "elapsed" in r]
-    val = [r for r in log if r.get("val_bpb") is not None and "elapsed" in r]
-    if not train:
+    series = curve_series(log, tokens_per_step)
+    train, val = series["train"], series["val"]
+    if not train["loss"]:
         return []
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for col, key, label in ((0, "elapsed", "training time (s)"), (1, "tokens", "tokens seen")):
-        xs = [r.get(key, 0) for r in train]
-        axes[0][col].plot(xs, [r["loss"] for r in train], lw=1)
-        axes[0][col].set_ylabel("train loss (nats/token)")
-        axes[0][col].set_xlabel(label)
-        if val:
-            axes[1][col].plot([r.get(key, 0) for r in val], [r["val_bpb"] for r in val], "o-", ms=3)
+        ax = axes[0][col]
+        ax.plot(train[key], train["loss"], ".", ms=2, alpha=0.35, color="C0", label="logged steps")
+        ax.plot(train[key], train["loss_ema"], lw=1.5, color="C0", label="EMA")
+        ax.set_ylabel("train loss (nats/token)")
+        ax.set_xlabel(label)
+        ax.legend(loc="upper right", fontsize=8)
+        if val["val_bpb"]:
+            axes[1][col].plot(val[key], val["val_bpb"], "o-", ms=3)
         axes[1][col].set_ylabel("val bpb")
         axes[1][col].set_xlabel(label)
     fig.tight_layout()
@@ -142,7 +181,7 @@ def write_report(out: Path, *, cfg, summary: dict, evals: dict, stages: dict, ma
     }
     plots = []
     try:
-        plots = plot_curves(log, out) + plot_bytes(tensors, out)
+        plots = plot_curves(log, out, getattr(cfg, "train_batch_tokens", None)) + plot_bytes(tensors, out)
     except ImportError:
         print("pgolf run: matplotlib is not installed; no plots (pip install 'pgolf[report]')")
     report["plots"] = plots

@@ -22,13 +22,15 @@ CAP_BYTES = 16_000_000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pgolf_codec.argtypes import positive_int
+
     p.add_argument("--config", required=True, help="config name (pgolf_train/configs/NAME.toml) or path")
     src = p.add_argument_group("data (one of)")
     src.add_argument("--docs", nargs="+", type=Path, help="documents (.jsonl/.jsonl.xz/.jsonl.zst/.txt); "
                      "the first --val-docs documents become validation")
     src.add_argument("--data", type=Path, help="a directory of existing shards (fineweb_train_*.bin, fineweb_val_*.bin)")
     p.add_argument("--tokenizer", type=Path, help="SentencePiece model; with --docs, reuse it instead of training one")
-    p.add_argument("--val-docs", type=int, default=None, help="validation documents taken from the head of --docs "
+    p.add_argument("--val-docs", type=positive_int, default=None, help="validation documents taken from the head of --docs "
                    "(default: the config's val_docs)")
     p.add_argument("--out", type=Path, required=True, help="run directory (must be new or empty unless --force)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -139,6 +141,10 @@ def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
     modes = _eval_modes(cfg)
     _check_eval_modes(cfg, modes)
+    if cfg.device != "auto":
+        from pgolf_train.device import check_device
+
+        check_device(cfg.device, "device")  # before the data stage, not at the trainer's start
     stages: dict[str, float] = {}
 
     t0 = time.perf_counter()

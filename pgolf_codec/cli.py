@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .argtypes import positive_int
 from .coders import CODERS
 from .container import BUDGET_BYTES, read_artifact, write_artifact
 from .safetensors_io import read_safetensors, write_safetensors
@@ -147,7 +148,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="artifact path to write")
     p.add_argument("--recipe", help=f"rules 'PATTERN=SCHEME;...', one scheme, or a .toml/.json file (default {DEFAULT_RECIPE!r})")
     p.add_argument("--code", nargs="*", metavar="PATH", help="source files stored in the code section")
-    p.add_argument("--max-bytes", type=int, help="fail (writing nothing) if the artifact would exceed this")
+    p.add_argument("--max-bytes", type=positive_int, help="fail (writing nothing) if the artifact would exceed this")
     p.add_argument("--coder", default="auto", choices=["auto"] + [c.name for c in sorted(CODERS.values(), key=lambda c: c.id)])
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_pack)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 
 def register(sub) -> None:
+    from pgolf_codec.argtypes import int_range, nonneg_int, positive_float, positive_int
+
     from .ttt import FULL_LR, LORA_LR, TTTConfig
 
     p = sub.add_parser("eval", help="exact val bpb of an artifact (plain, sliding, long-context, TTT)",
@@ -22,31 +24,31 @@ def register(sub) -> None:
     p.add_argument("artifact", type=Path, help="the .pgolf artifact")
     p.add_argument("--data", type=Path, required=True, help="directory with fineweb_val_*.bin (and byte sidecars)")
     p.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model the shards were made with")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's training context)")
-    p.add_argument("--stride", type=int, default=None, help="sliding stride in tokens (default: = seq-len, no overlap)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="window length (default: the model's training context)")
+    p.add_argument("--stride", type=positive_int, default=None, help="sliding stride in tokens (default: = seq-len, no overlap)")
     p.add_argument("--truncate", action="store_true",
                    help="score only whole windows, as the challenge's evaluation does (default: every token)")
     p.add_argument("--doc-isolated", action="store_true", help="restart the context at every document's BOS")
     p.add_argument("--rope-scaling", choices=("ntk", "yarn"), default=None, help="RoPE scaling for long contexts")
-    p.add_argument("--rope-factor", type=float, default=None, help="context factor (default: seq-len / training seq-len)")
+    p.add_argument("--rope-factor", type=positive_float, default=None, help="context factor (default: seq-len / training seq-len)")
     p.add_argument("--ttt", choices=("lora", "full"), default=None, help="legal score-first test-time training")
     d = TTTConfig()  # the defaults live in one place
-    p.add_argument("--ttt-rank", type=int, default=d.rank, help="LoRA rank")
-    p.add_argument("--ttt-lr", type=float, default=None, help=f"Adam lr (default {LORA_LR:g} LoRA, {FULL_LR:g} full)")
-    p.add_argument("--ttt-epochs", type=int, default=d.epochs, help="gradient steps per chunk")
-    p.add_argument("--ttt-chunk", type=int, default=d.chunk, help="targets scored, then trained on, per step")
+    p.add_argument("--ttt-rank", type=positive_int, default=d.rank, help="LoRA rank")
+    p.add_argument("--ttt-lr", type=positive_float, default=None, help=f"Adam lr (default {LORA_LR:g} LoRA, {FULL_LR:g} full)")
+    p.add_argument("--ttt-epochs", type=nonneg_int, default=d.epochs, help="gradient steps per chunk")
+    p.add_argument("--ttt-chunk", type=positive_int, default=d.chunk, help="targets scored, then trained on, per step")
     p.add_argument("--ttt-reset", choices=("doc", "carry"), default=d.reset, help="adapted state per document or carried")
     p.add_argument("--ttt-targets", default=",".join(d.targets),
                    help="LoRA targets: q,k,v,o,up,down,mlp,attn or module-name globs")
     p.add_argument("--ttt-from-start", action=argparse.BooleanOptionalAction, default=d.from_start,
                    help="chunk each document from its first token, adapting inside its first window too "
                         "(--no-ttt-from-start: score the first window whole, as sliding evaluation does)")
-    p.add_argument("--time-budget", type=float, default=None,
+    p.add_argument("--time-budget", type=positive_float, default=None,
                    help="seconds for the TTT pass: adaptation stops while the remaining chunks can still be scored within it")
-    p.add_argument("--batch-tokens", type=int, default=None,
+    p.add_argument("--batch-tokens", type=positive_int, default=None,
                    help="forward positions per batch; TTT adapts batch-tokens/seq-len documents at once "
                         "(default: 131072 on a GPU, 16384 on a CPU)")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N val tokens (quick checks)")
+    p.add_argument("--max-tokens", type=int_range(2), default=None, help="evaluate only the first N val tokens (quick checks)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: the local rank's GPU if any)")
     p.add_argument("--compile", action="store_true", help="torch.compile the scorer")
     p.add_argument("--trust-code", action="store_true", help="run the artifact's embedded model source")
@@ -58,8 +60,10 @@ def register(sub) -> None:
 def _device(arg: str | None) -> str:
     import torch
 
+    from pgolf_train.device import check_device
+
     if arg:
-        return arg
+        return check_device(arg, "--device")
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return "cpu"
@@ -99,6 +103,8 @@ def main(args: argparse.Namespace) -> int:
     from .evaluate import dist_rank_world, evaluate_artifact
 
     warnings.showwarning = _show_warning
+    if args.stride is not None and args.seq_len is not None and args.stride > args.seq_len:
+        raise ValueError(f"--stride {args.stride}: must be at most --seq-len ({args.seq_len})")
     device = _device(args.device)
     ttt = ttt_config(args)
     owns_group = _init_distributed(device)

@@ -12,6 +12,7 @@ per rank), fractions of the wall-clock budget in [0, 1].
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -291,12 +292,34 @@ def make_config(values: dict[str, Any] | None = None, *, source: str = "override
     return cfg
 
 
+def load_recipe(spec: str):
+    """The export recipe: a .toml/.json file path or the inline ``glob=spec;...`` text, parsed by
+    the codec; a :class:`ConfigError` naming ``recipe`` when it does not parse."""
+    from pgolf_codec.schemes import Recipe
+
+    if spec.endswith((".toml", ".json")):
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        try:
+            return Recipe.load(path)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"recipe = {spec!r}: {e}") from None
+    try:
+        return Recipe.parse(spec)
+    except ValueError as e:
+        raise ConfigError(f"recipe = {spec!r}: {e}") from None
+
+
 def validate(cfg: "TrainConfig") -> None:
     """Range checks that need no knowledge of the world size (the trainer checks divisibility)."""
     def need(cond: bool, key: str, rule: str) -> None:
         if not cond:
             raise ConfigError(f"{key} = {getattr(cfg, key)!r}: {rule}")
 
+    for k, v in dataclasses.asdict(cfg).items():  # inf and nan pass every range check below
+        if isinstance(v, float):
+            need(math.isfinite(v), k, "must be a finite number")
     need(cfg.train_seq_len >= 1, "train_seq_len", "must be >= 1")
     need(cfg.train_batch_tokens >= cfg.train_seq_len, "train_batch_tokens", "must be at least one sequence")
     need(cfg.grad_accum >= 0, "grad_accum", "must be >= 0 (0 = 8 // world_size)")
@@ -304,10 +327,13 @@ def validate(cfg: "TrainConfig") -> None:
     need(cfg.schedule in ("linear", "cosine"), "schedule", "must be 'linear' or 'cosine'")
     need(0.0 <= cfg.min_lr_frac <= 1.0, "min_lr_frac", "must be in [0, 1]")
     for k in ("max_wallclock_seconds", "iterations", "compile_warmup_steps", "lr_warmup_steps", "warmdown_iters",
-              "embed_lr", "tied_embed_lr", "head_lr", "matrix_lr", "scalar_lr", "adam_eps", "grad_clip_norm",
+              "grad_clip_norm",
               "muon_weight_decay", "muon_momentum_warmup_steps", "checkpoint_every_s", "checkpoint_every_steps",
               "max_artifact_bytes", "quantize_tolerance"):
         need(getattr(cfg, k) >= 0, k, "must be >= 0")
+    for k in ("embed_lr", "tied_embed_lr", "head_lr", "matrix_lr", "scalar_lr"):
+        need(0.0 <= getattr(cfg, k) <= 10.0, k, "must be in [0, 10]")
+    need(0.0 < cfg.adam_eps <= 1.0, "adam_eps", "must be in (0, 1] (0 divides by zero on a parameter without gradient)")
     for k in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"):
         need(0.0 <= getattr(cfg, k) < 1.0, k, "must be in [0, 1)")
     need(cfg.muon_backend_steps >= 1, "muon_backend_steps", "must be >= 1")
@@ -320,6 +346,14 @@ def validate(cfg: "TrainConfig") -> None:
     need(0.0 <= cfg.ema_start <= 1.0, "ema_start", "must be in [0, 1]")
     need(cfg.qat_start >= 0.0, "qat_start", "must be >= 0 (0 = from the start, >= 1 = never)")
     need(bool(cfg.recipe.strip()), "recipe", "must not be empty")
+    load_recipe(cfg.recipe)  # a misspelt scheme fails here (and in --dry-run), not at the export
+    if cfg.coder != "auto":
+        from pgolf_codec.coders import coder_by_name
+
+        try:
+            coder_by_name(cfg.coder)
+        except ValueError as e:
+            raise ConfigError(f"coder = {cfg.coder!r}: {e}") from None
     need(cfg.quantize_budget >= 0, "quantize_budget", "must be >= 0 (0 = the recipe's artifact)")
     need(cfg.val_docs >= 1, "val_docs", "must be >= 1")
     need(cfg.eval_seq_len >= 0, "eval_seq_len", "must be >= 0 (0 = train_seq_len)")

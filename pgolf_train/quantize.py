@@ -313,8 +313,15 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     from pgolf_train.calibrate import calibrate, shard_batches
     from pgolf_train.tokenizer import tokenizer_info
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from pgolf_train.device import check_device
+
+    check_options(budget, opts)
+    device = check_device(device, "--device") if device else ("cuda" if torch.cuda.is_available() else "cpu")
     state, cfg = load_checkpoint_weights(checkpoint, model_config)
+    floor = fixed_bytes(state, opts)
+    if budget < floor:
+        raise ValueError(f"--budget {budget:,}: below the {floor:,} bytes that the code and the tensors kept as "
+                         f"{opts.other} take before any matrix is stored")
     model = GPT(cfg).to(device)
     model.load_state_dict({k: v.to(device) for k, v in state.items()})
     cal = calibrate(model, source=calib, data_dir=data_dir, tokens=calib_tokens, seconds=calib_seconds,
@@ -337,12 +344,46 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
     return QuantizeResult(data, info, alloc, labels, bpb_before, post.val_bpb, post.tokens)
 
 
+def check_options(budget: int, opts: QuantizeOptions) -> None:
+    """The budget and candidate grid, checked before any calibration (ValueError naming the flag)."""
+    from pgolf_codec.coders import coder_by_name
+
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"--budget {budget!r}: must be a byte count >= 1")
+    if not opts.bits or not opts.clips:
+        raise ValueError("--bits and --clips need at least one value each")
+    for b in opts.bits:
+        for c in opts.clips:
+            try:
+                _spec(b, c, opts.group)
+            except ValueError as e:
+                raise ValueError(f"--bits {b} --clips {c:g} --group {opts.group}: {e}") from None
+    if opts.coder != "auto":
+        try:
+            coder_by_name(opts.coder)
+        except ValueError as e:
+            raise ValueError(f"--coder: {e}") from None
+    if opts.lowrank < 0:
+        raise ValueError(f"--lowrank {opts.lowrank}: must be >= 0 (0 = off)")
+
+
+def fixed_bytes(state: dict[str, torch.Tensor], opts: QuantizeOptions) -> int:
+    """A lower bound of every artifact of ``state``: the code section and the tensors that get no
+    candidates (all but the matrices) as ``opts.other``, with no matrix at all. Seconds at most."""
+    other = QuantSpec.parse(opts.other)
+    small = {k: quantize(v, other) for k, v in state.items() if v.dim() != 2}
+    if not small:
+        return 0
+    _, info = build_artifact(small, "fp32", code={"model.py": MODEL_SOURCE.read_text(encoding="utf-8")},
+                             coder=opts.coder)
+    return info.total_bytes
+
+
 def _run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists (pass --force to replace it)")
-    opts = QuantizeOptions(bits=tuple(int(b) for b in args.bits.split(",")),
-                           clips=tuple(float(c) for c in args.clips.split(",")), gptq=args.gptq,
+    opts = QuantizeOptions(bits=args.bits, clips=args.clips, gptq=args.gptq,
                            group=args.group, lowrank=args.lowrank, sensitivity=args.sensitivity, coder=args.coder)
     res = quantize_checkpoint(args.checkpoint, args.data, args.tokenizer, args.budget, opts,
                               model_config=args.model_config, calib=args.calib, calib_tokens=args.calib_tokens,
@@ -371,29 +412,33 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``pgolf quantize``."""
+    from pgolf_codec.argtypes import (float_list, int_list, int_range, nonneg_float, nonneg_int, positive_float,
+                                      positive_int)
+
     p = subparsers.add_parser("quantize", help="GPTQ + bit allocation: a checkpoint -> the best artifact within a byte budget",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help=".safetensors or .pt state dict (or a trainer checkpoint.pt)")
-    p.add_argument("--budget", type=int, default=16_000_000, help="total artifact bytes, model + code")
+    p.add_argument("--budget", type=positive_int, default=16_000_000, help="total artifact bytes, model + code")
     p.add_argument("--data", required=True, help="directory with fineweb_train_*/fineweb_val_* shards")
     p.add_argument("--tokenizer", required=True, help="the SentencePiece .model")
     p.add_argument("--model-config", help="GPTConfig as a JSON file or inline JSON (default: next to the checkpoint)")
     p.add_argument("--calib", choices=("shards", "self"), default="shards", help="calibration text source")
-    p.add_argument("--calib-tokens", type=int, default=262_144, help="calibration tokens")
-    p.add_argument("--calib-seconds", type=float, help="wall-clock limit for calibration")
-    p.add_argument("--calib-seq-len", type=int, help="calibration sequence length (default: the model's)")
-    p.add_argument("--calib-batch", type=int, default=16, help="calibration sequences per batch")
-    p.add_argument("--bits", default="4,5,6,7,8", help="candidate bit widths")
-    p.add_argument("--clips", default="8,10,12,14,16", help="candidate k of the k·std clip")
+    p.add_argument("--calib-tokens", type=positive_int, default=262_144, help="calibration tokens")
+    p.add_argument("--calib-seconds", type=positive_float, help="wall-clock limit for calibration")
+    p.add_argument("--calib-seq-len", type=positive_int, help="calibration sequence length (default: the model's)")
+    p.add_argument("--calib-batch", type=positive_int, default=16, help="calibration sequences per batch")
+    p.add_argument("--bits", type=int_list(1, 8), default="4,5,6,7,8", help="candidate bit widths")
+    p.add_argument("--clips", type=float_list(0.0, lo_open=True), default="8,10,12,14,16",
+                   help="candidate k of the k·std clip")
     p.add_argument("--gptq", choices=("on", "off", "both"), default="both", help="GPTQ candidates, RTN ones, or both")
-    p.add_argument("--group", type=int, default=0, help="elements per scale group (0 = per row)")
-    p.add_argument("--lowrank", type=int, default=0, help="rank of a low-rank error correction (0 = off)")
+    p.add_argument("--group", type=nonneg_int, default=0, help="elements per scale group (0 = per row)")
+    p.add_argument("--lowrank", type=nonneg_int, default=0, help="rank of a low-rank error correction (0 = off)")
     p.add_argument("--sensitivity", choices=("hessian", "measured"), default="measured",
                    help="distortion = Hessian error, or Hessian error x measured loss sensitivity")
     p.add_argument("--coder", default="auto", help="codes coder (auto, rans, zstd, ...)")
-    p.add_argument("--tolerance", type=float, default=0.02, help="largest accepted bpb increase")
+    p.add_argument("--tolerance", type=nonneg_float, default=0.02, help="largest accepted bpb increase")
     p.add_argument("--allow-degradation", action="store_true", help="write the artifact even above --tolerance")
-    p.add_argument("--val-tokens", type=int, help="evaluate on a prefix of the val stream (quick checks)")
+    p.add_argument("--val-tokens", type=int_range(2), help="evaluate on a prefix of the val stream (quick checks)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("-o", "--output", required=True, help="artifact path")

@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pgolf_train.config import ConfigError, TrainConfig, field_types, load_config
+from pgolf_train.config import ConfigError, TrainConfig, field_types, load_config, load_recipe
+from pgolf_train.device import check_device
 from pgolf_train.ema import EMA
 from pgolf_train.loader import DistributedTokenLoader
 from pgolf_train.model import GPT
@@ -84,9 +85,9 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     """Join the ``torchrun`` process group if the environment names one (else a single process)."""
     # NVLink multicast (NVLS) must stay off on our machines; respect an explicit user setting.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if device_pref != "auto":
+        check_device(device_pref, "device")  # ValueError: "device cuda: no CUDA device available (...)"
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device = 'cuda' but CUDA is not available")
     in_group = dist.is_available() and dist.is_initialized()
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = dist.get_rank() if in_group else int(os.environ.get("RANK", "0"))
@@ -455,21 +456,6 @@ def prepare_out_dir(out_dir: Path, resume: bool, force: bool) -> bool:
 # evaluation and export
 # ---------------------------------------------------------------------------------------------
 
-def load_recipe(spec: str):
-    """The export recipe: a .toml/.json file path or the inline ``glob=spec;...`` text."""
-    from pgolf_codec.schemes import Recipe
-
-    if spec.endswith((".toml", ".json")):
-        path = Path(spec)
-        if not path.is_file():
-            raise ConfigError(f"recipe file not found: {path}")
-        return Recipe.load(path)
-    try:
-        return Recipe.parse(spec)
-    except ValueError as e:
-        raise ConfigError(f"recipe = {spec!r}: {e}") from None
-
-
 def load_val(cfg: TrainConfig, data_dir: Path, tokenizer: Path):
     """Validation tokens (uint16, the ``fineweb_val_*`` split, capped by ``val_max_tokens``) and the
     byte source (a per-token sidecar when the data has one, else the tokenizer's tables)."""
@@ -669,7 +655,8 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
             res = evaluate(base_model, val_tokens, byte_source, cfg, device)
             log(f"step:{step} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} "
                 f"train_time:{training_ms / 1000:.1f}s eval:{res.seconds:.1f}s")
-            log.record(step=step, val_loss=res.val_loss, val_bpb=res.val_bpb, elapsed=training_ms / 1000)
+            log.record(step=step, val_loss=res.val_loss, val_bpb=res.val_bpb, elapsed=training_ms / 1000,
+                       tokens=step * tokens_per_step)
             synchronize(device)
             t0 = time.perf_counter()
         if not last_step and (ckpt_requested or (cfg.checkpoint_every_steps > 0 and step > 0
@@ -730,7 +717,8 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
             extra = distiller.stats() if distiller is not None else {}
             if extra:
                 log(f"step:{step} " + " ".join(f"{k}:{v:.4f}" for k, v in extra.items()))
-            log.record(step=step, loss=loss_value, lr=mul, tokens_per_s=tok_s, elapsed=elapsed_s, **extra)
+            log.record(step=step, loss=loss_value, lr=mul, tokens_per_s=tok_s, elapsed=elapsed_s,
+                       tokens=step * tokens_per_step, **extra)
 
         # Decisions by the clock: stop at the budget, timed checkpoint, QAT and EMA start. Ranks
         # must agree, so with several ranks the flags go through an all-reduce whose result is read
@@ -797,7 +785,8 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
     pre = evaluate(base_model, val_tokens, byte_source, cfg, device)
     log(f"pre-quantization: val_loss:{pre.val_loss:.4f} val_bpb:{pre.val_bpb:.4f} "
         f"({pre.tokens:,} tokens, {pre.seconds:.1f}s)")
-    log.record(step=step, val_loss_prequant=pre.val_loss, val_bpb_prequant=pre.val_bpb, elapsed=training_ms / 1000)
+    log.record(step=step, val_loss_prequant=pre.val_loss, val_bpb_prequant=pre.val_bpb, elapsed=training_ms / 1000,
+               tokens=step * cfg.train_batch_tokens)
 
     run = {"val_bpb_prequant": pre.val_bpb, "val_loss_prequant": pre.val_loss, "steps": step,
            "train_seconds": training_ms / 1000, "tokens_seen": step * cfg.train_batch_tokens,
@@ -848,7 +837,8 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
     post = evaluate(qmodel, val_tokens, byte_source, cfg, device)
     log(f"post-quantization (artifact): val_loss:{post.val_loss:.4f} val_bpb:{post.val_bpb:.4f} "
         f"(+{post.val_bpb - pre.val_bpb:.4f} from quantization)")
-    log.record(step=step, val_loss=post.val_loss, val_bpb=post.val_bpb, elapsed=training_ms / 1000)
+    log.record(step=step, val_loss=post.val_loss, val_bpb=post.val_bpb, elapsed=training_ms / 1000,
+               tokens=step * cfg.train_batch_tokens)
     return {
         **run, "val_bpb": post.val_bpb, "val_loss": post.val_loss, "val_tokens": post.tokens, "val_bytes": post.bytes,
         "artifact_bytes": sizes[0], "model_bytes": sizes[1], "code_bytes": sizes[2],
