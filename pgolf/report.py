@@ -156,6 +156,9 @@ def write_report(out: Path, *, cfg, summary: dict, evals: dict, stages: dict, ma
     report = {
         "val_bpb": evals[final_mode]["val_bpb"],
         "val_bpb_mode": final_mode,
+        "val_bpb_ci95": (evals[final_mode].get("docs") or {}).get("bpb_ci95"),
+        "ttt": ttt_summary(evals.get("ttt")),
+        "comparisons": comparisons(evals),
         "val_bpb_prequant": summary.get("val_bpb_prequant"),
         "val_bpb_postquant_plain": evals["plain"]["val_bpb"],
         "recipe_artifact": summary.get("recipe_artifact"),
@@ -190,14 +193,82 @@ def write_report(out: Path, *, cfg, summary: dict, evals: dict, stages: dict, ma
     return report
 
 
+def ttt_summary(ev: dict | None) -> dict | None:
+    """How much of the stream a TTT evaluation adapted, with the note the report and CLI print."""
+    if not ev or "ttt" not in (ev.get("extra") or {}):
+        return None
+    from pgolf_eval.ttt import adaptation_note
+
+    info = ev["extra"]["ttt"]
+    note, warn = adaptation_note(info)
+    return {"adapted_fraction": info.get("adapted_fraction"), "note": note, "warning": warn,
+            "scope": info.get("scope"), "warmup_s": info.get("warmup_s"), "seconds": ev.get("seconds")}
+
+
+COMPARED = (("sliding", "plain"), ("ttt", "sliding"), ("ttt", "plain"))
+
+
+def comparisons(evals: dict) -> dict:
+    """Paired per-document differences between the evaluation modes that were run (new − old bpb)."""
+    from pgolf_eval.breakdown import compare
+
+    out = {}
+    for new, old in COMPARED:
+        a, b = evals.get(new) or {}, evals.get(old) or {}
+        if a.get("per_doc") and b.get("per_doc"):
+            try:
+                out[f"{new}-{old}"] = compare(a, b)
+            except ValueError:  # scored different documents (e.g. a truncated plain pass)
+                continue
+    return out
+
+
+def _length_section(r: dict) -> list[str]:
+    """Markdown: bpb per document-length bucket and mode, the intervals, and the paired differences."""
+    modes = [(m, e) for m, e in r["evals"].items() if (e.get("docs") or {}).get("buckets")]
+    if not modes:
+        return []
+    first = modes[0][1]["docs"]
+    lines = ["## By document length", "",
+             f"bpb per bucket of documents by length in tokens ({first['documents']} documents); the interval is "
+             f"a 95% bootstrap over documents. A difference whose interval holds 0 is a tie, not a gain.", "",
+             "| bucket | documents | token share | " + " | ".join(m for m, _ in modes) + " |",
+             "|---|---|---|" + "---|" * len(modes)]
+    for i, b in enumerate(first["buckets"]):
+        cells = [f"{e['docs']['buckets'][i]['bpb']:.4f}" if e["docs"]["buckets"][i]["bpb"] is not None else "—"
+                 for _, e in modes]
+        lines.append(f"| {b['bucket']} | {b['documents']} | {b['token_share']:.1%} | " + " | ".join(cells) + " |")
+    cis = [e["docs"].get("bpb_ci95") for _, e in modes]
+    lines.append("| all, 95% interval | | | " + " | ".join(f"{c[0]:.4f}–{c[1]:.4f}" if c else "—" for c in cis) + " |")
+    for name, c in (r.get("comparisons") or {}).items():
+        lines += ["", f"**{name.replace('-', ' − ')}** (paired, per document): "
+                  f"{c['overall']['delta']:+.4f} {_ci(c['overall'])} → {c['overall']['verdict']}", "",
+                  "| bucket | Δ bpb | 95% interval | verdict |", "|---|---|---|---|"]
+        lines += [f"| {b['bucket']} | {b['delta']:+.4f} | {_ci(b)} | {b['verdict']} |" for b in c["buckets"]]
+        if "under_2k" in c:
+            u = c["under_2k"]
+            lines.append(f"| < 2K (all short) | {u['delta']:+.4f} | {_ci(u)} | {u['verdict']} |")
+    return lines + [""]
+
+
+def _ci(d: dict) -> str:
+    return f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d.get("ci95") else "—"
+
+
 def render_markdown(r: dict) -> str:
     def f(x, spec=".4f"):
         return "—" if x is None else format(x, spec)
 
+    ci = r.get("val_bpb_ci95")
+    ttt = r.get("ttt")
     lines = [
         "# pgolf run report", "",
-        f"**val bpb {f(r['val_bpb'])}** ({r['val_bpb_mode']} evaluation of the artifact) · "
+        f"**val bpb {f(r['val_bpb'])}**{f' (95% interval {ci[0]:.4f}–{ci[1]:.4f})' if ci else ''} "
+        f"({r['val_bpb_mode']} evaluation of the artifact)"
+        f"{' · ' + ttt['note'] if ttt else ''} · "
         f"artifact **{r['artifact_bytes']:,} bytes** (headroom {r['headroom_bytes']:,} under 16,000,000)", "",
+        *([f"> **Warning:** {ttt['note']}: the TTT score is mostly the unadapted model's.", ""]
+          if ttt and ttt["warning"] else []),
         "| measure | value |", "|---|---|",
         f"| val bpb before quantization | {f(r['val_bpb_prequant'])} |",
         f"| val bpb after quantization (plain) | {f(r['val_bpb_postquant_plain'])} |",
@@ -221,6 +292,9 @@ def render_markdown(r: dict) -> str:
         "## Time per stage", "", "| stage | seconds |", "|---|---|",
     ]
     lines += [f"| {k.removesuffix('_s')} | {v:.1f} |" for k, v in r["stages"].items()]
+    if ttt and ttt.get("warmup_s") is not None:
+        lines.append(f"| ttt warm-up (synthetic tokens, outside the TTT timer) | {ttt['warmup_s']:.1f} |")
+    lines += [""] + _length_section(r)[:-1]
     lines += ["", "## Bytes by tensor", "", "| tensor | shape | scheme | coder | bytes | bits/param |",
               "|---|---|---|---|---|---|"]
     for t in sorted(r["tensors"], key=lambda t: -t["bytes"]):

@@ -84,7 +84,9 @@ def _eval_modes(cfg) -> list[dict]:
         ttt = TTTConfig(kind=cfg.eval_ttt, rank=cfg.eval_ttt_rank, lr=cfg.eval_ttt_lr or None,
                         epochs=cfg.eval_ttt_epochs, chunk=min(cfg.eval_ttt_chunk, window),
                         targets=parse_targets(cfg.eval_ttt_targets),
-                        from_start=cfg.eval_ttt_from_start)
+                        from_start=cfg.eval_ttt_from_start, scope=cfg.eval_ttt_scope,
+                        phase_tokens=cfg.eval_ttt_phase_tokens, phase_epochs=cfg.eval_ttt_phase_epochs,
+                        phase_lr=cfg.eval_ttt_phase_lr or None, phase_batch=cfg.eval_ttt_phase_batch)
         modes.append({"mode": "ttt", "ttt": ttt})
     return modes
 
@@ -126,6 +128,7 @@ def _allocate(cfg, summary: dict, data_dir: Path, tokenizer: Path, out: Path, de
     path = out / "model_alloc.pgolf"
     write_bytes_atomic(path, res.data, overwrite=True)
     return {**summary, "artifact": str(path), "val_bpb": res.bpb_after, "eval": None,
+            "val_docs": None, "val_per_doc": None,  # they were the recipe artifact's
             "artifact_bytes": res.info.total_bytes, "model_bytes": res.info.model_bytes,
             "code_bytes": res.info.code_bytes,
             "recipe_artifact": {"path": summary["artifact"], "val_bpb": summary["val_bpb"],
@@ -165,7 +168,8 @@ def main(args) -> int:
         summary = _allocate(cfg, summary, data_dir, tokenizer, out, device)
         stages["allocate_s"] = time.perf_counter() - t0
 
-    evals = {"plain": {"val_bpb": summary["val_bpb"], "mode": "plain"}}
+    evals = {"plain": {"val_bpb": summary["val_bpb"], "mode": "plain", "docs": summary.get("val_docs"),
+                       "per_doc": summary.get("val_per_doc")}}
     if summary.get("eval"):
         evals["plain"] = summary["eval"]
     from pgolf_eval.evaluate import evaluate_artifact

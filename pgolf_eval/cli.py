@@ -43,6 +43,17 @@ def register(sub) -> None:
     p.add_argument("--ttt-from-start", action=argparse.BooleanOptionalAction, default=d.from_start,
                    help="chunk each document from its first token, adapting inside its first window too "
                         "(--no-ttt-from-start: score the first window whole, as sliding evaluation does)")
+    p.add_argument("--ttt-scope", choices=("doc", "phased", "both"), default=d.scope,
+                   help="doc: adapters per document; phased: one adapter carried over the stream, trained after "
+                        "each phase on its scored tokens; both: the carried adapter with per-document LoRA on top")
+    p.add_argument("--ttt-phase-tokens", type=positive_int, default=d.phase_tokens,
+                   help="targets per phase (whole documents in stream order)")
+    p.add_argument("--ttt-phase-epochs", type=nonneg_int, default=d.phase_epochs,
+                   help="passes of the carried adapter over each scored phase")
+    p.add_argument("--ttt-phase-lr", type=positive_float, default=None, help="Adam lr of the carried adapter "
+                   "(default: the per-document one)")
+    p.add_argument("--ttt-phase-batch", type=positive_int, default=d.phase_batch,
+                   help="windows of seq-len per step of the carried adapter")
     p.add_argument("--time-budget", type=positive_float, default=None,
                    help="seconds for the TTT pass: adaptation stops while the remaining chunks can still be scored within it")
     p.add_argument("--batch-tokens", type=positive_int, default=None,
@@ -94,7 +105,9 @@ def ttt_config(args: argparse.Namespace):
     if args.stride is not None:
         raise ValueError("--stride does not apply with --ttt: the chunk (--ttt-chunk) is the stride")
     return TTTConfig(kind=args.ttt, rank=args.ttt_rank, lr=args.ttt_lr, epochs=args.ttt_epochs, chunk=args.ttt_chunk,
-                     reset=args.ttt_reset, targets=parse_targets(args.ttt_targets), from_start=args.ttt_from_start)
+                     reset=args.ttt_reset, targets=parse_targets(args.ttt_targets), from_start=args.ttt_from_start,
+                     scope=args.ttt_scope, phase_tokens=args.ttt_phase_tokens, phase_epochs=args.ttt_phase_epochs,
+                     phase_lr=args.ttt_phase_lr, phase_batch=args.ttt_phase_batch)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -147,13 +160,24 @@ def format_report(d: dict) -> str:
         lines.append(f"rope          {ex['rope_scaling']} x{ex['rope_factor']:g}")
     if "ttt" in ex:
         t = ex["ttt"]
-        lines.append(f"ttt           {t['kind']} lr {t['lr']:g} epochs {t['epochs']} chunk {t['chunk']} reset {t['reset']}"
-                     f"{' from-start' if t.get('from_start') else ''}"
+        lines.append(f"ttt           {t['kind']} {t.get('scope', 'doc')} lr {t['lr']:g} epochs {t['epochs']} "
+                     f"chunk {t['chunk']} reset {t['reset']}{' from-start' if t.get('from_start') else ''}"
                      f"  adapted {t['adapted_chunks']}/{t['chunks']} chunks"
-                     f"{'  TIME BUDGET EXCEEDED' if t['budget_exceeded'] else ''}")
+                     + (f", {t['phases_trained']}/{t['phases']} phases" if "phases" in t else ""))
+        if t.get("warmup_s") is not None:
+            lines.append(f"warm-up       {t['warmup_s']:.1f} s on synthetic tokens, outside the timer")
     tps = d.get("tokens_per_second") or 0
     lines += [f"tokens        {d['tokens']:,}   bytes {d['bytes']:,} ({ex.get('byte_source', '?')})",
               f"val_loss      {d['val_loss']:.6f} nats/token",
               f"val_bpb       {d['val_bpb']:.6f}",
               f"time          {d['seconds']:.1f} s  ({tps:,.0f} tokens/s)"]
+    if d.get("docs"):
+        from .breakdown import format_buckets
+
+        lines += ["", *format_buckets(d["docs"])]
+    if "ttt" in ex:  # last: how much of the stream was adapted, never hidden
+        from .ttt import adaptation_note
+
+        note, warn = adaptation_note(ex["ttt"])
+        lines.append(("WARNING: " if warn else "") + note)
     return "\n".join(lines)

@@ -122,6 +122,22 @@ class TTTConfig:
         return self.phase_lr if self.phase_lr is not None else self.learning_rate
 
 
+ADAPTED_WARN = 0.95  # a TTT result that adapted less of the stream than this is flagged
+
+
+def adaptation_note(info: dict[str, Any]) -> tuple[str, bool]:
+    """``("TTT adapted 37% of the stream: time budget ...", warn)`` for a TTT ``info`` dict; ``warn``
+    when less than :data:`ADAPTED_WARN` of the stream was adapted."""
+    frac = float(info.get("adapted_fraction") or 0.0)
+    text = f"TTT adapted {frac:.0%} of the stream"
+    if info.get("budget_exceeded"):
+        text += (f": time budget (adaptation stopped at {info['stopped_adapting_at_s']:.1f} s of "
+                 f"{info['time_budget']:g} s, keeping {info['scoring_reserve_s'] or 0:.1f} s to score the rest)")
+    elif frac == 0.0:
+        text += ": no adaptation steps were asked for (epochs = 0)"
+    return text, frac < ADAPTED_WARN
+
+
 def parse_targets(text: str) -> tuple[str, ...]:
     """``"q, v,mlp"`` -> ``("q", "v", "mlp")``: the comma-separated target list of the CLI and configs."""
     return tuple(t.strip() for t in text.split(",") if t.strip())

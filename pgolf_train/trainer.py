@@ -841,6 +841,7 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
                tokens=step * cfg.train_batch_tokens)
     return {
         **run, "val_bpb": post.val_bpb, "val_loss": post.val_loss, "val_tokens": post.tokens, "val_bytes": post.bytes,
+        "val_docs": post.docs, "val_per_doc": post.per_doc,  # length buckets, interval; per document
         "artifact_bytes": sizes[0], "model_bytes": sizes[1], "code_bytes": sizes[2],
         "limit_bytes": cfg.max_artifact_bytes, "fits": sizes[0] <= cfg.max_artifact_bytes,
         "artifact": str(artifact), "qat_start": cfg.qat_start, "recipe": str(recipe),
