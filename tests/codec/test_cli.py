@@ -57,6 +57,7 @@ def test_refusals_are_one_line_errors(ckpt, capsys):
     err = capsys.readouterr().err
     assert "ArtifactTooLarge" in err and err.count("\n") == 1 and not (d / "small.pgolf").exists()
     assert main(["pack", str(d / "ck.pt"), "-o", str(art), "--force", "--recipe", "*=int4"]) == 0
+    assert "--config" in capsys.readouterr().err  # a plain state dict carries no model config: say so
     bad = d / "bad.pgolf"
     bad.write_bytes(art.read_bytes()[:-10])
     assert main(["verify", str(bad)]) == 2

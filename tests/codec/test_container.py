@@ -156,7 +156,10 @@ def test_newer_minor_with_unknown_fields_is_accepted_major_rejected():
 
 
 @pytest.mark.parametrize("mutate,error", [
-    (lambda h: h["tensors"][0].update(shape=[1 << 40, 1 << 20]), pc.LimitExceeded),
+    (lambda h: h["tensors"][0].update(shape=[1 << 20, 1 << 20]), pc.LimitExceeded),
+    (lambda h: h["tensors"][0].update(shape=[1 << 40, 1 << 20]), pc.BadHeader),  # a dim over 2^31
+    (lambda h: h["tensors"][0].update(shape=[0, (1 << 62) - 1, (1 << 62) - 1]), pc.BadHeader),  # 0 elements
+    (lambda h: h["tensors"][0].update(shape=[0, 1 << 31, 1 << 31, 1 << 31]), pc.LimitExceeded),  # rows of 2^93
     (lambda h: h["tensors"].extend([h["tensors"][0]]), pc.BadHeader),
     (lambda h: h["tensors"][0].update(codes=[0, 11, h["tensors"][0]["codes"][2]]), pc.UnsupportedCoder),
     (lambda h: h["tensors"][0].update(scheme="int9"), pc.BadHeader),
