@@ -206,9 +206,9 @@ class RunLog:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from pgolf_codec.atomic import atomic_write
+
+    atomic_write(path, text.encode("utf-8"), overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,13 +409,9 @@ def gather_optimizer_states(optimizers: list[torch.optim.Optimizer], di: DistInf
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomic ``torch.save``: a temp file in the same directory, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from pgolf_codec.atomic import atomic_write
+
+    atomic_write(path, lambda f: torch.save(state, f), overwrite=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
