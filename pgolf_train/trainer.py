@@ -490,11 +490,13 @@ def dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write the pre-quantization weights (fp32) with the codec's safetensors writer."""
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], model_config: dict | None = None) -> None:
+    """Write the pre-quantization weights (fp32) with the codec's safetensors writer; the model
+    config goes into its metadata (JSON), so that `pgolf pack` carries it into the artifact."""
     from pgolf_codec.safetensors_io import write_safetensors
 
-    write_safetensors(path, tensors, overwrite=True)
+    meta = None if model_config is None else {"model_config": json.dumps(model_config, sort_keys=True)}
+    write_safetensors(path, tensors, meta, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -625,6 +627,7 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
             return None
         return {
             "version": CHECKPOINT_VERSION, "step": step, "training_ms": training_ms, "config": cfg.to_dict(),
+            "model_config": cfg.model_config().to_dict(),  # `pgolf pack checkpoint.pt` stores it
             "model": _to_cpu(base_model.state_dict()), "optimizers": opt_states,
             "ema": ema.state_dict() if ema is not None else None, "qat_on": qat_on,
             "loader": loader.state_dict(), "world_size": di.world_size,
@@ -805,7 +808,7 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
     tensors: dict[str, torch.Tensor] = {}
     if di.master:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in base_model.state_dict().items()}
-        save_safetensors(out_dir / "final_model.safetensors", tensors)
+        save_safetensors(out_dir / "final_model.safetensors", tensors, cfg.model_config().to_dict())
     if not export:
         if di.distributed:  # every rank may read the weights once this returns
             dist.barrier()
