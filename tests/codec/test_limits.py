@@ -154,13 +154,17 @@ def test_zstd_frame_longer_than_declared_is_refused_without_decoding_it_all():
 
 
 @pytest.mark.parametrize("shape", [[0, (1 << 62) - 1, (1 << 62) - 1], [MAX_DIM + 1], [1] * 9, [-1, 2]])
-def test_every_dim_is_bounded_on_its_own(shape):
+def test_every_dim_is_bounded_on_its_own(shape, tmp_path):
     e = {"name": "w", "shape": shape, "dtype": "float32", "scheme": "int8", "offset": 0,
          "codes": [0, 0, 0], "scales": [0, 0, 0], "crc": 0}
     data = artifact([e], b"")
+    (tmp_path / "a.pgolf").write_bytes(data)
     for read in (pc.read_artifact_bytes, pc.read_header_bytes):
         with pytest.raises(pc.BadHeader, match="bad shape"):
             read(data)
+    for read in (pc.read_artifact, pc.read_header, pc.load):
+        with pytest.raises(pc.BadHeader, match="bad shape"):
+            read(tmp_path / "a.pgolf")
 
 
 def test_empty_tensor_cannot_declare_rows_no_integer_holds(tmp_path):
