@@ -7,16 +7,16 @@ every code sequence has exactly one packed form.
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from ._reference import packed_len, trits_len
 from .errors import BadPayload
+from .jit import njit
 
 __all__ = ["pack", "unpack", "pack_trits", "unpack_trits", "packed_len", "trits_len"]
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _pack(codes, bits, out):
     acc = np.uint64(0)
     nacc = 0
@@ -33,7 +33,7 @@ def _pack(codes, bits, out):
         out[j] = np.uint8(acc & np.uint64(0xFF))
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _unpack(buf, bits, n, out):
     """Fill out[:n]; return the leftover (padding) bits, which must be zero."""
     mask = np.uint64((1 << bits) - 1)
@@ -55,7 +55,7 @@ def _unpack(buf, bits, n, out):
     return acc
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _pack_trits(codes, out):
     n = codes.size
     for j in range(out.size):
@@ -69,7 +69,7 @@ def _pack_trits(codes, out):
         out[j] = v
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _unpack_trits(buf, n, out):
     """Fill out[:n]; return False on a byte >= 243 or a non-zero padding trit."""
     for j in range(buf.size):

@@ -1,7 +1,7 @@
 """The artifact container, format v1 (normative description: spec/FORMAT.md).
 
     0   4  magic b"PGLF"
-    4   1  major (1)            5  1  minor (0)
+    4   1  major (1)            5  1  minor (1)
     6   1  header coding: 0 msgpack, 1 zstd(msgpack)      7  1  flags (0)
     8   4  header stored length H (u32 LE)               12  4  header decoded length (u32 LE)
    16   H  header
@@ -14,9 +14,7 @@ Readers validate every declared size against `Limits` before allocating, and rai
 from __future__ import annotations
 
 import math
-import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +24,14 @@ import msgpack
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .coders import (CODERS, TRANSFORM_PACKED, StreamDesc, coder_by_name, decode_coded, decode_stream, encode_stream,
                      require_zstd, thread_pool, zstd_module)
 from .errors import (ArtifactTooLarge, BadHeader, BadMagic, BadPayload, ChecksumMismatch, FormatError,
-                     LimitExceeded, Limits, Truncated, UnsupportedVersion)
+                     LimitExceeded, Limits, Truncated, UnsupportedVersion, check_shape)
 from . import bitpack
 from .rans import MODEL_NAMES as RANS_MODEL_NAMES, RansCoder
-from .schemes import (Q8_TABLE, Quantized, QuantSpec, Recipe, dequantize, n_groups, quantize,
+from .schemes import (Q8_TABLE, Quantized, QuantSpec, Recipe, check_representable, dequantize, n_groups, quantize,
                       rows_view_shape)
 
 MAGIC = b"PGLF"
@@ -226,32 +225,47 @@ def _canonical(obj: Any, where: str = "metadata") -> Any:
 
 def build_artifact(tensors: Mapping[str, torch.Tensor | Quantized], recipe: Recipe | str | QuantSpec,
                    *, metadata: Mapping[str, Any] | None = None, code: Mapping[str, str] | None = None,
-                   coder: str | int = "auto") -> tuple[bytes, ArtifactInfo]:
+                   coder: str | int = "auto", limits: Limits = Limits()) -> tuple[bytes, ArtifactInfo]:
     """The artifact bytes (deterministic: same inputs, same bytes) and their `ArtifactInfo`.
 
     tensors: name -> float tensor (quantized by the first matching `recipe` rule) or an
     already `Quantized` tensor (e.g. from GPTQ; the recipe is not consulted).  Tensors are
-    stored sorted by name; `code` files (name -> source text) likewise.
+    stored sorted by name; `code` files (name -> source text) likewise.  ValueError for
+    anything a reader with `limits` would refuse (names, shapes, element counts) and for
+    values the scheme cannot hold (non-finite, or beyond its float or scale range).
     """
     recipe = Recipe.coerce(recipe)
     if coder != "auto":
         coder_by_name(coder)
     names = sorted(tensors)
+    if len(names) > limits.max_tensors:
+        raise ValueError(f"{len(names)} tensors, readers accept at most {limits.max_tensors}")
+    total = 0
     for name in names:
-        if not isinstance(name, str) or not name or len(name.encode()) > Limits().max_name_bytes:
-            raise ValueError(f"tensor name {name!r} must be a non-empty string of at most 1024 bytes")
+        if not isinstance(name, str) or not name or len(name.encode()) > limits.max_name_bytes:
+            raise ValueError(f"tensor name {name!r} must be a non-empty string of at most {limits.max_name_bytes} bytes")
+        x = tensors[name]
+        if not isinstance(x, Quantized) and not (isinstance(x, torch.Tensor) and x.dtype in _SOURCE_DTYPES):
+            raise ValueError(f"tensor {name!r}: expected a float tensor, got {getattr(x, 'dtype', type(x))}")
+        try:  # the reader's own rule, so that nothing is written that readers refuse
+            total += math.prod(check_shape(list(x.shape), limits, f"tensor {name!r}"))
+        except FormatError as e:
+            raise ValueError(f"{e} (readers refuse it)") from None
+        if total > limits.max_total_elements:
+            raise ValueError(f"tensors hold more than {limits.max_total_elements:,} elements in all (readers refuse "
+                             "it; raise Limits.max_total_elements / --max-elements)")
 
     def prepare(name: str) -> tuple[Quantized, str, EncodedTensor]:
         x = tensors[name]
         if isinstance(x, Quantized):
             q, dtype = x, "float32"
         else:
-            if not isinstance(x, torch.Tensor) or x.dtype not in _SOURCE_DTYPES:
-                raise ValueError(f"tensor {name!r}: expected a float tensor, got {getattr(x, 'dtype', type(x))}")
+            spec = recipe.spec_for(name)
             try:
-                q = quantize(x, recipe.spec_for(name))
+                q = quantize(x, spec)
+                check_representable(x, q)
             except ValueError as e:
-                raise ValueError(f"tensor {name!r}: {e}") from None
+                raise ValueError(f"tensor {name!r} ({spec}): {e}") from None
             dtype = _SOURCE_DTYPES[x.dtype]
         return q, dtype, encode_tensor(q, coder, name, parallel=False)
 
@@ -297,37 +311,21 @@ def build_artifact(tensors: Mapping[str, torch.Tensor | Quantized], recipe: Reci
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, *, overwrite: bool = False) -> None:
-    """Write via a temp file in the same directory, then rename; never clobbers unless asked."""
-    path = Path(path)
-    if not overwrite and path.exists():
-        raise FileExistsError(f"{path} exists (pass overwrite=True / --force to replace it)")
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if path appeared meanwhile: no silent clobber
-            os.unlink(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write via a temp file in the same directory, then rename (mode per umask); never
+    clobbers unless asked (`FileExistsError`).  See `pgolf_codec.atomic.atomic_write`."""
+    atomic_write(path, data, overwrite=overwrite)
 
 
 def write_artifact(path: str | Path, tensors: Mapping[str, torch.Tensor | Quantized],
                    recipe: Recipe | str | QuantSpec, *, metadata: Mapping[str, Any] | None = None,
                    code: Mapping[str, str] | None = None, coder: str | int = "auto",
-                   max_bytes: int | None = None, overwrite: bool = False) -> ArtifactInfo:
+                   max_bytes: int | None = None, overwrite: bool = False, limits: Limits = Limits()) -> ArtifactInfo:
     """Quantize, code and write an artifact atomically; returns its `ArtifactInfo`.
 
     Raises `ArtifactTooLarge` (nothing written) when the file would exceed `max_bytes`,
     `FileExistsError` when `path` exists and `overwrite` is False.
     """
-    data, info = build_artifact(tensors, recipe, metadata=metadata, code=code, coder=coder)
+    data, info = build_artifact(tensors, recipe, metadata=metadata, code=code, coder=coder, limits=limits)
     if max_bytes is not None and len(data) > max_bytes:
         raise ArtifactTooLarge(f"artifact would be {len(data):,} bytes, over the limit of {max_bytes:,} "
                                f"(model {info.model_bytes:,} + code {info.code_bytes:,})")
@@ -460,7 +458,10 @@ def _decode_header(stored: bytes, hcoding_raw: tuple[int, int]) -> dict:
     return header
 
 
-def _check_entry(e: Any, i: int, limits: Limits) -> tuple[QuantSpec, tuple[int, ...], dict[str, StreamDesc]]:
+def _check_entry(e: Any, i: int, limits: Limits,
+                 decode_limits: bool = True) -> tuple[QuantSpec, tuple[int, ...], dict[str, StreamDesc]]:
+    """(spec, shape, stream descriptors) of one header entry; `decode_limits=False` skips the
+    element and stream-size limits (a header-only read allocates nothing they bound)."""
     where = f"tensor #{i}"
     if not isinstance(e, dict):
         raise BadHeader(f"{where}: entry is not a map")
@@ -468,12 +469,7 @@ def _check_entry(e: Any, i: int, limits: Limits) -> tuple[QuantSpec, tuple[int, 
     where = f"tensor {name[:80]!r}"
     if not name or len(name.encode()) > limits.max_name_bytes:
         raise BadHeader(f"{where}: name is empty or longer than {limits.max_name_bytes} bytes")
-    shape = _field(e, "shape", list, where)
-    if len(shape) > limits.max_ndim or not all(_is_int(d) and 0 <= d < 1 << 62 for d in shape):
-        raise BadHeader(f"{where}: bad shape (at most {limits.max_ndim} non-negative dims)")
-    numel = math.prod(shape)
-    if numel > limits.max_tensor_elements:
-        raise LimitExceeded(f"{where}: {numel} elements, limit {limits.max_tensor_elements}")
+    shape = check_shape(_field(e, "shape", list, where), limits, where, elements=decode_limits)
     if _field(e, "dtype", str, where) not in _SOURCE_DTYPES.values():
         raise BadHeader(f"{where}: unknown source dtype {e['dtype']!r}")
     try:
@@ -481,22 +477,39 @@ def _check_entry(e: Any, i: int, limits: Limits) -> tuple[QuantSpec, tuple[int, 
     except ValueError as err:
         raise BadHeader(f"{where}: {err}") from None
     _u32(e.get("crc"), f"{where}: crc")
-    descs = _stream_descs(spec, tuple(shape))
+    descs = _stream_descs(spec, shape)
     for k, d in descs.items():
-        if d.nbytes > limits.max_stream_bytes:
-            raise LimitExceeded(f"{where}: {k} stream of {d.nbytes} bytes, limit {limits.max_stream_bytes}")
+        if decode_limits and d.nbytes > limits.max_stream_bytes:
+            raise LimitExceeded(f"{where}: {k} stream of {d.nbytes:,} bytes, limit {limits.max_stream_bytes:,}")
         s = _field(e, k, list, where)
         if len(s) != 3 or not all(_is_int(v) and v >= 0 for v in s):
             raise BadHeader(f"{where}: {k} must be [transform, coder, length]")
     for k in ("codes", "scales", "zeros"):
         if k not in descs and k in e:
             raise BadHeader(f"{where}: scheme {spec} has no {k} stream")
-    return spec, tuple(shape), descs
+    return spec, shape, descs
 
 
-def read_artifact_bytes(data: bytes, limits: Limits = Limits(), *, unpack: bool = True) -> Artifact:
-    """Validate and decode an artifact held in memory (see `read_artifact`)."""
-    data = bytes(data)
+@dataclass
+class _Layout:
+    """A validated header and where everything lies (byte offsets into the file)."""
+
+    header_bytes: int  # fixed bytes + stored header
+    payload_start: int
+    metadata: dict
+    tensors: list[tuple[dict, QuantSpec, tuple[int, ...], dict[str, StreamDesc]]]
+    files: list[list]  # [name, decoded byte length] of every code file
+    code_raw_len: int
+    code_coder: int
+    code_start: int
+    code_len: int
+    code_crc: int
+
+
+def _layout(data: bytes, limits: Limits, decode_limits: bool = True) -> _Layout:
+    """Parse the prefix and header and check every rule that needs no payload decoding:
+    lengths, CRCs (file, tensors, code section), layout and limits (element and stream
+    limits only with `decode_limits`).  Allocates nothing sized by a declared length."""
     payload_start, stored = _parse_prefix(data, limits)
     header = _decode_header(stored, (data[6], struct.unpack_from("<I", data, 12)[0]))
     payload_end = len(data) - 4
@@ -506,19 +519,24 @@ def read_artifact_bytes(data: bytes, limits: Limits = Limits(), *, unpack: bool 
     metadata = _field(header, "metadata", dict, "header")
     code_hdr = _field(header, "code", dict, "header")
     checked, names, total, offset = [], set(), 0, 0
+    mv = memoryview(data)
     for i, e in enumerate(entries):
-        spec, shape, descs = _check_entry(e, i, limits)
+        spec, shape, descs = _check_entry(e, i, limits, decode_limits)
         if e["name"] in names:
             raise BadHeader(f"duplicate tensor name {e['name']!r}")
         names.add(e["name"])
         total += math.prod(shape)
-        if total > limits.max_total_elements:
-            raise LimitExceeded(f"tensors hold more than {limits.max_total_elements} elements in all")
+        if decode_limits and total > limits.max_total_elements:
+            raise LimitExceeded(f"tensors declare more than {limits.max_total_elements:,} elements in all "
+                                f"(raise Limits.max_total_elements / --max-elements)")
         if _field(e, "offset", int, f"tensor {e['name']!r}") != offset:
             raise BadHeader(f"tensor {e['name']!r}: offset {e['offset']} != {offset} (streams must be contiguous)")
-        offset += sum(e[k][2] for k in descs)
-        if payload_start + offset > payload_end:
+        span = sum(e[k][2] for k in descs)
+        if payload_start + offset + span > payload_end:
             raise Truncated(f"tensor {e['name']!r} ends past the end of the payload")
+        if zlib.crc32(mv[payload_start + offset:payload_start + offset + span]) != e["crc"]:
+            raise ChecksumMismatch(f"tensor {e['name']!r}: payload CRC-32 mismatch")
+        offset += span
         checked.append((e, spec, shape, descs))
     files = _field(code_hdr, "files", list, "code")
     if len(files) > limits.max_code_files:
@@ -538,19 +556,68 @@ def read_artifact_bytes(data: bytes, limits: Limits = Limits(), *, unpack: bool 
     if payload_start + offset + c_len != payload_end:
         raise (Truncated if payload_start + offset + c_len > payload_end else BadHeader)(
             f"declared payload ends at {payload_start + offset + c_len}, file payload ends at {payload_end}")
-    quantized, code_streams, infos = {}, {}, []
+    cstart = payload_start + offset
+    if zlib.crc32(mv[cstart:cstart + c_len]) != _u32(code_hdr.get("crc"), "code: crc"):
+        raise ChecksumMismatch("code section CRC-32 mismatch")
+    return _Layout(FIXED_BYTES + len(stored), payload_start, metadata, checked, files, code_raw_len, c_coder,
+                   cstart, c_len, code_hdr["crc"])
+
+
+@dataclass
+class ArtifactHeader:
+    """What the header of an artifact says, read without decoding any payload (`inspect`).
+
+    info: sizes as `ArtifactInfo`; metadata; code_files: names in the code section;
+    over_limits: why a full read with the given `Limits` would refuse the file
+    (the `LimitExceeded` message), or None when it is within them.
+    """
+
+    info: ArtifactInfo
+    metadata: dict
+    code_files: list[str]
+    over_limits: str | None = None
+
+
+def _info(data: bytes, lay: _Layout) -> ArtifactInfo:
+    infos = []
+    for e, spec, _, descs in lay.tensors:
+        start = lay.payload_start + e["offset"]
+        head = data[start:start + min(e["codes"][2], 1)]
+        infos.append(_tensor_info(e, spec, {k: e[k][1] for k in descs}, {k: e[k][2] for k in descs}, head))
+    return ArtifactInfo(total_bytes=len(data), model_bytes=len(data) - lay.code_len, code_bytes=lay.code_len,
+                        header_bytes=lay.header_bytes, format_version=f"{data[4]}.{data[5]}", tensors=infos)
+
+
+def read_header_bytes(data: bytes, limits: Limits = Limits()) -> ArtifactHeader:
+    """Validate an artifact's structure and checksums and describe it, decoding no payload:
+    memory is the file's bytes plus its header, whatever sizes the header declares."""
+    data = bytes(data)
+    lay = _layout(data, limits, decode_limits=False)
+    try:
+        _layout(data, limits)
+        over = None
+    except LimitExceeded as e:
+        over = str(e)
+    return ArtifactHeader(_info(data, lay), lay.metadata, [f[0] for f in lay.files], over)
+
+
+def read_header(path: str | Path, limits: Limits = Limits()) -> ArtifactHeader:
+    """`read_header_bytes` of a file (at most `limits.max_file_bytes` are read)."""
+    return read_header_bytes(_read_file(Path(path), limits), limits)
+
+
+def read_artifact_bytes(data: bytes, limits: Limits = Limits(), *, unpack: bool = True) -> Artifact:
+    """Validate and decode an artifact held in memory (see `read_artifact`)."""
+    data = bytes(data)
+    lay = _layout(data, limits)
+    quantized, code_streams = {}, {}
     mv = memoryview(data)
-    for e, spec, shape, descs in checked:
-        start = payload_start + e["offset"]
-        end = start + sum(e[k][2] for k in descs)
-        if zlib.crc32(mv[start:end]) != e["crc"]:
-            raise ChecksumMismatch(f"tensor {e['name']!r}: payload CRC-32 mismatch")
-        streams, pos, codes_head = {}, start, b""
+    for e, spec, shape, descs in lay.tensors:
+        pos = lay.payload_start + e["offset"]
         raw_codes = not unpack and not spec.is_float
+        streams = {}
         for k, d in descs.items():
             t, c, n = e[k]
-            if k == "codes":
-                codes_head = bytes(mv[pos:pos + min(n, 1)])
             try:
                 if raw_codes and k == "codes":
                     streams[k] = _code_payload(mv[pos:pos + n], t, c, d, spec, limits)
@@ -565,24 +632,19 @@ def read_artifact_bytes(data: bytes, limits: Limits = Limits(), *, unpack: bool 
             code_streams[e["name"]] = CodeStream(spec, shape, payload, packed, scales, zeros)
         else:
             quantized[e["name"]] = _to_quantized(spec, shape, streams, e["name"])
-        infos.append(_tensor_info(e, spec, {k: e[k][1] for k in descs}, {k: e[k][2] for k in descs}, codes_head))
-    cstart = payload_start + offset
-    if zlib.crc32(mv[cstart:cstart + c_len]) != _u32(code_hdr.get("crc"), "code: crc"):
-        raise ChecksumMismatch("code section CRC-32 mismatch")
     try:
-        raw = decode_stream(mv[cstart:cstart + c_len], 0, c_coder, StreamDesc(code_raw_len), limits).tobytes()
+        raw = decode_stream(mv[lay.code_start:lay.code_start + lay.code_len], 0, lay.code_coder,
+                            StreamDesc(lay.code_raw_len), limits).tobytes()
     except FormatError as err:
         raise type(err)(f"code section: {err}") from None
     code, pos = {}, 0
-    for fname, n in files:
+    for fname, n in lay.files:
         try:
             code[fname] = raw[pos:pos + n].decode("utf-8")
         except UnicodeDecodeError:
             raise BadPayload(f"code file {fname!r} is not valid UTF-8") from None
         pos += n
-    info = ArtifactInfo(total_bytes=len(data), model_bytes=len(data) - c_len, code_bytes=c_len,
-                        header_bytes=FIXED_BYTES + len(stored), format_version=f"{data[4]}.{data[5]}", tensors=infos)
-    return Artifact(quantized=quantized, metadata=metadata, code=code, info=info, streams=code_streams)
+    return Artifact(quantized=quantized, metadata=lay.metadata, code=code, info=_info(data, lay), streams=code_streams)
 
 
 def _code_payload(blob: memoryview, transform: int, coder_id: int, desc: StreamDesc, spec: QuantSpec,
@@ -635,19 +697,23 @@ def _to_quantized(spec: QuantSpec, shape: tuple[int, ...], streams: dict[str, np
     return Quantized(spec, shape, codes, scales, zeros, sc, ref)
 
 
+def _read_file(path: Path, limits: Limits) -> bytes:
+    size = path.stat().st_size
+    if size > limits.max_file_bytes:
+        raise LimitExceeded(f"{path}: file is {size:,} bytes, limit {limits.max_file_bytes:,}")
+    with open(path, "rb") as f:
+        return f.read(limits.max_file_bytes + 1)
+
+
 def read_artifact(path: str | Path, limits: Limits = Limits(), *, unpack: bool = True) -> Artifact:
     """Read, validate and decode an artifact file.  Any defect raises a `FormatError` subclass.
 
-    unpack=False: int/ternary tensors come back as `Artifact.streams` (`CodeStream`: the codes
-    as stored, bit-packed or one per byte, validated) instead of `Artifact.quantized`.
+    Every declared size is checked against `limits` before anything is decoded
+    (`LimitExceeded`).  unpack=False: int/ternary tensors come back as `Artifact.streams`
+    (`CodeStream`: the codes as stored, bit-packed or one per byte, validated) instead of
+    `Artifact.quantized`.
     """
-    path = Path(path)
-    size = path.stat().st_size
-    if size > limits.max_file_bytes:
-        raise LimitExceeded(f"{path}: file is {size} bytes, limit {limits.max_file_bytes}")
-    with open(path, "rb") as f:
-        data = f.read(limits.max_file_bytes + 1)
-    return read_artifact_bytes(data, limits, unpack=unpack)
+    return read_artifact_bytes(_read_file(Path(path), limits), limits, unpack=unpack)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

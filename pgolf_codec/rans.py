@@ -48,10 +48,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numba
 import numpy as np
 
 from pgolf_codec.errors import BadPayload
+from pgolf_codec.jit import njit
 
 __all__ = ["RansCoder", "encode", "decode", "entropy_bits", "STATIC", "PARAMETRIC", "COLUMN"]
 
@@ -91,7 +91,7 @@ _ROOT8 = (1.0, 1.0905077326652577, 1.189207115002721, 1.2968395546510096,
 
 # ----------------------------------------------------------------------------- kernels
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _encode_kernel(sym, row_model, row_len, freq, cum, prob_bits, lanes, out):  # pragma: no cover
     """Encode ``sym`` (uint8, already offset by ``lo``) backwards into the tail of ``out``.
 
@@ -120,7 +120,7 @@ def _encode_kernel(sym, row_model, row_len, freq, cum, prob_bits, lanes, out):  
     return states, pos
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _decode_kernel(words, n_words, states0, row_model, row_len, sym_tab, freq, cum,
                    prob_bits, out):  # pragma: no cover
     """Decode ``out.size`` symbols; returns 0 on success, else a negative error code.
@@ -163,7 +163,7 @@ def _decode_kernel(words, n_words, states0, row_model, row_len, sym_tab, freq, c
     return 0
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(nogil=True)
 def _unpermute_columns(runs, order, out):  # pragma: no cover
     """``out[r, order[k]] = runs[k, r]``: kind-2 column runs (coding order) → row-major codes.
 

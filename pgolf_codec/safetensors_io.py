@@ -18,8 +18,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from .container import write_bytes_atomic
-from .errors import Limits, SafetensorsError
+from .atomic import atomic_write
+from .errors import FormatError, Limits, SafetensorsError, check_shape
 
 # safetensors dtype -> (torch dtype, little-endian numpy dtype for reading the raw bytes)
 _DTYPES: dict[str, tuple[torch.dtype, str]] = {
@@ -59,15 +59,18 @@ def read_safetensors(path: str | Path, limits: Limits = Limits()) -> tuple[dict[
         dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
         if dtype not in _DTYPES:
             raise SafetensorsError(f"{path}: tensor {name!r}: unsupported dtype {dtype!r}")
-        if (not isinstance(shape, list) or len(shape) > limits.max_ndim
-                or not all(type(d) is int and 0 <= d < 1 << 62 for d in shape)):
+        if not isinstance(shape, list):
             raise SafetensorsError(f"{path}: tensor {name!r}: bad shape {shape!r}")
+        try:  # the artifact's shape rule: bounded dims, bounded element count
+            check_shape(shape, limits, f"tensor {name!r}")
+        except FormatError as err:
+            raise SafetensorsError(f"{path}: {err}") from None
         if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
                 and 0 <= offs[0] <= offs[1] <= len(data)):
             raise SafetensorsError(f"{path}: tensor {name!r}: data_offsets {offs!r} outside the data")
         itemsize = np.dtype(_DTYPES[dtype][1]).itemsize
         numel = math.prod(shape)
-        if numel > limits.max_tensor_elements or offs[1] - offs[0] != numel * itemsize:
+        if offs[1] - offs[0] != numel * itemsize:
             raise SafetensorsError(f"{path}: tensor {name!r}: {offs[1] - offs[0]} bytes for {numel} x {dtype}")
         spans.append((offs[0], offs[1], name))
     pos = 0
@@ -111,5 +114,5 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
                       metadata: Mapping[str, str] | None = None, *, overwrite: bool = False) -> None:
-    """Write atomically (temp file + rename); refuses to replace a file unless `overwrite`."""
-    write_bytes_atomic(path, safetensors_bytes(tensors, metadata), overwrite=overwrite)
+    """Write atomically (temp file + rename, mode per umask); refuses to replace a file unless `overwrite`."""
+    atomic_write(path, safetensors_bytes(tensors, metadata), overwrite=overwrite)

@@ -16,7 +16,7 @@ import json
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -461,7 +461,11 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> Quantized:
     rows, row_len = rows_view_shape(shape)
     w2 = w.float().reshape(rows, row_len)
     if w2.numel() and not bool(torch.isfinite(w2).all()):
-        raise ValueError("quantize: tensor has NaN or Inf values")
+        src = w.reshape(rows, row_len)
+        bad = ~torch.isfinite(src)
+        if bool(bad.any()):
+            raise ValueError(f"quantize: tensor has NaN or Inf values (first: {_first(bad, src, shape)})")
+        raise ValueError(f"quantize: value beyond the float32 range ({_first(~torch.isfinite(w2), src, shape)})")
     empty_scales = torch.zeros((rows, 0), dtype=torch.float32, device=w.device)
     if spec.is_float:
         return Quantized(spec, shape, w2.to(_float_dtype(spec)), empty_scales)
@@ -477,6 +481,45 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> Quantized:
     codes, scale, zero, sc, ref, _ = _quantize_grouped(w2, spec)
     codes = codes.reshape(rows, -1)[:, :row_len].to(torch.uint8)
     return Quantized(spec, shape, codes, scale, None if zero is None else zero.to(torch.uint8), sc, ref)
+
+
+def _first(mask: torch.Tensor, w: torch.Tensor, shape: tuple[int, ...]) -> str:
+    """'VALUE at index (i, j, ...)' of the first element of w (viewed as `shape`) where mask is set."""
+    i = int(mask.reshape(-1).to(torch.uint8).argmax())
+    idx, rest = [], i
+    for d in reversed(shape):
+        idx.append(rest % d)
+        rest //= d
+    return f"{float(w.reshape(-1)[i]):.6g} at index {tuple(reversed(idx))}"
+
+
+def check_representable(w: torch.Tensor, q: Quantized) -> None:
+    """ValueError naming the value when `q = quantize(w, q.spec)` does not hold w's values.
+
+    Float passthrough: a finite value that rounds to inf (fp16 tops out at 65504).  Int and
+    ternary: a group whose scale would exceed the largest scale its dtype stores (fp16
+    65504, bf16 ~3.4e38), so its values would decode clipped to qmax times that maximum.
+    Writers call this before storing q; training's fake-quant paths do not (same numerics).
+    """
+    spec = q.spec
+    if spec.is_float:
+        bad = torch.isinf(q.codes)
+        if bool(bad.any()):
+            top = float(torch.finfo(_float_dtype(spec)).max)
+            raise ValueError(f"value {_first(bad, w.detach(), q.shape)} overflows {spec.kind} (largest {top:.6g}); "
+                             "use fp32 or an int scheme")
+        return
+    hi = _SCALE_RANGE[spec.scale_dtype][1]
+    if spec.scale_dtype == "q8" or not q.scales.numel() or float(q.scales.max()) < hi:
+        return
+    w2 = w.detach().float().reshape(q.rows, q.row_len)
+    need = float(group_scales(w2, replace(spec, scale_dtype="q8")).scale_ref)  # the largest raw scale
+    if need > hi:
+        big = w2.abs() == w2.abs().max()
+        raise ValueError(f"value {_first(big, w.detach(), q.shape)} needs a scale of {need:.6g}, above the largest "
+                         f"{spec.scale_dtype} scale {hi:.6g} (it would decode as at most "
+                         f"{_qmax(spec) * hi if spec.symmetric else ((1 << spec.bits) - 1) * hi:.6g}); "
+                         "use ':scale=q8' or a float scheme")
 
 
 def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -93,7 +93,9 @@ def model_from_artifact(path: str | os.PathLike, device: str | torch.device = "c
         raise type(e)(f"{path}: {e}") from None
     cfg_dict = art.metadata.get("model_config")
     if not isinstance(cfg_dict, dict):
-        raise FormatError(f"{path}: metadata has no model_config dict (got {type(cfg_dict).__name__})")
+        raise FormatError(f"{path}: metadata has no model_config dict (got {type(cfg_dict).__name__}); repack it "
+                          "with the config: `pgolf pack` of a `pgolf train` run's final_model.safetensors or "
+                          "checkpoint.pt carries it, any other checkpoint needs `--config MODEL_CONFIG.json`")
     module = model_module(art, path, trust_code)
     cfg = module.GPTConfig.from_dict(dict(cfg_dict))
     model = module.GPT(cfg)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -120,21 +119,9 @@ def _as_uint16(tokens: np.ndarray | list[int], path: Path) -> np.ndarray:
 def write_atomic(path: str | os.PathLike, parts: list[bytes], *, overwrite: bool = False) -> None:
     """Write ``parts`` to ``path`` through a temp file in the same directory and a rename, so
     readers see the old file or the complete new one; refuses an existing file unless ``overwrite``."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make shared data unreadable to others
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                f.write(part)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from pgolf_codec.atomic import atomic_write  # mode per umask, fsync, no clobber
+
+    atomic_write(path, parts, overwrite=overwrite)
 
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray | list[int], *, overwrite: bool = False) -> Path:

@@ -207,9 +207,9 @@ class RunLog:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from pgolf_codec.atomic import atomic_write
+
+    atomic_write(path, text.encode("utf-8"), overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,13 +410,9 @@ def gather_optimizer_states(optimizers: list[torch.optim.Optimizer], di: DistInf
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomic ``torch.save``: a temp file in the same directory, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from pgolf_codec.atomic import atomic_write
+
+    atomic_write(path, lambda f: torch.save(state, f), overwrite=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -480,11 +476,13 @@ def dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write the pre-quantization weights (fp32) with the codec's safetensors writer."""
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], model_config: dict | None = None) -> None:
+    """Write the pre-quantization weights (fp32) with the codec's safetensors writer; the model
+    config goes into its metadata (JSON), so that `pgolf pack` carries it into the artifact."""
     from pgolf_codec.safetensors_io import write_safetensors
 
-    write_safetensors(path, tensors, overwrite=True)
+    meta = None if model_config is None else {"model_config": json.dumps(model_config, sort_keys=True)}
+    write_safetensors(path, tensors, meta, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,6 +613,7 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
             return None
         return {
             "version": CHECKPOINT_VERSION, "step": step, "training_ms": training_ms, "config": cfg.to_dict(),
+            "model_config": cfg.model_config().to_dict(),  # `pgolf pack checkpoint.pt` stores it
             "model": _to_cpu(base_model.state_dict()), "optimizers": opt_states,
             "ema": ema.state_dict() if ema is not None else None, "qat_on": qat_on,
             "loader": loader.state_dict(), "world_size": di.world_size,
@@ -798,7 +797,7 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
     tensors: dict[str, torch.Tensor] = {}
     if di.master:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in base_model.state_dict().items()}
-        save_safetensors(out_dir / "final_model.safetensors", tensors)
+        save_safetensors(out_dir / "final_model.safetensors", tensors, cfg.model_config().to_dict())
     if not export:
         if di.distributed:  # every rank may read the weights once this returns
             dist.barrier()

@@ -49,3 +49,34 @@ def test_unpack_rejects_bad_input():
         bitpack.pack(np.array([8], np.uint8), 3)
     with pytest.raises(ValueError):
         bitpack.pack_trits(np.array([3], np.uint8))
+
+
+def test_works_where_numba_has_no_writable_cache(tmp_path):
+    """No writable HOME, no NUMBA_CACHE_DIR, no writable __pycache__: numba's cache=True fails
+    at decoration time; the codec must still import and run (compiled without the cache)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "pgolf_codec"
+    pkg = tmp_path / "pgolf_codec"
+    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "__pycache__").write_text("")  # a file: no cache directory can be made here, even by root
+    home = tmp_path / "home"
+    home.write_text("")  # HOME is not a directory, so ~/.cache cannot exist
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", "PYTHONPATH")}
+    env.update(HOME=str(home), PYTHONPATH=str(tmp_path), PYTHONDONTWRITEBYTECODE="1")
+    code = ("import numpy as np, pgolf_codec as pc\n"
+            "from pgolf_codec import bitpack, rans\n"
+            "assert pc.__file__.startswith(%r)\n"
+            "c = np.arange(10, dtype=np.uint8) %% 4\n"
+            "assert (bitpack.unpack(bitpack.pack(c, 2), 2, 10) == c).all()\n"
+            "assert (bitpack.unpack_trits(bitpack.pack_trits(c %% 3), 10) == c %% 3).all()\n"
+            "ctx = pc.CoderContext(n=10, alphabet=4, rows=1, row_len=10)\n"
+            "r = rans.RansCoder()\n"
+            "assert (r.decode(r.encode(c, ctx), ctx) == c).all()\n"
+            "print('ok')\n") % str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -57,6 +57,7 @@ def test_refusals_are_one_line_errors(ckpt, capsys):
     err = capsys.readouterr().err
     assert "ArtifactTooLarge" in err and err.count("\n") == 1 and not (d / "small.pgolf").exists()
     assert main(["pack", str(d / "ck.pt"), "-o", str(art), "--force", "--recipe", "*=int4"]) == 0
+    assert "--config" in capsys.readouterr().err  # a plain state dict carries no model config: say so
     bad = d / "bad.pgolf"
     bad.write_bytes(art.read_bytes()[:-10])
     assert main(["verify", str(bad)]) == 2
@@ -74,3 +75,42 @@ def test_verify_fails_when_source_differs(ckpt, capsys):
     write_safetensors(d / "other.safetensors", sd2)
     assert main(["verify", str(art), "--against", str(d / "other.safetensors")]) == 1
     assert "FAIL names differ" in capsys.readouterr().out
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_pack_checks_its_arguments_before_quantizing(ckpt, capsys, monkeypatch):
+    d, _ = ckpt
+    art = d / "m.pgolf"
+    art.write_bytes(b"keep me")
+    import pgolf_codec.cli as cli
+
+    monkeypatch.setattr(cli, "load_checkpoint", lambda *a, **k: pytest.fail("read the checkpoint first"))
+    assert main(["pack", str(d / "ck.pt"), "-o", str(art)]) == 2
+    err = _one_line_error(capsys)
+    assert f"-o {art} exists (pass --force" in err and "overwrite=True" not in err
+    assert art.read_bytes() == b"keep me"
+    assert main(["pack", str(d / "ck.pt"), "-o", str(d / "n.pgolf"), "--recipe", "nosuch.toml"]) == 2
+    err = _one_line_error(capsys)
+    assert "nosuch.toml" in err and "no such file" in err and "PATTERN=SCHEME" not in err
+    (d / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+    assert main(["pack", str(d / "ck.pt"), "-o", str(d / "n.pgolf"), "--code", str(d / "latin1.py")]) == 2
+    err = _one_line_error(capsys)
+    assert str(d / "latin1.py") in err and "UTF-8" in err
+    assert not (d / "n.pgolf").exists()
+
+
+def test_pack_refuses_values_out_of_range(tmp_path, capsys):
+    w = torch.zeros(4, 4)
+    w[0, 1] = 3e38
+    torch.save({"w": w}, tmp_path / "ck.pt")
+    assert main(["pack", str(tmp_path / "ck.pt"), "-o", str(tmp_path / "m.pgolf")]) == 2
+    err = _one_line_error(capsys)
+    assert "'w'" in err and "3e+38" in err and "scale=q8" in err
+    assert not (tmp_path / "m.pgolf").exists()
+    assert main(["pack", str(tmp_path / "ck.pt"), "-o", str(tmp_path / "m.pgolf"), "--recipe", "*=fp16"]) == 2
+    assert "overflows fp16" in _one_line_error(capsys)

@@ -156,7 +156,10 @@ def test_newer_minor_with_unknown_fields_is_accepted_major_rejected():
 
 
 @pytest.mark.parametrize("mutate,error", [
-    (lambda h: h["tensors"][0].update(shape=[1 << 40, 1 << 20]), pc.LimitExceeded),
+    (lambda h: h["tensors"][0].update(shape=[1 << 20, 1 << 20]), pc.LimitExceeded),
+    (lambda h: h["tensors"][0].update(shape=[1 << 40, 1 << 20]), pc.BadHeader),  # a dim over 2^31
+    (lambda h: h["tensors"][0].update(shape=[0, (1 << 62) - 1, (1 << 62) - 1]), pc.BadHeader),  # 0 elements
+    (lambda h: h["tensors"][0].update(shape=[0, 1 << 31, 1 << 31, 1 << 31]), pc.LimitExceeded),  # rows of 2^93
     (lambda h: h["tensors"].extend([h["tensors"][0]]), pc.BadHeader),
     (lambda h: h["tensors"][0].update(codes=[0, 11, h["tensors"][0]["codes"][2]]), pc.UnsupportedCoder),
     (lambda h: h["tensors"][0].update(scheme="int9"), pc.BadHeader),
@@ -280,3 +283,34 @@ def test_info_names_the_rans_model_on_write_and_read():
     assert wrote["coder"] == "rans" and wrote["rans_model"] == "column"
     read = {t["name"]: t for t in pc.read_artifact_bytes(data).info.tensors}
     assert read["w"]["rans_model"] == "column" and "rans_model" not in read["b"]
+
+
+@pytest.mark.parametrize("recipe,value,match", [
+    ("int8", 3e38, r"tensor 'w' \(int8\): value 3e\+38 at index \(1, 2\).*fp16 scale 65504"),
+    ("int4:asym:group=2", 1e12, r"value 1e\+12 at index \(1, 2\)"),
+    ("ternary", 1e30, r"value 1e\+30"),
+    ("fp16", 1e5, r"tensor 'w' \(fp16\): value 100000 at index \(1, 2\) overflows fp16"),
+    ("bf16", 3.4e38, r"overflows bf16"),
+    ("int8", float("nan"), r"NaN or Inf.*nan at index \(1, 2\)"),
+    ("fp32", float("-inf"), r"NaN or Inf.*-inf at index \(1, 2\)"),
+])
+def test_writer_refuses_values_the_scheme_cannot_hold(recipe, value, match):
+    w = torch.randn(4, 4) * 0.01
+    w[1, 2] = value
+    with pytest.raises(ValueError, match=match):
+        pc.build_artifact({"w": w}, recipe)
+
+
+def test_values_in_range_are_stored_and_q8_scales_hold_large_values():
+    w = torch.randn(4, 4)
+    w[1, 2] = 3e38
+    data, _ = pc.build_artifact({"w": w}, "int8:scale=q8")
+    assert torch.isclose(pc.read_artifact_bytes(data).tensors["w"][1, 2], torch.tensor(3e38), rtol=0.01)
+    w[1, 2] = 65504.0  # the fp16 maximum itself is representable
+    data, _ = pc.build_artifact({"w": w}, "fp16")
+    assert pc.read_artifact_bytes(data).tensors["w"][1, 2] == 65504.0
+    w[1, 2] = 65504.0 * 127  # int8's largest value under fp16 scales
+    data, _ = pc.build_artifact({"w": w}, "int8")
+    assert pc.read_artifact_bytes(data).tensors["w"][1, 2] == 65504.0 * 127
+    with pytest.raises(ValueError, match="beyond the float32 range"):
+        pc.build_artifact({"w": torch.tensor([1.0, 1e39], dtype=torch.float64)}, "fp32")

@@ -31,3 +31,21 @@ def test_every_reader_error_is_documented_and_exported():
     for n in names:
         assert f"`{n}`" in rules, n
         assert hasattr(pgolf_codec, n)
+
+
+def test_default_limits_match_the_spec():
+    text = SPEC.split("**Default limits**", 1)[1].split("\n\n", 1)[0].replace("\n", " ")
+    d = errors.Limits()
+
+    def num(s: str) -> int:
+        return 1 << int(s[2:]) if s.startswith("2^") else int(s.replace(",", ""))
+
+    pairs = {"file": r"file ([\d^,]+) bytes", "header": r"decoded header ([\d^,]+) bytes",
+             "tensors": r"([\d^,]+) tensors", "per_tensor": r"([\d^,]+) elements per tensor",
+             "total": r"([\d^,]+) in all", "stream": r"([\d^,]+) decoded bytes per stream",
+             "files": r"([\d^,]+) code files", "code": r"([\d^,]+) code bytes"}
+    found = {k: num(re.search(p, text).group(1)) for k, p in pairs.items()}
+    assert found == {"file": d.max_file_bytes, "header": d.max_header_bytes, "tensors": d.max_tensors,
+                     "per_tensor": d.max_tensor_elements, "total": d.max_total_elements,
+                     "stream": d.max_stream_bytes, "files": d.max_code_files, "code": d.max_code_bytes}
+    assert f"each ≤ 2^{errors.MAX_DIM.bit_length() - 1}" in SPEC and f"over 2^{errors.MAX_DIM.bit_length() - 1}" in SPEC

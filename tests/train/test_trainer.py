@@ -196,3 +196,39 @@ def test_torchrun_two_gloo_processes_train_and_exit_cleanly(tiny_data, sp1024, t
     art = read_artifact(run / "model.pgolf")
     assert art.metadata["train"]["steps"] == 6
     assert "world_size: 2" in (run / "train.log").read_text()
+
+
+def test_exported_weights_pack_as_the_readme_says_and_evaluate(tiny_data, sp1024, tmp_path, capsys):
+    """`pgolf pack runs/.../final_model.safetensors --code pgolf_train/model.py` (the README's
+    example) and `pgolf pack checkpoint.pt` make artifacts `pgolf eval` can build a model from."""
+    from pgolf.cli import main as pgolf
+    from pgolf_codec.container import read_artifact
+    from pgolf_eval.loader import model_from_artifact
+
+    cfg = load_config("tiny", ["iterations=2", "checkpoint_every_steps=1"])
+    run = tmp_path / "run"
+    train(cfg, tiny_data, sp1024, run, echo=False, export=False)
+    want = cfg.model_config().to_dict()
+    for src in ("final_model.safetensors", "checkpoint.pt"):
+        art = tmp_path / f"{src}.pgolf"
+        assert pgolf(["pack", str(run / src), "-o", str(art), "--recipe",
+                      "tok_emb.weight=int8;*.weight=int6:sdclip=12.5;*=fp16",
+                      "--code", str(REPO / "pgolf_train" / "model.py"), "--max-bytes", "16000000"]) == 0
+        assert "--config" not in capsys.readouterr().err
+        assert read_artifact(art).metadata["model_config"] == want
+        model, _ = model_from_artifact(art)
+        assert sum(p.numel() for p in model.parameters()) > 0
+    # weights without a config: eval says how to fix it; --config supplies it
+    from pgolf_codec.safetensors_io import read_safetensors, write_safetensors
+
+    tensors, _ = read_safetensors(run / "final_model.safetensors")
+    write_safetensors(tmp_path / "bare.safetensors", tensors)
+    assert pgolf(["pack", str(tmp_path / "bare.safetensors"), "-o", str(tmp_path / "bare.pgolf")]) == 0
+    assert "--config" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--config"):
+        model_from_artifact(tmp_path / "bare.pgolf")
+    (tmp_path / "cfg.json").write_text(json.dumps(want))
+    assert pgolf(["pack", str(tmp_path / "bare.safetensors"), "-o", str(tmp_path / "bare.pgolf"), "--force",
+                  "--config", str(tmp_path / "cfg.json")]) == 0
+    with pytest.warns(UserWarning, match="embeds no model source"):
+        model_from_artifact(tmp_path / "bare.pgolf")
