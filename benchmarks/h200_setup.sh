@@ -23,5 +23,7 @@ if [ -n "${VOCAB:-}" ] && [ "${VOCAB}" != 1024 ] && [ ! -f /tmp/pg/sp$VOCAB/mani
   if [ -n "${TOKENIZER:-}" ]; then tok_args=(--tokenizer "$TOKENIZER"); else tok_args=(--tokenizer-sample-mb 40); fi
   python3 -m pgolf data prepare --docs .data/fineweb/parameter_golf_verify_docs_200.jsonl .data/wikipedia/*.jsonl.xz \
     --vocab "$VOCAB" --val-docs 200 "${tok_args[@]}" --out /tmp/pg/sp$VOCAB --workers 16
-  [ -n "${TOKENIZER:-}" ] && cp "$TOKENIZER" /tmp/pg/sp$VOCAB/tokenizer.model
+  # an `if`, not `[ ... ] && cp`: a false test as the block's last command fails the block under
+  # `set -e`, which exits the shell that sourced this file
+  if [ -n "${TOKENIZER:-}" ]; then cp "$TOKENIZER" /tmp/pg/sp$VOCAB/tokenizer.model; fi
 fi

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_json  # noqa: E402
 
+from pgolf_eval.breakdown import compare  # noqa: E402
 from pgolf_eval.evaluate import evaluate_tokens, load_val_stream  # noqa: E402
 from pgolf_eval.loader import check_tokenizer, model_from_artifact  # noqa: E402
 from pgolf_eval.ttt import TTTConfig  # noqa: E402
@@ -54,6 +55,20 @@ VARIANTS: dict[str, dict] = {name: {**OLD, **kw} for name, kw in {
     "lr3e-3_all_c32_start": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 32, "from_start": True},
 }.items()}
 VARIANTS["best"] = {}
+# Phased (carried) adaptation, spelt over TTTConfig() as it is now: "phased" alone, "both" with the
+# per-document LoRA on top; p = targets per phase, e = passes per phase, lr = the carried adapter's.
+VARIANTS.update({
+    "phased_lr3e-3": {"scope": "phased", "phase_lr": 3e-3},
+    "phased_lr1e-2": {"scope": "phased", "phase_lr": 1e-2},
+    "phased_lr3e-3_e2": {"scope": "phased", "phase_lr": 3e-3, "phase_epochs": 2},
+    "phased_lr1e-2_e2": {"scope": "phased", "phase_lr": 1e-2, "phase_epochs": 2},
+    "phased_p8k_lr3e-3": {"scope": "phased", "phase_lr": 3e-3, "phase_tokens": 8192},
+    "phased_p8k_lr1e-2": {"scope": "phased", "phase_lr": 1e-2, "phase_tokens": 8192},
+    "both_lr3e-3": {"scope": "both", "phase_lr": 3e-3},
+    "both_lr1e-3": {"scope": "both", "phase_lr": 1e-3},
+    "both_lr1e-2": {"scope": "both", "phase_lr": 1e-2},
+    "both_p8k_lr3e-3": {"scope": "both", "phase_lr": 3e-3, "phase_tokens": 8192},
+})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,16 +108,31 @@ def main(argv: list[str] | None = None) -> int:
         res = evaluate_tokens(model, tokens, byte_source, seq_len=seq_len, device=args.device, log=None, **kw)
         rows.append({"variant": name, "setting": {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()},
                      "val_bpb": res.val_bpb, "val_loss": res.val_loss, "tokens": res.tokens,
-                     "seconds": time.perf_counter() - t, "ttt": res.extra.get("ttt")})
+                     "seconds": time.perf_counter() - t, "ttt": res.extra.get("ttt"), "docs": res.docs,
+                     "per_doc": res.per_doc})
+        if len(rows) > 1:  # paired, per document, against sliding (row 1)
+            rows[-1]["vs_sliding"] = compare(rows[-1], rows[1])
         print(f"  {name:<16} {res.val_bpb:.5f}  {rows[-1]['seconds']:7.1f} s", file=sys.stderr, flush=True)
         write_json(args.out, {**head, "tokens": rows[0]["tokens"], "rows": rows})  # partial results survive a stop
     sliding = rows[1]["val_bpb"]
     for r in rows:
         r["delta_vs_sliding"] = r["val_bpb"] - sliding
 
-    print(f"\n{'variant':<16} {'val_bpb':>9} {'Δ sliding':>10} {'seconds':>8}")
+    names = [b["bucket"] for b in rows[0]["docs"]["buckets"]]
+    shares = " ".join(f"{b['bucket']} {b['token_share']:.0%}" for b in rows[0]["docs"]["buckets"])
+    print(f"\npaired Δ vs sliding per document-length bucket (token shares: {shares}); * = interval excludes 0")
+    print(f"{'variant':<20} {'val_bpb':>9} {'Δ sliding':>10} {'95% interval':>19} "
+          + " ".join(f"{n:>9}" for n in names) + f" {'<2K':>9} {'adapted':>8} {'seconds':>8}")
     for r in rows:
-        print(f"{r['variant']:<16} {r['val_bpb']:>9.5f} {r['delta_vs_sliding']:>+10.5f} {r['seconds']:>8.1f}")
+        c = r.get("vs_sliding")
+        ci = f"[{c['overall']['ci95'][0]:+.4f},{c['overall']['ci95'][1]:+.4f}]" if c and c["overall"]["ci95"] else ""
+        cells = {b["bucket"]: f"{b['delta']:+.4f}{'*' if b['verdict'] != 'tie' else ' '}" for b in (c or {}).get("buckets", [])}
+        short = c["under_2k"] if c and "under_2k" in c else None
+        short_s = f"{short['delta']:+.4f}{'*' if short['verdict'] != 'tie' else ' '}" if short else ""
+        frac = (r.get("ttt") or {}).get("adapted_fraction")
+        frac_s = f"{frac:.0%}" if frac is not None else ""
+        print(f"{r['variant']:<20} {r['val_bpb']:>9.5f} {r['delta_vs_sliding']:>+10.5f} {ci:>19} "
+              + " ".join(f"{cells.get(n, ''):>9}" for n in names) + f" {short_s:>9} {frac_s:>8} {r['seconds']:>8.1f}")
     write_json(args.out, {**head, "tokens": rows[0]["tokens"], "rows": rows})
     return 0
 

@@ -283,7 +283,12 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
     plans = []
     for ph in phases:
         lanes = _lanes(_split_segments(ph, rank, world), cfg, seq_len, doc_isolated)
-        lanes.sort(key=len, reverse=True)  # like-length documents share a batch
+        if not per_doc:  # no per-document state: every window is independent, batched by width
+            lanes = [WindowPlan(*(a[i:i + 1] for a in (l.starts, l.lengths, l.score_from)))
+                     for l in lanes for i in range(len(l))]
+            lanes.sort(key=lambda l: -int(l.lengths[0]))
+        else:
+            lanes.sort(key=len, reverse=True)  # like-length documents share a batch
         plans.append(lanes)
     mine = [seg for ph in phases for seg in [_split_segments(ph, rank, world)] if len(seg)]
     lo, hi = (int(mine[0][0, 0]), int(mine[-1][-1, 1])) if mine else (0, 0)
