@@ -8,7 +8,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export VOCAB=4096 TOKENIZER=.data/tok/sp4096.model
 if [ ! -f /tmp/pg/sp4096/manifest.json ] || [ -z "${PYTHONPATH:-}" ]; then
-  source benchmarks/h200_setup.sh 2>&1 | tail -3
+  source benchmarks/h200_setup.sh > "$OUT/setup.log" 2>&1; tail -3 "$OUT/setup.log"
 fi
 set +e
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
