@@ -87,7 +87,7 @@ class TTTConfig:
     targets: tuple[str, ...] = ("attn", "mlp")
     seed: int = 0
     from_start: bool = True
-    scope: str = "doc"
+    scope: str = "both"
     phase_tokens: int = 32768
     phase_epochs: int = 1
     phase_lr: float | None = None
@@ -317,8 +317,9 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
     phase_adapting = phase_opt is not None and cfg.phase_epochs > 0 and len(phases) > 1
     warm_s = None
     if warmup if warmup is not None else (time_budget is not None or device.type == "cuda"):
-        warm_s = _warmup(model, bank, doc_params or phase_params, cfg.chunk, seq_len, group, device,
-                         train=doc_adapting or phase_adapting)
+        with contextlib.nullcontext() if bank is not None else _phase_training(None, carried):
+            warm_s = _warmup(model, bank, doc_params or phase_params, cfg.chunk, seq_len, group, device,
+                             train=doc_adapting or phase_adapting)
         if carried is not None:
             carried.reset([-1])
 
