@@ -87,7 +87,7 @@ class TTTConfig:
     targets: tuple[str, ...] = ("attn", "mlp")
     seed: int = 0
     from_start: bool = True
-    scope: str = "both"
+    scope: str = "doc"
     phase_tokens: int = 32768
     phase_epochs: int = 1
     phase_lr: float | None = None

@@ -113,7 +113,7 @@ class TrainFields:
     eval_ttt_chunk: int = 64  # TTT chunk in tokens, scored then trained on (its stride); at most the eval window
     eval_ttt_targets: str = "attn,mlp"  # LoRA targets, comma-separated: q,k,v,o,up,down,mlp,attn or module globs
     eval_ttt_from_start: bool = True  # TTT chunks documents from their first token (else after their first window)
-    eval_ttt_scope: str = "both"  # "doc" (adapters per document), "phased" (one carried adapter) or "both"
+    eval_ttt_scope: str = "doc"  # "doc" (adapters per document), "phased" (one carried adapter) or "both"
     eval_ttt_phase_tokens: int = 32768  # phased TTT: targets per phase (whole documents, stream order)
     eval_ttt_phase_epochs: int = 1  # phased TTT: passes of the carried adapter over each scored phase
     eval_ttt_phase_lr: float = 0.0  # phased TTT: Adam lr of the carried adapter; 0 = the per-document lr
