@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
+import threading
+from typing import Iterator
 
 # Modules that define `register(subparsers)`; order is the order of `pgolf --help`.
 _SUBCOMMAND_MODULES = (
@@ -31,14 +36,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so a command removes its half-written outputs."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into ``Terminated`` in this process for the block (main thread only).
+
+    A forked worker inherits the handler; there it restores the default and dies as asked, so
+    pools that terminate their workers with SIGTERM still work.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        rc = args.func(args)
+        with _sigterm_unwinds():
+            rc = args.func(args)
     except KeyboardInterrupt:
         print("pgolf: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("pgolf: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # `pgolf inspect ... | head`: the reader left; that is not an error
         sys.stderr.close()
         return 0

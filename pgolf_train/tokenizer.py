@@ -240,15 +240,29 @@ def train_tokenizer(texts: Iterable[str], model_prefix: str | os.PathLike, vocab
     if not overwrite and any(p.exists() for p in final):
         raise FileExistsError(f"{final[0]} exists; pass overwrite=True to replace it")
     tmp = prefix.with_name(f".{prefix.name}.{os.getpid()}.tmp")
+    raised: list[BaseException] = []
+
+    def sentences() -> Iterator[str]:  # SentencePiece turns the iterator's exceptions into RuntimeError
+        try:
+            yield from _sentences(texts, max_bytes, max_sentence_bytes)
+        except BaseException as e:
+            raised.append(e)
+            raise
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(texts, max_bytes, max_sentence_bytes),
+            sentence_iterator=sentences(),
             model_prefix=str(tmp), model_type="bpe", vocab_size=vocab_size,
             byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
             add_dummy_prefix=False, character_coverage=0.999, max_sentence_length=max_sentence_bytes,
             num_threads=num_threads or os.cpu_count() or 1, minloglevel=2, **SPECIAL_IDS)
+        for ext, dst in zip((".model", ".vocab"), final):
+            os.replace(tmp.with_name(tmp.name + ext), dst)
     except RuntimeError as e:  # e.g. "Vocabulary size is too high" for a tiny sample
+        if raised:  # a bad document (or a signal) while reading the text: that, not SentencePiece's wrapper
+            raise raised[0] from None
         raise ValueError(explain_training_error(str(e), vocab_size)) from None
-    for ext, dst in zip((".model", ".vocab"), final):
-        os.replace(tmp.with_name(tmp.name + ext), dst)
+    finally:
+        for ext in (".model", ".vocab"):
+            tmp.with_name(tmp.name + ext).unlink(missing_ok=True)
     return final[0]
