@@ -6,8 +6,13 @@ sample of the *training* documents only, tokenize on all cores, and write train/
 per-document hash sidecar and ``manifest.json``. Training documents identical (up to whitespace)
 to a validation document are dropped, so the split cannot leak.
 
+The dataset is built in a hidden sibling of ``--out`` (marked unfinished) and swapped in only when
+complete, so a failed or interrupted run leaves the previous dataset as it was.
+
 ``pgolf data check``: proves the byte tables equal the UTF-8 length of the decoded val text,
-document by document, and that no val document occurs in train.
+document by document, and that no val document occurs in train; refuses an unfinished dataset, a
+tokenizer other than the manifest's, shards that differ from the manifest, out-of-vocabulary train
+tokens and a val stream that does not start with BOS.
 
 ``pgolf data sweep``: tokens per byte and embedding bytes per vocabulary size.
 """

@@ -63,9 +63,7 @@ def staged_directory(final: str | os.PathLike, *, carry: Callable[[str], bool] =
     the staging directory holds ``INCOMPLETE_MARKER`` until the swap, so loaders refuse it if a
     kill leaves it behind. A symlinked ``final`` is followed (the link stays).
     """
-    final = Path(final)
-    if final.is_symlink():
-        final = final.resolve()
+    final = Path(final).resolve()  # "." has no name to make a sibling of; a symlink's target is replaced
     if final.exists() and not final.is_dir():
         raise NotADirectoryError(f"{final} exists and is not a directory")
     created = make_dirs(final.parent)

@@ -98,3 +98,16 @@ def test_set_aside_restores_on_failure_and_drops_the_old_on_success(tmp_path):
         run.mkdir()
         (run / "model.pgolf").write_bytes(b"new")
     assert _tree(run) == {"model.pgolf": b"new"} and sorted(p.name for p in tmp_path.iterdir()) == ["train"]
+
+
+def test_a_relative_or_symlinked_final_is_replaced_where_it_points(tmp_path, monkeypatch):
+    final = _old(tmp_path)
+    (tmp_path / "link").symlink_to(final)
+    with staged_directory(tmp_path / "link") as new:
+        assert new.parent == tmp_path and ".final.new-" in new.name
+        (new / "b.bin").write_bytes(b"new b")
+    assert (tmp_path / "link").is_symlink() and _tree(final)["b.bin"] == b"new b"
+    monkeypatch.chdir(tmp_path)
+    with staged_directory("final") as new:
+        (new / "c.bin").write_bytes(b"c")
+    assert set(_tree(final)) == {"a.bin", "b.bin", "c.bin", "keep.txt"}
