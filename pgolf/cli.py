@@ -40,12 +40,27 @@ class Terminated(BaseException):
     """SIGTERM arrived: unwinds like Ctrl-C, so a command removes its half-written outputs."""
 
 
+_handler_owner: list[int] = []  # the pid whose SIGTERM handler raises Terminated, while one does
+
+
+def _default_sigterm_in_child() -> None:
+    # A forked worker (a tokenizer pool's) must die on SIGTERM at once, even blocked in C, as before.
+    if _handler_owner:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except ValueError:  # forked from a thread other than the main one
+            pass
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
 @contextlib.contextmanager
 def _sigterm_unwinds() -> Iterator[None]:
     """Turn SIGTERM into ``Terminated`` in this process for the block (main thread only).
 
-    A forked worker inherits the handler; there it restores the default and dies as asked, so
-    pools that terminate their workers with SIGTERM still work.
+    Forked children get the default action back, so pools that terminate their workers with
+    SIGTERM still work; the handler checks the pid too, should a child keep it.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -60,9 +75,11 @@ def _sigterm_unwinds() -> Iterator[None]:
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, handler)
+    _handler_owner.append(owner)
     try:
         yield
     finally:
+        _handler_owner.pop()
         signal.signal(signal.SIGTERM, previous)
 
 

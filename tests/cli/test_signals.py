@@ -40,3 +40,17 @@ def test_sigterm_during_prepare_keeps_the_previous_dataset(tmp_path, fineweb_doc
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # the staging directory is gone
     assert check(out, sp1024)["ok"]
+
+
+def test_forked_workers_keep_the_default_sigterm():
+    """A pool worker blocked in C must still die when the pool terminates it."""
+    import multiprocessing as mp
+    import signal
+
+    from pgolf.cli import _sigterm_unwinds
+
+    with _sigterm_unwinds():
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+        with mp.get_context("fork").Pool(1) as pool:
+            assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
