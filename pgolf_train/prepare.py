@@ -270,7 +270,7 @@ def check_document_files(paths: list[Path]) -> None:
         if not p.exists():
             raise FileNotFoundError(f"document file not found: {p}")
         if not p.is_file():
-            raise DocumentError(f"{p}: not a regular file (a directory, FIFO or device cannot be read twice)")
+            raise DocumentError(f"{p}: not a regular file (a directory, FIFO or device); give document files")
 
 
 def _check_settings(vocab: int, val_docs: int, max_docs: int | None, shard_tokens: int, train_tok: bool,
