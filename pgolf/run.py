@@ -13,6 +13,7 @@ RUNDIR layout::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import time
@@ -46,9 +47,24 @@ def register(sub) -> None:
 
 
 def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"run directory {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise ValueError(f"run directory {out} is not empty; pass --force to reuse it (files inside may be replaced)")
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def _replacing(args, out: Path) -> contextlib.ExitStack:
+    """With --force, the previous run's data/ (when rebuilt from --docs) and train/ are moved aside
+    while the new ones are made, and put back if making them fails."""
+    from pgolf_train.staging import set_aside
+
+    stack = contextlib.ExitStack()
+    data = (out / "data").resolve()
+    inputs = [Path(p).resolve() for p in (*(args.docs or ()), args.tokenizer, args.data) if p is not None]
+    if args.docs and not any(p == data or data in p.parents for p in inputs):  # an input kept in the old data/
+        stack.enter_context(set_aside(out / "data"))
+    stack.enter_context(set_aside(out / "train"))
+    return stack
 
 
 def _resolve_data(args, cfg, out: Path) -> tuple[Path, Path, dict]:
@@ -63,11 +79,10 @@ def _resolve_data(args, cfg, out: Path) -> tuple[Path, Path, dict]:
         raise ValueError("give --docs FILE... (raw documents) or --data DIR --tokenizer MODEL (existing shards)")
     from pgolf_train.prepare import prepare
 
-    data_dir = out / "data"
-    if data_dir.exists() and args.force:
-        shutil.rmtree(data_dir)
+    data_dir = out / "data"  # prepare builds beside it and swaps in only a complete dataset
     val_docs = args.val_docs if args.val_docs is not None else cfg.val_docs
-    manifest = prepare(args.docs, data_dir, vocab=cfg.vocab_size, val_docs=val_docs, tokenizer=args.tokenizer)
+    manifest = prepare(args.docs, data_dir, vocab=cfg.vocab_size, val_docs=val_docs, tokenizer=args.tokenizer,
+                       force=args.force)
     tok = args.tokenizer if args.tokenizer is not None else data_dir / "tokenizer.model"
     return data_dir, tok, manifest
 
@@ -150,15 +165,24 @@ def main(args) -> int:
         check_device(cfg.device, "device")  # before the data stage, not at the trainer's start
     stages: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    data_dir, tokenizer, manifest = _resolve_data(args, cfg, out)
-    stages["prepare_s"] = time.perf_counter() - t0
+    from pgolf_train.staging import make_dirs
 
-    from pgolf_train.trainer import train
+    created = make_dirs(out)
+    try:  # a failed data or train stage leaves the run directory as it was (and removes one it made)
+        with _replacing(args, out):
+            t0 = time.perf_counter()
+            data_dir, tokenizer, manifest = _resolve_data(args, cfg, out)
+            stages["prepare_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    summary = train(cfg, data_dir, tokenizer, out / "train", force=args.force)  # --force covers the whole run
-    stages["train_total_s"] = time.perf_counter() - t0
+            from pgolf_train.trainer import train
+
+            t0 = time.perf_counter()
+            summary = train(cfg, data_dir, tokenizer, out / "train", force=args.force)  # --force covers the whole run
+            stages["train_total_s"] = time.perf_counter() - t0
+    except BaseException:
+        if created:
+            shutil.rmtree(created[0], ignore_errors=True)
+        raise
 
     import torch
 

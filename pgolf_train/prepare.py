@@ -6,8 +6,13 @@ sample of the *training* documents only, tokenize on all cores, and write train/
 per-document hash sidecar and ``manifest.json``. Training documents identical (up to whitespace)
 to a validation document are dropped, so the split cannot leak.
 
+The dataset is built in a hidden sibling of ``--out`` (marked unfinished) and swapped in only when
+complete, so a failed or interrupted run leaves the previous dataset as it was.
+
 ``pgolf data check``: proves the byte tables equal the UTF-8 length of the decoded val text,
-document by document, and that no val document occurs in train.
+document by document, and that no val document occurs in train; refuses an unfinished dataset, a
+tokenizer other than the manifest's, shards that differ from the manifest, out-of-vocabulary train
+tokens and a val stream that does not start with BOS.
 
 ``pgolf data sweep``: tokens per byte and embedding bytes per vocabulary size.
 """
@@ -22,6 +27,7 @@ import json
 import lzma
 import multiprocessing as mp
 import os
+import re
 import sys
 import tempfile
 import time
@@ -30,8 +36,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .shards import (BOS_ID, DEFAULT_SHARD_TOKENS, ShardWriter, document_hashes, document_starts,
-                     list_shards, read_shard, write_atomic)
+from .shards import (BOS_ID, DEFAULT_SHARD_TOKENS, INCOMPLETE_MARKER, ShardError, ShardWriter, document_hashes,
+                     document_starts, list_shards, read_header, read_shard, write_atomic)
+from .staging import staged_directory
 from .tokenizer import (MIN_BPE_VOCAB, byte_tables, check_space_piece, file_sha256, load_byte_sidecar,
                         load_sentencepiece, token_bytes, train_tokenizer)
 
@@ -40,6 +47,7 @@ TOKENIZER_PREFIX = "tokenizer"
 DOC_HASHES = "doc_hashes_{split}.bin"  # uint64 little-endian, one per kept document, input order
 MAX_DOC_BYTES = 64 << 20  # a single input line/document larger than this is refused, not read
 BATCH_BYTES = 1 << 20     # text per worker task: amortizes IPC, yet enough tasks to balance the pool
+_SHARD_NAME = re.compile(r"fineweb_(train|val|val_bytes)_\d{6}\.bin")
 
 
 class DocumentError(ValueError):
@@ -238,10 +246,57 @@ def encode_batches(batches: Iterable[list[str]], model_path: str | os.PathLike, 
 
 # ------------------------------------------------------------------------------------- prepare
 
+_STRAY_TMP = re.compile(r"\.(fineweb_|doc_hashes_|manifest\.json|tokenizer\.).*\.tmp")
+
+
+def _is_dataset_file(name: str) -> bool:
+    """A file `prepare` writes (or an interrupted write left behind): replaced, never carried over."""
+    return bool(_SHARD_NAME.fullmatch(name) or _STRAY_TMP.fullmatch(name)
+                or name in (MANIFEST, INCOMPLETE_MARKER, *(DOC_HASHES.format(split=s) for s in ("train", "val"))))
+
+
 def _existing_outputs(out: Path) -> list[Path]:
-    found = [p for split in ("train", "val", "val_bytes") for p in list_shards(out, split)]
-    return found + [p for p in (out / DOC_HASHES.format(split="train"), out / DOC_HASHES.format(split="val"),
-                                out / MANIFEST) if p.exists()]
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if _is_dataset_file(p.name))
+
+
+def check_document_files(paths: list[Path]) -> None:
+    """Refuse, before anything is read or written, a document path that is missing or not a file."""
+    if not paths:
+        raise ValueError("no document files given")
+    for p in paths:
+        _check_suffix(p)
+        if not p.exists():
+            raise FileNotFoundError(f"document file not found: {p}")
+        if not p.is_file():
+            raise DocumentError(f"{p}: not a regular file (a directory, FIFO or device); give document files")
+
+
+def _check_settings(vocab: int, val_docs: int, max_docs: int | None, shard_tokens: int, train_tok: bool,
+                    tokenizer_sample_bytes: int) -> None:
+    if val_docs < 1:
+        raise ValueError(f"--val-docs must be >= 1, got {val_docs}")
+    if max_docs is not None and max_docs <= val_docs:
+        raise ValueError(f"--max-docs ({max_docs}) must exceed --val-docs ({val_docs}) to leave training documents")
+    if not 1 <= shard_tokens <= 2**31 - 1:
+        raise ValueError(f"--shard-tokens must be in 1..{2**31 - 1}, got {shard_tokens}")
+    if train_tok and not MIN_BPE_VOCAB <= vocab <= 65536:
+        raise ValueError(f"--vocab {vocab} is outside {MIN_BPE_VOCAB}..65536: a tokenizer needs 4 special and 256 "
+                         "byte-fallback pieces plus the sample's characters, and shards hold uint16 ids")
+    if train_tok and tokenizer_sample_bytes <= 0:
+        raise ValueError(f"--tokenizer-sample-mb must be > 0 (got {tokenizer_sample_bytes / 1e6:g}): "
+                         "the tokenizer trains on that much training text")
+
+
+def _check_tokenizer(model_path: Path, vocab: int):
+    sp = load_sentencepiece(model_path)
+    if sp.vocab_size() != vocab:
+        raise ValueError(f"tokenizer {model_path} has {sp.vocab_size()} pieces, not --vocab {vocab}")
+    if sp.vocab_size() > 65536:
+        raise ValueError(f"tokenizer {model_path} has {sp.vocab_size()} pieces; shards hold uint16 ids")
+    check_space_piece(sp)
+    return sp
 
 
 def prepare(docs: list[str | os.PathLike], out_dir: str | os.PathLike, *, vocab: int, val_docs: int,
@@ -254,31 +309,40 @@ def prepare(docs: list[str | os.PathLike], out_dir: str | os.PathLike, *, vocab:
     ``val_docs``: the first N documents (input order) form the val split. ``tokenizer``: reuse
     this SentencePiece model instead of training one (its vocab must equal ``vocab``); otherwise a
     BPE tokenizer is trained on the first ``tokenizer_sample_bytes`` of training text. Existing
-    shards in ``out_dir`` are refused unless ``force`` (then they are removed first, so no stale
-    shard of an earlier run survives).
+    shards in ``out_dir`` are refused unless ``force``. The dataset is built in a hidden sibling
+    directory and swapped in only when complete, so a failure (a bad input line, a signal) leaves
+    the previous contents as they were; files of ``out_dir`` that prepare does not write are kept.
     """
     paths = [Path(p) for p in docs]
-    if not paths:
-        raise ValueError("no document files given")
-    for p in paths:
-        _check_suffix(p)
-        if not p.is_file():
-            raise FileNotFoundError(f"document file not found: {p}")
-    if val_docs < 1:
-        raise ValueError(f"val_docs must be >= 1, got {val_docs}")
-    if max_docs is not None and max_docs <= val_docs:
-        raise ValueError(f"max_docs ({max_docs}) must exceed val_docs ({val_docs}) to leave training documents")
+    check_document_files(paths)
+    _check_settings(vocab, val_docs, max_docs, shard_tokens, tokenizer is None, tokenizer_sample_bytes)
+    if tokenizer is not None:
+        _check_tokenizer(Path(tokenizer), vocab)
     workers = max(1, workers or os.cpu_count() or 1)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a directory")
     stale = _existing_outputs(out)
     if stale and not force:
         raise FileExistsError(f"{out} already holds prepared data ({stale[0].name}, ...); pass --force to replace it")
     model_out = out / f"{TOKENIZER_PREFIX}.model"
     if tokenizer is None and model_out.exists() and not force:
         raise FileExistsError(f"{model_out} exists; pass --force to retrain it")
-    for p in stale:
-        p.unlink()
+    with staged_directory(out, carry=lambda name: not _is_dataset_file(name)) as work:
+        manifest = _build(paths, work, vocab=vocab, val_docs=val_docs, tokenizer=tokenizer, text_field=text_field,
+                          shard_tokens=shard_tokens, max_docs=max_docs, workers=workers,
+                          tokenizer_sample_bytes=tokenizer_sample_bytes, log_every=log_every)
+    print(f"[prepare] done: val {manifest['splits']['val']['docs']:,} docs / {manifest['splits']['val']['tokens']:,} "
+          f"tokens, train {manifest['splits']['train']['docs']:,} docs / {manifest['splits']['train']['tokens']:,} "
+          f"tokens, {manifest['train_docs_dropped_as_val_duplicates']} train duplicates of val dropped, "
+          f"{manifest['seconds']:.1f}s -> {out}", flush=True)
+    return manifest
+
+
+def _build(paths: list[Path], out: Path, *, vocab: int, val_docs: int, tokenizer: str | os.PathLike | None,
+           text_field: str, shard_tokens: int, max_docs: int | None, workers: int, tokenizer_sample_bytes: int,
+           log_every: float) -> dict:
+    """Tokenizer, shards, hashes and manifest of ``paths`` into the (empty, staging) directory ``out``."""
     total_input = sum(p.stat().st_size for p in paths)
     t_start = time.monotonic()
 
@@ -288,25 +352,26 @@ def prepare(docs: list[str | os.PathLike], out_dir: str | os.PathLike, *, vocab:
         stream = read_documents(paths, text_field, max_docs, done)
         skipped = sum(1 for _ in zip(range(val_docs), stream))
         if skipped < val_docs:
-            raise ValueError(f"inputs hold {skipped} documents, fewer than val_docs={val_docs}")
+            raise ValueError(f"inputs hold {skipped} documents, fewer than --val-docs {val_docs}")
         print(f"[prepare] training a {vocab}-piece BPE tokenizer on <= {tokenizer_sample_bytes / 1e6:.0f} MB "
               "of training text", flush=True)
         t0 = time.monotonic()
-        model_path = train_tokenizer(stream, out / TOKENIZER_PREFIX, vocab, max_bytes=tokenizer_sample_bytes,
-                                     num_threads=workers, overwrite=True)
+        try:
+            model_path = train_tokenizer(stream, out / TOKENIZER_PREFIX, vocab, max_bytes=tokenizer_sample_bytes,
+                                         num_threads=workers, overwrite=True)
+        except DocumentError:
+            raise
+        except ValueError as e:
+            raise ValueError(f"tokenizer training failed (--vocab {vocab}, --tokenizer-sample-mb "
+                             f"{tokenizer_sample_bytes / 1e6:g}): {e}") from None
         stream.close()
         tok_record = {"trained": True, "sample_bytes_max": tokenizer_sample_bytes,
                       "seconds": round(time.monotonic() - t0, 2)}
-        print(f"[prepare] tokenizer trained in {tok_record['seconds']:.1f}s -> {model_path}", flush=True)
+        print(f"[prepare] tokenizer trained in {tok_record['seconds']:.1f}s", flush=True)
     else:
         model_path = Path(tokenizer)
         tok_record = {"trained": False, "source": str(model_path.resolve())}
-    sp = load_sentencepiece(model_path)
-    if sp.vocab_size() != vocab:
-        raise ValueError(f"tokenizer {model_path} has {sp.vocab_size()} pieces, not --vocab {vocab}")
-    if sp.vocab_size() > 65536:
-        raise ValueError(f"tokenizer {model_path} has {sp.vocab_size()} pieces; shards hold uint16 ids")
-    check_space_piece(sp)
+    sp = _check_tokenizer(model_path, vocab)
     tok_record.update(path=str(model_path.name if model_path.parent == out else model_path),
                       sha256=file_sha256(model_path), vocab_size=int(sp.vocab_size()))
 
@@ -364,7 +429,7 @@ def prepare(docs: list[str | os.PathLike], out_dir: str | os.PathLike, *, vocab:
                    stats["train"]["text_bytes"] + stats["val"]["text_bytes"],
                    stats["train"]["tokens"] + stats["val"]["tokens"], total_input, force=True)
     if stats["val"]["docs"] < val_docs:
-        raise ValueError(f"inputs hold {stats['val']['docs']} documents, fewer than val_docs={val_docs}")
+        raise ValueError(f"inputs hold {stats['val']['docs']} documents, fewer than --val-docs {val_docs}")
     if stats["train"]["docs"] == 0:
         raise ValueError("no training documents left after the val split")
     for split, hs in hashes.items():
@@ -387,9 +452,6 @@ def prepare(docs: list[str | os.PathLike], out_dir: str | os.PathLike, *, vocab:
         "workers": workers,
     }
     write_atomic(out / MANIFEST, [(json.dumps(manifest, indent=2) + "\n").encode()], overwrite=True)
-    print(f"[prepare] done: val {stats['val']['docs']:,} docs / {stats['val']['tokens']:,} tokens, "
-          f"train {stats['train']['docs']:,} docs / {stats['train']['tokens']:,} tokens, "
-          f"{dropped[0]} train duplicates of val dropped, {manifest['seconds']:.1f}s -> {out}", flush=True)
     return manifest
 
 
@@ -404,6 +466,55 @@ def _read_doc_hashes(path: Path) -> np.ndarray | None:
     return np.frombuffer(raw, dtype="<u8")
 
 
+def _load_manifest(data_dir: Path, problems: list[str]) -> dict | None:
+    path = data_dir / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        problems.append(f"{path}: not valid JSON ({e})")
+        return None
+    if not isinstance(manifest, dict):
+        problems.append(f"{path}: not a JSON object")
+        return None
+    return manifest
+
+
+def _completeness_problems(data_dir: Path, manifest: dict | None, split_paths: dict[str, list[Path]]) -> list[str]:
+    """Signs of a dataset that prepare did not finish, or that changed since: stray temp files,
+    prepare's hashes without its manifest, shard counts that differ from the manifest's."""
+    problems = []
+    stray = sorted(p.name for p in data_dir.iterdir() if _STRAY_TMP.fullmatch(p.name))
+    if stray:
+        problems.append(f"{data_dir} holds unfinished writes ({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''}): "
+                        "an interrupted `pgolf data prepare`; prepare it again")
+    hashes = [n for n in (DOC_HASHES.format(split=s) for s in ("train", "val")) if (data_dir / n).exists()]
+    if manifest is None and hashes:
+        problems.append(f"{data_dir} holds {hashes[0]} but no {MANIFEST}: `pgolf data prepare` did not finish")
+    splits = manifest.get("splits") if manifest else None
+    for split, paths in split_paths.items():
+        rec = splits.get(split) if isinstance(splits, dict) else None
+        if not isinstance(rec, dict) or not isinstance(rec.get("shards"), int) or not isinstance(rec.get("tokens"), int):
+            if manifest is not None:
+                problems.append(f"{data_dir / MANIFEST}: no shard and token counts of the {split} split")
+            continue
+        tokens = sum(read_header(p) for p in paths)
+        if (len(paths), tokens) != (rec["shards"], rec["tokens"]):
+            problems.append(f"{data_dir}: {len(paths)} {split} shards with {tokens:,} tokens, but {MANIFEST} records "
+                            f"{rec['shards']} with {rec['tokens']:,}: shards are missing, extra or changed")
+    return problems
+
+
+def _tokenizer_problem(model: Path, sha: str, manifest: dict | None) -> str | None:
+    rec = manifest.get("tokenizer") if manifest else None
+    want = rec.get("sha256") if isinstance(rec, dict) else None
+    if want is None or want == sha:
+        return None
+    return (f"tokenizer {model} (sha256 {sha[:12]}...) is not the one {MANIFEST} records "
+            f"({rec.get('path')!r}, sha256 {str(want)[:12]}...): the shards were made with another tokenizer")
+
+
 def check(data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = None, *,
           decode_batch: int = 2048, max_examples: int = 5) -> dict:
     """Verify a data directory; returns a report whose ``"ok"`` is True only when exact and leak-free.
@@ -412,13 +523,23 @@ def check(data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = Non
       decoded text (totals and the first mismatching document are reported);
     * space: the tokenizer spells a lone space as the one-byte "▁" piece;
     * leaks: no val document's token sequence (and, when ``doc_hashes_*.bin`` are present, no
-      whitespace-normalized text) also occurs in train.
+      whitespace-normalized text) also occurs in train;
+    * problems: the dataset is complete (no marker or stray temp files; shard counts match the
+      manifest), the tokenizer is the manifest's, every train token is below the vocabulary and the
+      val stream starts with BOS (else eval would count bytes of tokens that belong to no document).
+
+    An unfinished dataset (prepare's marker present) is refused with ``ShardError``.
     """
     data_dir = Path(data_dir)
     model = Path(tokenizer) if tokenizer else data_dir / f"{TOKENIZER_PREFIX}.model"
     sp = load_sentencepiece(model)
-    report: dict = {"data_dir": str(data_dir), "tokenizer": {"path": str(model), "sha256": file_sha256(model),
+    sha = file_sha256(model)
+    report: dict = {"data_dir": str(data_dir), "tokenizer": {"path": str(model), "sha256": sha,
                                                              "vocab_size": int(sp.vocab_size())}}
+    problems: list[str] = []
+    manifest = _load_manifest(data_dir, problems)
+    if (problem := _tokenizer_problem(model, sha, manifest)) is not None:
+        problems.append(problem)
     try:
         check_space_piece(sp)
         report["space_piece"] = {"ok": True}
@@ -428,7 +549,19 @@ def check(data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = Non
     val_paths, train_paths = list_shards(data_dir, "val"), list_shards(data_dir, "train")
     if not val_paths:
         raise FileNotFoundError(f"no fineweb_val_*.bin shards in {data_dir}")
+    problems += _completeness_problems(data_dir, manifest, {"train": train_paths, "val": val_paths})
+    for p in train_paths:
+        try:
+            read_shard(p, sp.vocab_size())
+        except ShardError as e:
+            problems.append(str(e))
     stream = np.concatenate([read_shard(p, sp.vocab_size()) for p in val_paths])
+    if stream.size == 0:
+        problems.append(f"{data_dir}: the val shards hold no tokens")
+    elif stream[0] != BOS_ID:
+        first = next(p for p in val_paths if read_header(p))
+        problems.append(f"{first}: the val stream starts with token {int(stream[0])}, not BOS ({BOS_ID}): tokens "
+                        "before the first BOS belong to no document, and eval would count bytes this check cannot")
     tables = byte_tables(sp)
     starts = document_starts(stream)
     per_token = np.zeros(stream.size, dtype=np.int64)
@@ -472,7 +605,8 @@ def check(data_dir: str | os.PathLike, tokenizer: str | os.PathLike | None = Non
                                else int(np.isin(text_val, text_train).sum()))
     leak["ok"] = leak["token_duplicates"] == 0 and not leak["text_duplicates"]
     report["leak"] = leak
-    report["ok"] = bool(report["space_piece"]["ok"] and report["bytes"]["exact"] and leak["ok"])
+    report["problems"] = problems
+    report["ok"] = bool(report["space_piece"]["ok"] and report["bytes"]["exact"] and leak["ok"] and not problems)
     return report
 
 
@@ -569,6 +703,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
               + f" ({leak['val_docs_hashed']:,} val / {leak['train_docs_hashed']:,} train docs)")
         for ex in leak["examples"]:
             print(f"  val doc {ex['val_doc']}: {ex['text'][:80]!r}")
+        for problem in report["problems"]:
+            print(f"problem: {problem}")
         print("OK" if report["ok"] else "FAILED")
     return 0 if report["ok"] else 1
 

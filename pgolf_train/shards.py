@@ -24,6 +24,8 @@ HEADER_BYTES = HEADER_INTS * 4
 BOS_ID = 1
 DEFAULT_SHARD_TOKENS = 100_000_000
 SPLITS = ("train", "val", "val_bytes")
+# Present in a directory while `pgolf data prepare` is still building it (removed as its last step).
+INCOMPLETE_MARKER = ".pgolf-incomplete"
 _MAX_COUNT = 2**31 - 1  # the count lives in an int32
 
 
@@ -45,11 +47,19 @@ def shard_name(split: str, index: int) -> str:
     return f"fineweb_{split}_{index:06d}.bin"
 
 
-def list_shards(directory: str | os.PathLike, split: str) -> list[Path]:
+def check_complete(directory: str | os.PathLike) -> None:
+    """Refuse a directory that `pgolf data prepare` had not finished (it holds the marker)."""
+    if (Path(directory) / INCOMPLETE_MARKER).exists():
+        raise ShardError(directory, "unfinished dataset",
+                         f"{INCOMPLETE_MARKER} is present: `pgolf data prepare` did not finish here; prepare it again")
+
+
+def list_shards(directory: str | os.PathLike, split: str, *, allow_incomplete: bool = False) -> list[Path]:
     """The shards of ``split`` in ``directory``, in index order.
 
     Only exact ``fineweb_{split}_NNNNNN.bin`` names match, so ``val`` never picks up the
-    ``val_bytes`` sidecars.
+    ``val_bytes`` sidecars. A directory that `pgolf data prepare` had not finished is refused
+    (``ShardError``) unless ``allow_incomplete``, so no loader reads half a dataset.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown shard split {split!r}; expected one of {SPLITS}")
@@ -57,6 +67,8 @@ def list_shards(directory: str | os.PathLike, split: str) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"shard directory not found: {directory}")
+    if not allow_incomplete:
+        check_complete(directory)
     found = [(m.group(1), p) for p in directory.iterdir() if (m := pattern.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -205,6 +206,22 @@ def _sentences(texts: Iterable[str], max_bytes: int, max_sentence_bytes: int) ->
             yield line
 
 
+def explain_training_error(message: str, vocab_size: int) -> str:
+    """SentencePiece's trainer error (``INTERNAL: src/...cc(638) [check] text``) as a plain sentence."""
+    if m := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message):
+        need = int(m.group(2))
+        return (f"vocab size {vocab_size} is too small for this text: it needs at least {need} pieces "
+                f"({need - 256 - len(SPECIAL_IDS)} characters covering 99.9% of the sample, 256 byte-fallback "
+                f"pieces and {len(SPECIAL_IDS)} special ones)")
+    if m := re.search(r"too high \((\d+)\)\. Please set it to a value <= (\d+)", message):
+        return (f"vocab size {vocab_size} is too large for the training sample: it allows at most "
+                f"{m.group(2)} pieces; use a smaller vocab or more text")
+    if "sentences_.empty()" in message:
+        return "no text to train the tokenizer on: the sample is empty (no non-blank line within its size)"
+    detail = re.sub(r"^\w+: \S+\(\d+\) \[.*?\]\s*", "", message).strip() or message
+    return f"SentencePiece could not train a {vocab_size}-piece tokenizer: {detail}"
+
+
 def train_tokenizer(texts: Iterable[str], model_prefix: str | os.PathLike, vocab_size: int, *,
                     max_bytes: int = 200_000_000, num_threads: int | None = None,
                     max_sentence_bytes: int = 16384, overwrite: bool = False) -> Path:
@@ -223,15 +240,29 @@ def train_tokenizer(texts: Iterable[str], model_prefix: str | os.PathLike, vocab
     if not overwrite and any(p.exists() for p in final):
         raise FileExistsError(f"{final[0]} exists; pass overwrite=True to replace it")
     tmp = prefix.with_name(f".{prefix.name}.{os.getpid()}.tmp")
+    raised: list[BaseException] = []
+
+    def sentences() -> Iterator[str]:  # SentencePiece turns the iterator's exceptions into RuntimeError
+        try:
+            yield from _sentences(texts, max_bytes, max_sentence_bytes)
+        except BaseException as e:
+            raised.append(e)
+            raise
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(texts, max_bytes, max_sentence_bytes),
+            sentence_iterator=sentences(),
             model_prefix=str(tmp), model_type="bpe", vocab_size=vocab_size,
             byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
             add_dummy_prefix=False, character_coverage=0.999, max_sentence_length=max_sentence_bytes,
             num_threads=num_threads or os.cpu_count() or 1, minloglevel=2, **SPECIAL_IDS)
+        for ext, dst in zip((".model", ".vocab"), final):
+            os.replace(tmp.with_name(tmp.name + ext), dst)
     except RuntimeError as e:  # e.g. "Vocabulary size is too high" for a tiny sample
-        raise ValueError(f"SentencePiece training for vocab {vocab_size} failed: {e}") from None
-    for ext, dst in zip((".model", ".vocab"), final):
-        os.replace(tmp.with_name(tmp.name + ext), dst)
+        if raised:  # a bad document (or a signal) while reading the text: that, not SentencePiece's wrapper
+            raise raised[0] from None
+        raise ValueError(explain_training_error(str(e), vocab_size)) from None
+    finally:
+        for ext in (".model", ".vocab"):
+            tmp.with_name(tmp.name + ext).unlink(missing_ok=True)
     return final[0]

@@ -149,3 +149,62 @@ def test_run_rejects_a_misspelt_ttt_target_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "['vv']" in err and "match no linear layer" in err and not (out / "train").exists()
 
+
+
+# ------------------------------------------------------------------ a failed run keeps what was there
+
+def _tree(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _bad_docs(tmp_path, fineweb_docs):
+    lines = fineweb_docs.read_text(encoding="utf-8").splitlines(keepends=True)[:20]
+    lines.insert(5, '{"text": broken\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(lines), encoding="utf-8")
+    return bad
+
+
+def _earlier_run(out):
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "manifest.json").write_text('{"an": "earlier dataset"}')
+    (out / "train").mkdir()
+    (out / "train" / "model.pgolf").write_bytes(b"an earlier run's artifact")
+    return _tree(out)
+
+
+def test_run_force_with_bad_docs_keeps_the_previous_run(tmp_path, fineweb_docs, sp1024, capsys):
+    out = tmp_path / "run"
+    before = _earlier_run(out)
+    rc = main(["run", "--config", "demo", "--docs", str(_bad_docs(tmp_path, fineweb_docs)), "--val-docs", "3",
+               "--tokenizer", str(sp1024), "--out", str(out), "--force"])
+    assert rc == 2 and "bad.jsonl:6: invalid JSON" in capsys.readouterr().err
+    assert _tree(out) == before and sorted(p.name for p in out.iterdir()) == ["data", "train"]
+
+
+def test_run_force_with_a_failing_train_stage_keeps_the_previous_run(tmp_path, fineweb_docs, sp1024, capsys):
+    from pgolf_train.shards import read_shard, write_shard
+    from tests.train.train_fixtures import make_tiny_shards
+
+    data = make_tiny_shards(tmp_path / "bad_data", fineweb_docs, sp1024, n_train_docs=20)
+    tokens = read_shard(data / "fineweb_train_000000.bin").copy()
+    tokens[3] = 60000  # out of the vocabulary: the trainer's loader refuses the shard
+    write_shard(data / "fineweb_train_000000.bin", tokens, overwrite=True)
+    out = tmp_path / "run"
+    before = _earlier_run(out)
+    rc = main(["run", "--config", "demo", "--data", str(data), "--tokenizer", str(sp1024), "--out", str(out),
+               "--force", "--set", "iterations=2", "--set", "val_max_tokens=4096"])
+    assert rc == 2 and "token out of vocabulary" in capsys.readouterr().err
+    assert _tree(out) == before and sorted(p.name for p in out.iterdir()) == ["data", "train"]
+
+
+def test_a_failed_run_removes_the_directory_it_made(tmp_path, fineweb_docs, sp1024, capsys):
+    out = tmp_path / "new" / "run"
+    args = ["run", "--config", "demo", "--docs", str(_bad_docs(tmp_path, fineweb_docs)), "--val-docs", "3",
+            "--tokenizer", str(sp1024), "--out", str(out)]
+    assert main(args) == 2
+    assert main([*args, "--set", "no_such_field=1"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # the retry needs no --force
+    (tmp_path / "file").write_text("not a directory")
+    args[args.index(str(out))] = str(tmp_path / "file")
+    assert main(args) == 2 and "is not a directory" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
+import os
 
 import numpy as np
 import pytest
@@ -159,3 +160,164 @@ def test_sweep(tmp_path, fineweb_docs, wiki_shard):
     assert rows[0]["tokenizer"] == "bytes" and rows[0]["tokens_per_byte"] == 1.0
     assert 1.0 > rows[1]["tokens_per_byte"] > rows[2]["tokens_per_byte"] > 0.2
     assert [r["embedding_bytes"] for r in rows] == [256 * 384, 512 * 384, 1024 * 384]
+
+
+# ------------------------------------------------------------------------- failures keep what was there
+
+def _tree(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def _write_docs(path, texts, bad_line=None):
+    lines = [json.dumps({"text": t}) + "\n" for t in texts]
+    if bad_line is not None:
+        lines.insert(bad_line - 1, '{"text": broken\n')
+    path.write_text("".join(lines))
+    return path
+
+
+@pytest.fixture
+def small(tmp_path, fineweb_docs, sp1024):
+    """A valid 30-document dataset (sp1024) with a user's file beside it."""
+    out = tmp_path / "d"
+    prepare([fineweb_docs], out, vocab=1024, val_docs=5, tokenizer=sp1024, workers=1, max_docs=30)
+    (out / "notes.txt").write_text("mine")
+    return out
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_failed_force_leaves_the_previous_dataset(tmp_path, small, fineweb_docs, sp1024, trained, capsys):
+    bad = _write_docs(tmp_path / "bad.jsonl", _texts(fineweb_docs, 30), bad_line=6)
+    before = _tree(small)
+    args = ["data", "prepare", "--docs", str(bad), "--val-docs", "3", "--out", str(small), "--force", "--workers", "1"]
+    args += ["--vocab", "400", "--tokenizer-sample-mb", "1"] if trained else ["--vocab", "1024", "--tokenizer", str(sp1024)]
+    with pytest.raises(DocumentError, match="bad.jsonl:6: invalid JSON"):
+        pgolf_main(args)
+    assert _tree(small) == before  # shards, hashes, manifest and the user's file, byte for byte
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "d"]  # no staging directory left
+    assert check(small, sp1024)["ok"]
+
+
+def test_force_replaces_the_dataset_and_keeps_other_files(small, fineweb_docs, sp1024):
+    write_shard(small / "fineweb_train_000009.bin", [1, 2, 3])  # a stale shard of some earlier run
+    m = prepare([fineweb_docs], small, vocab=1024, val_docs=4, tokenizer=sp1024, workers=1, max_docs=20, force=True)
+    assert m["splits"]["val"]["docs"] == 4 and json.loads((small / "manifest.json").read_text()) == m
+    assert (small / "notes.txt").read_text() == "mine" and not (small / "fineweb_train_000009.bin").exists()
+    assert check(small, sp1024)["ok"]
+
+
+def test_failed_prepare_leaves_no_directory(tmp_path, fineweb_docs, sp1024):
+    bad = _write_docs(tmp_path / "bad.jsonl", _texts(fineweb_docs, 10), bad_line=6)
+    with pytest.raises(DocumentError):
+        prepare([bad], tmp_path / "new" / "d", vocab=1024, val_docs=3, tokenizer=sp1024, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # a retry needs no --force
+    pre = tmp_path / "empty"
+    pre.mkdir()
+    with pytest.raises(DocumentError):
+        prepare([bad], pre, vocab=1024, val_docs=3, tokenizer=sp1024, workers=1)
+    prepare([_write_docs(tmp_path / "ok.jsonl", _texts(fineweb_docs, 10))], pre, vocab=1024, val_docs=3,
+            tokenizer=sp1024, workers=1)  # an empty directory is no reason for --force
+
+
+def test_a_dataset_being_built_is_refused(tmp_path, fineweb_docs, sp1024, monkeypatch):
+    """While prepare runs (or after a kill), its staging directory is marked unfinished: check and
+    the shard loaders refuse it."""
+    import pgolf_train.prepare as prep
+    from pgolf_train.shards import ShardError
+
+    seen = []
+    real = prep.write_atomic
+
+    def spy(path, parts, **kw):
+        if path.name == "manifest.json":
+            seen.append(path.parent)
+            with pytest.raises(ShardError, match="unfinished dataset"):
+                check(path.parent, sp1024)
+        return real(path, parts, **kw)
+
+    monkeypatch.setattr(prep, "write_atomic", spy)
+    prepare([fineweb_docs], tmp_path / "d", vocab=1024, val_docs=3, tokenizer=sp1024, workers=1, max_docs=10)
+    assert seen and seen[0].name.startswith(".d.new-") and not seen[0].exists()
+    assert check(tmp_path / "d", sp1024)["ok"]
+
+
+# ------------------------------------------------------------------------------- check finds more
+
+def _rewrite(path, fn):
+    tokens = read_shard(path).copy()
+    fn(tokens)
+    write_shard(path, tokens, overwrite=True)
+
+
+def _problems(out, sp1024, capsys):
+    report = check(out, sp1024)
+    assert not report["ok"]
+    capsys.readouterr()
+    assert pgolf_main(["data", "check", str(out), "--tokenizer", str(sp1024)]) == 1
+    printed = capsys.readouterr().out
+    assert "FAILED" in printed and all(f"problem: {p}" in printed for p in report["problems"])
+    return report["problems"]
+
+
+def test_check_fails_a_tokenizer_other_than_the_manifests(tmp_path, small, sp1024, capsys):
+    sp = load_sentencepiece(sp1024)
+    raw = bytearray(sp1024.read_bytes())
+    piece = sp.id_to_piece(500).encode()
+    at = raw.index(bytes([len(piece)]) + piece + b"\x15") + len(piece) + 2  # the piece's float score
+    raw[at] ^= 1  # same vocabulary size, another model
+    other = tmp_path / "other.model"
+    other.write_bytes(raw)
+    assert load_sentencepiece(other).vocab_size() == 1024
+    [problem] = _problems(small, other, capsys)
+    assert "other.model" in problem and "not the one manifest.json records" in problem
+
+
+def test_check_fails_an_out_of_vocabulary_train_token(small, sp1024, capsys):
+    _rewrite(small / "fineweb_train_000000.bin", lambda t: t.__setitem__(7, 60000))
+    [problem] = _problems(small, sp1024, capsys)
+    assert "fineweb_train_000000.bin: token out of vocabulary: token 60000 at position 7" in problem
+
+
+def test_check_fails_a_val_stream_not_starting_with_bos(small, sp1024, capsys):
+    _rewrite(small / "fineweb_val_000000.bin", lambda t: t.__setitem__(0, 100))
+    [problem] = _problems(small, sp1024, capsys)
+    assert "fineweb_val_000000.bin: the val stream starts with token 100, not BOS" in problem
+
+
+def test_check_fails_an_unfinished_or_changed_dataset(small, sp1024, capsys):
+    write_shard(small / "fineweb_train_000001.bin", [1, 5, 6])  # one shard more than the manifest's
+    (small / ".fineweb_train_000002.bin.x1y2.tmp").write_bytes(b"half a shard")  # a write cut off by a kill
+    problems = _problems(small, sp1024, capsys)
+    assert any("unfinished writes (.fineweb_train_000002.bin.x1y2.tmp)" in p for p in problems)
+    assert any("2 train shards with" in p and "records 1 with" in p for p in problems)
+    (small / "manifest.json").unlink()  # prepare's hashes without its manifest
+    assert any("no manifest.json" in p for p in _problems(small, sp1024, capsys))
+    (small / "manifest.json").write_text("{not json")
+    assert any("manifest.json: not valid JSON" in p for p in _problems(small, sp1024, capsys))
+
+
+# ------------------------------------------------------------------------------- clear input errors
+
+def test_docs_that_are_not_a_regular_file(tmp_path, sp1024):
+    fifo = tmp_path / "docs.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(DocumentError, match="docs.jsonl: not a regular file"):
+        prepare([fifo], tmp_path / "d", vocab=1024, val_docs=3, tokenizer=sp1024)
+    with pytest.raises(FileNotFoundError, match="document file not found"):
+        prepare([tmp_path / "missing.jsonl"], tmp_path / "d", vocab=1024, val_docs=3, tokenizer=sp1024)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--vocab", "300"], r"--vocab 300.*too small for this text: it needs at least \d+ pieces"),
+    (["--vocab", "200"], r"--vocab 200 is outside 261\.\.65536"),
+    (["--vocab", "70000"], r"--vocab 70000 is outside 261\.\.65536"),
+    (["--vocab", "512", "--tokenizer-sample-mb", "0"], r"--tokenizer-sample-mb must be > 0"),
+    (["--vocab", "512", "--shard-tokens", "0"], r"--shard-tokens must be in 1\.\."),
+])
+def test_bad_tokenizer_settings_are_named(tmp_path, fineweb_docs, flags, message):
+    docs = _write_docs(tmp_path / "a.jsonl", _texts(fineweb_docs, 12))
+    with pytest.raises(ValueError, match=message) as e:
+        pgolf_main(["data", "prepare", "--docs", str(docs), "--val-docs", "2", "--out", str(tmp_path / "d"),
+                    "--workers", "1", *flags])
+    assert "INTERNAL" not in str(e.value) and not (tmp_path / "d").exists()

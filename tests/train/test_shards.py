@@ -103,3 +103,19 @@ def test_shard_writer_streams_documents(tmp_path_factory, docs, shard_tokens):
     joined = np.concatenate([read_shard(p) for p in paths]) if paths else np.zeros(0, np.uint16)
     np.testing.assert_array_equal(joined, stream)
     assert document_starts(joined).size == len(docs)
+
+
+def test_an_unfinished_dataset_is_refused_by_the_loaders(tmp_path):
+    import torch
+
+    from pgolf_train.loader import DistributedTokenLoader
+    from pgolf_train.shards import INCOMPLETE_MARKER, ShardError, list_shards
+
+    write_shard(tmp_path / "fineweb_train_000000.bin", [1, 2, 3, 4])
+    (tmp_path / INCOMPLETE_MARKER).write_bytes(b"")
+    for split in ("train", "val"):
+        with pytest.raises(ShardError, match="unfinished dataset"):
+            list_shards(tmp_path, split)
+    with pytest.raises(ShardError, match="unfinished dataset"):
+        DistributedTokenLoader(tmp_path, 0, 1, torch.device("cpu"))
+    assert [p.name for p in list_shards(tmp_path, "train", allow_incomplete=True)] == ["fineweb_train_000000.bin"]
