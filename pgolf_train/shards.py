@@ -239,10 +239,10 @@ def _doc_hash_kernel(tokens, bos, h, length, started, out, out_len):
 
 
 try:  # numba makes the scan run at memory speed; the plain loop is the same algorithm
-    import numba
+    from pgolf_codec.jit import njit  # without the on-disk cache where there is nowhere to keep it
 
-    _mix64 = numba.njit(cache=True)(_mix64)
-    _doc_hash_kernel = numba.njit(cache=True)(_doc_hash_kernel)
+    _mix64 = njit()(_mix64)
+    _doc_hash_kernel = njit()(_doc_hash_kernel)
 except ImportError:  # pragma: no cover
     pass
 
