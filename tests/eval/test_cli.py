@@ -104,3 +104,20 @@ def test_ttt_sweep_runs_tiny(tmp_path, artifact, val_dir, sp1024):
     with pytest.raises(SystemExit):
         bench.main(["--artifact", str(artifact), "--data", str(val_dir), "--tokenizer", str(sp1024),
                     "--variants", "nope", "--out", str(out)])
+
+
+def test_ttt_says_how_much_it_adapted_and_shows_length_buckets(artifact, val_dir, sp1024, capsys):
+    """The last line of a TTT report states the adapted share; JSON carries buckets, the interval and
+    the per-document rows; a budget too small to adapt is a warning, with every token still scored."""
+    base = ["eval", str(artifact), "--data", str(val_dir), "--tokenizer", str(sp1024), "--ttt", "lora",
+            "--ttt-chunk", "8", "--ttt-rank", "2"]
+    assert main(base + ["--time-budget", "1000000", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["extra"]["ttt"]["adapted_fraction"] == 1.0 and d["extra"]["ttt"]["warmup_s"] is not None
+    assert [b["bucket"] for b in d["docs"]["buckets"]] == ["<512", "512-2K", "2K-8K", ">=8K"]
+    assert d["docs"]["bpb_ci95"][0] < d["val_bpb"] < d["docs"]["bpb_ci95"][1]
+    assert sum(d["per_doc"]["bytes"]) == d["bytes"]
+    assert main(base + ["--time-budget", "0.001"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("WARNING: TTT adapted") and "time budget" in lines[-1]
+    assert any(line.startswith("<512") for line in lines) and f"tokens        {d['tokens']:,}" in "\n".join(lines)
