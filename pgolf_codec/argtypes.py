@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable
+from typing import Any, Callable
 
 __all__ = ["int_range", "float_range", "int_list", "float_list", "positive_int", "nonneg_int",
            "positive_float", "nonneg_float"]
@@ -65,39 +65,30 @@ def float_range(lo: float | None = None, hi: float | None = None, *, lo_open: bo
     return parse
 
 
-def int_list(lo: int | None = None, hi: int | None = None) -> Callable[[str], tuple[int, ...]]:
-    """An argparse type: a non-empty comma-separated list of integers in ``[lo, hi]``."""
-    one = int_range(lo, hi)
-
-    def parse(text: str) -> tuple[int, ...]:
+def _list_of(one: Callable[[str], Any], what: str, name: str) -> Callable[[str], tuple]:
+    """An argparse type: a non-empty comma-separated list, each item parsed by ``one``."""
+    def parse(text: str) -> tuple:
         items = [t for t in str(text).split(",") if t.strip()]
         if not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got {text!r}")
         try:
             return tuple(one(t) for t in items)
         except argparse.ArgumentTypeError as e:
             raise argparse.ArgumentTypeError(f"{e} (in the list {text!r})") from None
 
-    parse.__name__ = "int list"
+    parse.__name__ = name
     return parse
+
+
+def int_list(lo: int | None = None, hi: int | None = None) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: a non-empty comma-separated list of integers in ``[lo, hi]``."""
+    return _list_of(int_range(lo, hi), "integers", "int list")
 
 
 def float_list(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False
                ) -> Callable[[str], tuple[float, ...]]:
     """An argparse type: a non-empty comma-separated list of finite numbers in the range."""
-    one = float_range(lo, hi, lo_open=lo_open)
-
-    def parse(text: str) -> tuple[float, ...]:
-        items = [t for t in str(text).split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, got {text!r}")
-        try:
-            return tuple(one(t) for t in items)
-        except argparse.ArgumentTypeError as e:
-            raise argparse.ArgumentTypeError(f"{e} (in the list {text!r})") from None
-
-    parse.__name__ = "float list"
-    return parse
+    return _list_of(float_range(lo, hi, lo_open=lo_open), "numbers", "float list")
 
 
 positive_int = int_range(1)
