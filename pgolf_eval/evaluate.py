@@ -223,7 +223,7 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
 
         if truncate:
             raise ValueError("--truncate applies to plain/sliding evaluation, not TTT")
-        loss_sum, count, _, _, extra["ttt"] = run_ttt(
+        loss_sum, count, extra["ttt"] = run_ttt(
             model, tokens, ttt, seq_len=seq_len, device=device, doc_isolated=doc_isolated,
             time_budget=time_budget, bos_id=bos_id, batch_tokens=batch_tokens, log=log, target_losses=losses)
         mode, stride = "ttt", ttt.chunk

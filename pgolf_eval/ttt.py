@@ -258,11 +258,11 @@ def _phases(segments: np.ndarray, phase_tokens: int) -> list[np.ndarray]:
 def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_len: int, device: torch.device,
             doc_isolated: bool = False, time_budget: float | None = None, bos_id: int = 1,
             batch_tokens: int | None = None, log: Log | None = None, target_losses: TargetLosses | None = None,
-            warmup: bool | None = None) -> tuple[float, int, int, int, dict[str, Any]]:
-    """Score ``tokens`` with score-first TTT; returns ``(loss_sum_nats, tokens, lo, hi, info)``.
+            warmup: bool | None = None) -> tuple[float, int, dict[str, Any]]:
+    """Score ``tokens`` with score-first TTT; returns ``(loss_sum_nats, tokens, info)`` of this rank.
 
-    This rank scores targets ``lo..hi-1`` (scope "doc": a contiguous run of documents; phased
-    scopes: its share of every phase, so ``lo..hi`` is the whole stream). ``time_budget`` (seconds
+    This rank scores a contiguous run of documents (scope "doc") or its share of every phase
+    (``target_losses`` records which targets, for the byte count). ``time_budget`` (seconds
     from the start) bounds the whole pass: adaptation stops once the time spent plus a reserve for
     scoring what remains (its forwarded positions at the sampled scoring cost, plus 10%) would pass
     it; the rest is scored without updates and ``info["budget_exceeded"]`` is set.
@@ -290,8 +290,6 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
         else:
             lanes.sort(key=len, reverse=True)  # like-length documents share a batch
         plans.append(lanes)
-    mine = [seg for ph in phases for seg in [_split_segments(ph, rank, world)] if len(seg)]
-    lo, hi = (int(mine[0][0, 0]), int(mine[-1][-1, 1])) if mine else (0, 0)
 
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
@@ -316,7 +314,9 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
     doc_adapting = per_doc and cfg.epochs > 0
     phase_adapting = phase_opt is not None and cfg.phase_epochs > 0 and len(phases) > 1
     warm_s = None
-    if warmup if warmup is not None else (time_budget is not None or device.type == "cuda"):
+    if warmup is None:  # where timing matters: a budget to plan, or a GPU's first-call costs
+        warmup = time_budget is not None or device.type == "cuda"
+    if warmup:
         with contextlib.nullcontext() if bank is not None else _phase_training(None, carried):
             warm_s = _warmup(model, bank, doc_params or phase_params, cfg.chunk, seq_len, group, device,
                              train=doc_adapting or phase_adapting)
@@ -411,7 +411,7 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
     if cfg.scope != "doc":
         info.update(phases=len(phases), phases_trained=phases_trained, phase_tokens=cfg.phase_tokens,
                     phase_epochs=cfg.phase_epochs, phase_lr=cfg.phase_learning_rate, phase_batch=cfg.phase_batch)
-    return float(total.item()), count, lo, hi, info
+    return float(total.item()), count, info
 
 
 @contextlib.contextmanager

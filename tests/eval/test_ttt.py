@@ -69,8 +69,8 @@ def test_warmup_runs_on_synthetic_tokens_and_changes_nothing():
     a = evaluate_tokens(cold, toks, tables, seq_len=16, ttt=cfg, batch_tokens=64, log=None)
     from pgolf_eval.ttt import run_ttt
 
-    loss, count, *_ , info = run_ttt(warm, toks, cfg, seq_len=16, device=torch.device("cpu"), batch_tokens=64,
-                                     warmup=True)
+    loss, count, info = run_ttt(warm, toks, cfg, seq_len=16, device=torch.device("cpu"), batch_tokens=64,
+                             warmup=True)
     n_warm = len(warm.calls) - len(cold.calls)
     assert n_warm == 4 and info["warmup_s"] > 0  # scoring and adapting passes at the chunk and full width
     stream = toks.astype(np.int64).tolist()
