@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +52,7 @@ CHECKPOINT_VERSION = 1
 # Files a run writes into its directory; --force removes exactly these (nothing else of the user's).
 RUN_FILES = ("train.log", "train.jsonl", "checkpoint.pt", "final_model.safetensors", "model.pgolf",
              "train_summary.json")
+PREVIOUS_RUN = ".previous-run"  # where --force keeps the replaced run's files until the new run is done
 # Fields that may differ between a checkpoint and the config it is resumed with.
 RESUME_MUTABLE = {"train_log_every", "val_loss_every", "val_batch_tokens", "val_max_tokens", "checkpoint_every_s",
                   "checkpoint_every_steps", "device", "val_docs", "eval_seq_len", "eval_stride", "eval_ttt",
@@ -443,8 +445,18 @@ def prepare_out_dir(out_dir: Path, resume: bool, force: bool) -> bool:
         if not force:
             raise FileExistsError(f"{out_dir} already holds a run ({', '.join(existing)}); "
                                   "pass --resume to continue it or --force to start over")
-        for name in existing:
-            (out_dir / name).unlink()
+        # set aside, not deleted: a run that fails keeps the previous one's files (train() removes
+        # them once it has written its own artifact)
+        previous = out_dir / PREVIOUS_RUN
+        if previous.is_dir():  # a --force run failed before: its partial files go, the run before it stays
+            for name in existing:
+                (out_dir / name).unlink()
+        else:
+            previous.mkdir()
+            for name in existing:
+                os.replace(out_dir / name, previous / name)
+        print(f"pgolf train: --force: the previous run's files are in {previous} until this run finishes",
+              file=sys.stderr, flush=True)
     return False
 
 
@@ -760,6 +772,7 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
     summary["wall_seconds"] = time.perf_counter() - t_start
     if di.master:
         _atomic_write_text(out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
+        shutil.rmtree(out_dir / PREVIOUS_RUN, ignore_errors=True)  # this run is complete
     if di.owns_group:
         leave_group()
     return summary
@@ -868,7 +881,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter count; no training")
     p.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
-    p.add_argument("--force", action="store_true", help="replace a previous run's files in --out")
+    p.add_argument("--force", action="store_true", help="replace a previous run's files in --out (they wait in "
+                   "--out/.previous-run until this run has finished)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     overrides = p.add_argument_group("config overrides")
     for name, tp in field_types().items():

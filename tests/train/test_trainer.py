@@ -147,6 +147,28 @@ def test_tiny_run_learns_exports_and_scores_the_artifact(tiny_data, sp1024, tmp_
         train(cfg, tiny_data, sp1024, run, echo=False)
 
 
+def test_force_keeps_the_previous_run_until_the_new_one_finishes(tiny_data, sp1024, tmp_path):
+    """`--force` used to delete the previous run's files before training: a run that then failed
+    left nothing. They wait in .previous-run until the new run has written its own."""
+    from pgolf_train.trainer import PREVIOUS_RUN
+
+    cfg = load_config("tiny", ["iterations=2", "val_max_tokens=2048"])
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.pgolf", "train.jsonl"):
+        (run / name).write_text("old " + name)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(Exception):  # no shards: fails after the run directory was prepared
+        train(cfg, empty, sp1024, run, force=True, echo=False)
+    assert (run / PREVIOUS_RUN / "model.pgolf").read_text() == "old model.pgolf"
+    with pytest.raises(Exception):  # failing again keeps the same previous run, not the failed one's files
+        train(cfg, empty, sp1024, run, force=True, echo=False)
+    assert (run / PREVIOUS_RUN / "train.jsonl").read_text() == "old train.jsonl"
+    train(cfg, tiny_data, sp1024, run, force=True, echo=False)
+    assert not (run / PREVIOUS_RUN).exists() and (run / "model.pgolf").read_bytes()[:4] == b"PGLF"
+
+
 def test_resume_after_kill_continues_the_same_run(tiny_data, sp1024, tmp_path):
     args = ["--config", "tiny", "--data", str(tiny_data), "--tokenizer", str(sp1024),
             "--set", "iterations=20", "--set", "checkpoint_every_steps=4", "--set", "val_max_tokens=2048",
