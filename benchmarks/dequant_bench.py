@@ -253,12 +253,12 @@ def load_row(dev: torch.device) -> dict:
                     for k, q in art.quantized.items()}
 
         cpu_then_copy = lambda: {k: v.to(dev) for k, v in container.load(path, "cpu").items()}  # noqa: E731
-        ref, got = cpu_then_copy(), gpu.load_to_device(path, dev)
+        ref, got = cpu_then_copy(), container.load_to_device(path, dev)
         ok = sorted(ref) == sorted(got) and all(same_bits(got[k], ref[k]) for k in ref)
         return {"artifact_bytes": len(data), "params": sum(math.prod(q.shape) for q in qs.values()),
                 "tensors": len(qs), "coder": "rans", "bit_identical": ok,
                 "host_decode_s": best_s(lambda: container.read_artifact(path)),
-                "load_to_device_s": best_s(lambda: gpu.load_to_device(path, dev)),
+                "load_to_device_s": best_s(lambda: container.load_to_device(path, dev)),
                 "pgolf_codec_load_cuda_s": best_s(lambda: container.load(path, dev)),
                 "cpu_load_then_copy_s": best_s(cpu_then_copy),
                 "torch_gpu_dequant_s": best_s(torch_gpu)}

@@ -29,10 +29,11 @@ from .coders import (CODERS, TRANSFORM_PACKED, StreamDesc, coder_by_name, decode
                      require_zstd, thread_pool, zstd_module)
 from .errors import (ArtifactTooLarge, BadHeader, BadMagic, BadPayload, ChecksumMismatch, FormatError,
                      LimitExceeded, Limits, Truncated, UnsupportedVersion, check_shape)
-from . import bitpack
+from . import bitpack, gpu
 from .rans import MODEL_NAMES as RANS_MODEL_NAMES, RansCoder
 from .schemes import (Q8_TABLE, Quantized, QuantSpec, Recipe, check_representable, dequantize, n_groups, quantize,
                       rows_view_shape)
+from .streams import check_stream
 
 MAGIC = b"PGLF"
 MAJOR, MINOR = 1, 1
@@ -650,8 +651,6 @@ def read_artifact_bytes(data: bytes, limits: Limits = Limits(), *, unpack: bool 
 def _code_payload(blob: memoryview, transform: int, coder_id: int, desc: StreamDesc, spec: QuantSpec,
                   limits: Limits) -> tuple[np.ndarray, bool]:
     """(validated code stream before the unpack transform, packed?) of an int/ternary tensor."""
-    from .gpu import check_stream  # the same rules the device-side check applies
-
     data = decode_coded(blob, transform, coder_id, desc, limits)
     packed = transform == TRANSFORM_PACKED
     check_stream(torch.from_numpy(data), desc.nbytes, spec, packed)
@@ -720,14 +719,12 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torc
     """name -> float32 tensor on `device`, dequantized there (bit-identical on CPU and CUDA).
 
     On CUDA with Triton, the stored code bytes go to the device and one kernel pass per
-    tensor expands them (`gpu.load_to_device`); otherwise codes are unpacked on the host and
+    tensor expands them (`load_to_device`); otherwise codes are unpacked on the host and
     dequantized on `device` with torch.
     """
-    from . import gpu
-
     dev = torch.device(device)
     if dev.type == "cuda" and gpu.kernels_available(dev):
-        return gpu.load_to_device(path, dev)
+        return load_to_device(path, dev)
     art = read_artifact(path)
     out = {}
     for name, q in art.quantized.items():
@@ -735,3 +732,31 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torc
                           None if q.zeros is None else q.zeros.to(dev), q.scale_codes, q.scale_ref)
         out[name] = dequantize(moved)
     return out
+
+
+def load_to_device(path: str | Path, device: str | torch.device = "cuda",
+                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Read an artifact and return name -> tensor (original shape, `dtype`) on `device`.
+
+    The file is validated and entropy-decoded on the host, but the codes are not unpacked
+    there (`read_artifact(..., unpack=False)`): the stored code bytes (bit-packed, 5 trits per
+    byte, or one code per byte) and the small scale/zero tables go to the device, and one
+    kernel pass per tensor (`gpu.dequantize_packed`) expands them, so at most ~b/8 bytes per
+    weight cross the bus.
+    With dtype=float32 the result is bit-identical to `read_artifact(path).tensors`, which is
+    also what a device without kernels gets.
+    """
+    if dtype not in gpu.OUT_DTYPES:
+        raise ValueError(f"dtype: expected one of {gpu.OUT_DTYPES}, got {dtype}")
+    dev = torch.device(device)
+    art = read_artifact(path, unpack=False)
+    out: dict[str, torch.Tensor] = {}
+    for name, q in art.quantized.items():  # float passthrough tensors
+        out[name] = q.codes.to(dev, non_blocking=True).float().reshape(q.shape).to(dtype)
+    for name, cs in art.streams.items():
+        # The container validated the stream on the host (length, padding, alphabet).
+        payload = torch.from_numpy(cs.payload).to(dev, non_blocking=True)
+        zeros = None if cs.zeros is None else cs.zeros.to(dev, non_blocking=True)
+        out[name] = gpu.dequantize_packed(payload, cs.shape, cs.spec, cs.scales.to(dev, non_blocking=True), zeros,
+                                          dtype, packed=cs.packed, validate=False)
+    return {k: out[k] for k in sorted(out)}

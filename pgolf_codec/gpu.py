@@ -1,4 +1,4 @@
-"""Device-side dequantization and fused fake-quant (Triton), and a GPU artifact loader.
+"""Device-side dequantization and fused fake-quant (Triton).
 
 Codes go to the GPU as bytes (bit-packed, or one code per byte) and are expanded there in one
 pass. Rows (and groups) of whole 8-code chunks, i.e. every real weight matrix, take the chunk
@@ -20,14 +20,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from pgolf_codec import bitpack, schemes
-from pgolf_codec.errors import BadPayload
 from pgolf_codec.schemes import QuantSpec, Quantized, dequantize, n_groups, rows_view_shape
+from pgolf_codec.streams import check_stream, stream_nbytes
 
 # Bound by `_triton()` on first use, so that importing the codec never imports Triton. The kernel
 # bodies below reference these module globals; Triton resolves them when it compiles.
@@ -433,7 +432,7 @@ def _triton() -> bool:
 # Host side
 # ---------------------------------------------------------------------------------------------
 
-_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _interpreting() -> bool:
@@ -502,45 +501,6 @@ def _check_tables(scales: torch.Tensor, zeros: torch.Tensor | None, spec: QuantS
         # fake_quant carries zero points as integer-valued float32; they are 0..2^b-1 exactly.
         zeros = zeros.to(torch.uint8)
     return scales.contiguous(), zeros.contiguous()
-
-
-def stream_nbytes(numel: int, spec: QuantSpec, packed: bool = True) -> int:
-    """Bytes of the code stream of `numel` codes: packed (`bitpack` layout: b bits each, or
-    5 trits per byte) or one code per byte."""
-    if not packed:
-        return numel
-    if spec.kind == "ternary":
-        return bitpack.trits_len(numel)
-    return bitpack.packed_len(numel, spec.bits)
-
-
-def check_stream(payload: torch.Tensor, numel: int, spec: QuantSpec, packed: bool = True) -> None:
-    """Raise `BadPayload` unless `payload` is a valid code stream of `numel` codes.
-
-    The rules are `bitpack.unpack`'s, so every code sequence has exactly one stream: the exact
-    length, zero padding bits (or trits) in the last byte, no byte >= 243 in a trit stream,
-    and, one code per byte, every code below the alphabet size. Runs where the payload is
-    (one reduction at most, plus a one-byte look at the tail).
-    """
-    want = stream_nbytes(numel, spec, packed)
-    if payload.numel() != want:
-        raise BadPayload(f"code stream has {payload.numel()} bytes, {numel} codes of {spec.name} need {want}")
-    if numel == 0:
-        return
-    if not packed:
-        if int(payload.max()) >= spec.levels:
-            raise BadPayload(f"code {int(payload.max())} is outside the alphabet of {spec.levels}")
-        return
-    last = int(payload[-1])
-    if spec.kind == "ternary":
-        if int(payload.max()) >= 243:
-            raise BadPayload("trit stream has a byte >= 243")
-        if last >= 3 ** (numel - 5 * (want - 1)):  # trits past the last code must be zero
-            raise BadPayload("trit stream has a non-zero padding trit")
-        return
-    used = numel * spec.bits - 8 * (want - 1)  # bits of the last byte that hold codes
-    if last >> used:
-        raise BadPayload("packed stream has non-zero padding bits")
 
 
 def _out_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
@@ -614,8 +574,8 @@ def dequantize_packed(payload: torch.Tensor, shape: tuple[int, ...], spec: Quant
         raise ValueError(f"dequantize_packed: {spec} is a float passthrough, it has no codes")
     if payload.dtype != torch.uint8 or payload.dim() != 1:
         raise ValueError(f"payload: expected a 1-D uint8 tensor, got {payload.dtype} {tuple(payload.shape)}")
-    if dtype not in _OUT_DTYPES:
-        raise ValueError(f"dtype: expected one of {_OUT_DTYPES}, got {dtype}")
+    if dtype not in OUT_DTYPES:
+        raise ValueError(f"dtype: expected one of {OUT_DTYPES}, got {dtype}")
     shape = tuple(int(d) for d in shape)
     numel = math.prod(shape)
     if validate:
@@ -680,8 +640,8 @@ def fake_quant_with_scales(w: torch.Tensor, spec: QuantSpec, scales: torch.Tenso
     """
     if spec.is_float:
         raise ValueError(f"fake_quant_with_scales: {spec} is a float passthrough")
-    if w.dtype not in _OUT_DTYPES:
-        raise ValueError(f"w: expected one of {_OUT_DTYPES}, got {w.dtype}")
+    if w.dtype not in OUT_DTYPES:
+        raise ValueError(f"w: expected one of {OUT_DTYPES}, got {w.dtype}")
     if not kernels_available(w.device):
         raise RuntimeError(f"fake_quant_with_scales: no Triton kernels for device {w.device}")
     shape = tuple(int(d) for d in w.shape)
@@ -732,7 +692,7 @@ def fake_quant(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     `schemes.fake_quant` for passthrough specs, empty tensors, other dtypes and devices
     without kernels. No gradient (use `fake_quant_ste` for QAT).
     """
-    if (spec.is_float or w.numel() == 0 or w.dtype not in _OUT_DTYPES
+    if (spec.is_float or w.numel() == 0 or w.dtype not in OUT_DTYPES
             or not kernels_available(w.device)):
         return schemes.fake_quant(w.detach(), spec)
     stat = _rows_stat(spec)
@@ -775,32 +735,3 @@ def fake_quant_ste(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     the identity.
     """
     return fake_quant(w.detach(), spec) - (w.detach() - w)
-
-
-def load_to_device(path: str | Path, device: str | torch.device = "cuda",
-                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Read an artifact and return name -> tensor (original shape, `dtype`) on `device`.
-
-    The file is validated and entropy-decoded on the host, but the codes are not unpacked
-    there (`read_artifact(..., unpack=False)`): the stored code bytes (bit-packed, 5 trits per
-    byte, or one code per byte) and the small scale/zero tables go to the device, and one
-    kernel pass per tensor expands them, so at most ~b/8 bytes per weight cross the bus.
-    With dtype=float32 the result is bit-identical to `read_artifact(path).tensors`, which is
-    also what a device without kernels gets.
-    """
-    from pgolf_codec.container import read_artifact
-
-    if dtype not in _OUT_DTYPES:
-        raise ValueError(f"dtype: expected one of {_OUT_DTYPES}, got {dtype}")
-    dev = torch.device(device)
-    art = read_artifact(path, unpack=False)
-    out: dict[str, torch.Tensor] = {}
-    for name, q in art.quantized.items():  # float passthrough tensors
-        out[name] = q.codes.to(dev, non_blocking=True).float().reshape(q.shape).to(dtype)
-    for name, cs in art.streams.items():
-        # The container validated the stream on the host (length, padding, alphabet).
-        payload = torch.from_numpy(cs.payload).to(dev, non_blocking=True)
-        zeros = None if cs.zeros is None else cs.zeros.to(dev, non_blocking=True)
-        out[name] = dequantize_packed(payload, cs.shape, cs.spec, cs.scales.to(dev, non_blocking=True), zeros,
-                                      dtype, packed=cs.packed, validate=False)
-    return {k: out[k] for k in sorted(out)}

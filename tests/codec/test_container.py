@@ -204,7 +204,7 @@ ALL_CODE_SCHEMES = [f"int{b}" for b in range(1, 9)] + ["ternary", "int3:asym:gro
 
 @pytest.mark.parametrize("coder", ["raw", "rans"])  # raw: always packed; rans: either transform
 def test_unpack_false_returns_validated_code_streams(coder):
-    from pgolf_codec.gpu import stream_nbytes
+    from pgolf_codec.streams import stream_nbytes
 
     g = torch.Generator().manual_seed(0)
     tensors = {f"t{i}": torch.randn(5, 13, generator=g) for i in range(len(ALL_CODE_SCHEMES))}

@@ -250,11 +250,11 @@ def test_load_to_device_matches_cpu_load(tmp_path) -> None:
     path = tmp_path / "model.pgolf"
     container.write_artifact(path, tensors, recipe)
     ref = container.load(path)
-    got = gpu.load_to_device(path, "cpu")
+    got = container.load_to_device(path, "cpu")
     assert sorted(got) == sorted(ref)
     for name in ref:
         assert_bit_equal(got[name], ref[name])
-    half = gpu.load_to_device(path, "cpu", torch.bfloat16)
+    half = container.load_to_device(path, "cpu", torch.bfloat16)
     for name in ref:
         assert_bit_equal(half[name], ref[name].to(torch.bfloat16))
 
@@ -276,7 +276,7 @@ def test_load_to_device_uploads_stored_streams_bit_exact(tmp_path, coder: str) -
     else:
         assert not all(cs.packed for cs in streams.values())
     ref = container.read_artifact(path).tensors
-    got = gpu.load_to_device(path, "cpu")  # the Triton kernels, interpreted
+    got = container.load_to_device(path, "cpu")  # the Triton kernels, interpreted
     assert list(got) == list(ref)
     for name in ref:
         assert_bit_equal(got[name], ref[name])
