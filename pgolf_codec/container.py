@@ -240,6 +240,8 @@ def build_artifact(tensors: Mapping[str, torch.Tensor | Quantized], recipe: Reci
     stored sorted by name; `code` files (name -> source text) likewise.  ValueError for
     anything a reader with `limits` would refuse (names, shapes, element counts) and for
     values the scheme cannot hold (non-finite, or beyond its float or scale range).
+    `coder`: "auto" (per stream, the smallest), or a coder name or id forced on the codes of
+    int/ternary tensors; every other stream (float bytes, scales, zero points, code) stays "auto".
     """
     recipe = Recipe.coerce(recipe)
     if coder != "auto":
