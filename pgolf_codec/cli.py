@@ -210,7 +210,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="JSON", help="model config map stored as metadata model_config (`pgolf eval` "
                    "needs it; checkpoints written by `pgolf train` carry it)")
     p.add_argument("--max-bytes", type=positive_int, help="fail (writing nothing) if the artifact would exceed this")
-    p.add_argument("--coder", default="auto", choices=["auto"] + [c.name for c in sorted(CODERS.values(), key=lambda c: c.id)])
+    p.add_argument("--coder", default="auto", choices=["auto"] + [c.name for c in sorted(CODERS.values(), key=lambda c: c.id)],
+                   help="entropy coder forced on the int/ternary code streams (other streams: auto)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     _add_max_elements(p)
     p.set_defaults(func=_pack)

@@ -44,6 +44,7 @@ FIXED_BYTES = _PREFIX.size + 4  # prefix + trailing CRC
 _SOURCE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                   torch.float64: "float64"}
 _FLOAT_WIDTH = {"fp16": 2, "bf16": 2, "fp32": 4}
+_MIN_SCALE = 2.0 ** -126  # smallest valid decoded scale: the least positive normal float32
 
 
 # ----------------------------------------------------------------------------- tensor streams
@@ -142,9 +143,15 @@ def encode_tensor(q: Quantized, coder: str | int = "auto", name: str = "tensor",
     scales = _np(q.scales).astype(np.float32) if not q.spec.is_float else None
     descs = _stream_descs(q.spec, q.shape, scales)
     data = _stream_bytes(q)
-    # Scales and zero points are small; "auto" is always worth it there even when the codes
-    # coder is fixed, but a named coder is honoured for every stream to keep runs comparable.
-    return EncodedTensor({k: encode_stream(data[k], d, coder, parallel=parallel) for k, d in descs.items()})
+    # A named coder is forced on the quantized (int/ternary) codes only, the stream coders are
+    # compared on; float bytes, scales and zero points stay "auto" (spec/FORMAT.md "Coders").
+    return EncodedTensor({k: encode_stream(data[k], d, _stream_coder(coder, q.spec, k), parallel=parallel)
+                          for k, d in descs.items()})
+
+
+def _stream_coder(coder: str | int, spec: QuantSpec, stream: str) -> str | int:
+    """The coder a stream is written with: a forced coder applies to int/ternary codes only."""
+    return coder if stream == "codes" and not spec.is_float else "auto"
 
 
 def encoded_size(x: torch.Tensor | Quantized, spec: QuantSpec | str | None = None,
@@ -234,6 +241,8 @@ def build_artifact(tensors: Mapping[str, torch.Tensor | Quantized], recipe: Reci
     stored sorted by name; `code` files (name -> source text) likewise.  ValueError for
     anything a reader with `limits` would refuse (names, shapes, element counts) and for
     values the scheme cannot hold (non-finite, or beyond its float or scale range).
+    `coder`: "auto" (per stream, the smallest), or a coder name or id forced on the codes of
+    int/ternary tensors; every other stream (float bytes, scales, zero points, code) stays "auto".
     """
     recipe = Recipe.coerce(recipe)
     if coder != "auto":
@@ -287,11 +296,13 @@ def build_artifact(tensors: Mapping[str, torch.Tensor | Quantized], recipe: Reci
         offset += len(payload)
     files = sorted((code or {}).items())
     for fname, text in files:
-        if not isinstance(fname, str) or not fname or not isinstance(text, str):
-            raise ValueError(f"code file {fname!r}: needs a non-empty name and str source")
+        if not isinstance(fname, str) or not isinstance(text, str):
+            raise ValueError(f"code file {fname!r}: needs a str name and str source")
+        why = code_name_error(fname, limits)
+        if why:
+            raise ValueError(f"code file {fname!r}: the name {why} (readers refuse it)")
     code_raw = b"".join(t.encode("utf-8") for _, t in files)
-    c_t, c_id, code_blob = encode_stream(np.frombuffer(code_raw, np.uint8), StreamDesc(len(code_raw)),
-                                         "auto" if coder == "auto" else coder)
+    c_t, c_id, code_blob = encode_stream(np.frombuffer(code_raw, np.uint8), StreamDesc(len(code_raw)), "auto")
     header = {"tensors": entries, "metadata": _canonical(dict(metadata or {})),
               "code": {"files": [[n, len(t.encode("utf-8"))] for n, t in files], "coder": c_id,
                        "offset": offset, "length": len(code_blob), "crc": zlib.crc32(code_blob)}}
@@ -404,6 +415,24 @@ def _field(d: Mapping, key: str, kind, where: str):
     return v
 
 
+def code_name_error(name: str, limits: Limits = Limits()) -> str | None:
+    """Why `name` is not a valid code-file name (spec §2), or None: a relative path of
+    1..`limits.max_name_bytes` UTF-8 bytes whose `/`-separated parts are non-empty, not `.`
+    or `..`, and hold no `\\`, `:` or control character (nothing can escape the folder it
+    is unpacked into)."""
+    try:
+        nbytes = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if not 1 <= nbytes <= limits.max_name_bytes:
+        return f"must be 1..{limits.max_name_bytes} UTF-8 bytes"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "has an empty, '.' or '..' path part (or a leading, trailing or double '/')"
+    if any(ch in "\\:" or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        return "contains '\\', ':' or a control character"
+    return None
+
+
 def _u32(v: Any, where: str) -> int:
     if not _is_int(v) or not 0 <= v < 1 << 32:
         raise BadHeader(f"{where} must be an unsigned 32-bit integer")
@@ -474,7 +503,10 @@ def _check_entry(e: Any, i: int, limits: Limits,
     if _field(e, "dtype", str, where) not in _SOURCE_DTYPES.values():
         raise BadHeader(f"{where}: unknown source dtype {e['dtype']!r}")
     try:
-        spec = QuantSpec.parse(_field(e, "scheme", str, where))
+        scheme = _field(e, "scheme", str, where)
+        if any(ch.isspace() for ch in scheme):
+            raise ValueError(f"scheme {scheme!r} contains whitespace")
+        spec = QuantSpec.parse(scheme)
     except ValueError as err:
         raise BadHeader(f"{where}: {err}") from None
     _u32(e.get("crc"), f"{where}: crc")
@@ -525,6 +557,8 @@ def _layout(data: bytes, limits: Limits, decode_limits: bool = True) -> _Layout:
         spec, shape, descs = _check_entry(e, i, limits, decode_limits)
         if e["name"] in names:
             raise BadHeader(f"duplicate tensor name {e['name']!r}")
+        if checked and e["name"].encode() < checked[-1][0]["name"].encode():
+            raise BadHeader(f"tensor {e['name']!r}: tensors are not sorted by name (UTF-8 bytes)")
         names.add(e["name"])
         total += math.prod(shape)
         if decode_limits and total > limits.max_total_elements:
@@ -547,6 +581,12 @@ def _layout(data: bytes, limits: Limits, decode_limits: bool = True) -> _Layout:
         raise BadHeader("code: files must be [name, byte length] pairs")
     if len({f[0] for f in files}) != len(files):
         raise BadHeader("code: duplicate file name")
+    for f in files:
+        why = code_name_error(f[0], limits)
+        if why:
+            raise BadHeader(f"code: file name {f[0][:80]!r} {why}")
+    if any(a[0].encode() > b[0].encode() for a, b in zip(files, files[1:])):
+        raise BadHeader("code: files are not sorted by name (UTF-8 bytes)")
     code_raw_len = sum(f[1] for f in files)
     if code_raw_len > limits.max_code_bytes:
         raise LimitExceeded(f"code section declares {code_raw_len} bytes, limit {limits.max_code_bytes}")
@@ -675,8 +715,10 @@ def _tables(spec: QuantSpec, shape: tuple[int, ...], streams: dict[str, np.ndarr
             scales = torch.from_numpy(sraw.view("<f2").astype(np.float16)).float()
         scales = scales.reshape(rows, ng)
         bad_ref = False
-    if bad_ref or (scales.numel() and not bool((torch.isfinite(scales) & (scales > 0)).all())):
-        raise BadPayload(f"tensor {name!r}: scales must be finite and positive")
+    # >= 2^-126: a subnormal scale (e.g. q8's ref·T[e] underflowing) could be flushed to zero
+    # on some devices, so the values would depend on where they are decoded
+    if bad_ref or (scales.numel() and not bool((torch.isfinite(scales) & (scales >= _MIN_SCALE)).all())):
+        raise BadPayload(f"tensor {name!r}: scales must be finite and at least 2^-126 (no zero or subnormal)")
     zeros = None if spec.symmetric else torch.from_numpy(streams["zeros"]).reshape(rows, ng)
     return scales, zeros, sc, ref
 

@@ -69,6 +69,8 @@ _Q8_MIDPOINTS_ASC = torch.tensor(
 
 _MSE_GRID_DEFAULT = 16
 _TOKEN_KIND = re.compile(r"^(int([1-8])|ternary|fp16|bf16|fp32)$")
+_INT = re.compile(r"^[0-9]{1,9}$")  # option values: plain ASCII decimals, no sign, '_' or spaces
+_DECIMAL = re.compile(r"^[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?$")
 
 
 def _fmt_num(x: float) -> str:
@@ -145,7 +147,9 @@ class QuantSpec:
     def parse(cls, text: str) -> "QuantSpec":
         """Parse `KIND[:asym][:CLIP[=P]][:group=N][:scale=fp16|bf16|q8]` (options in any order).
 
-        CLIP is `max`, `percentile=P` (alias `pct=P`), `sdclip=K` or `mse[=GRID]`.
+        CLIP is `max`, `percentile=P` (alias `pct=P`), `sdclip=K` or `mse[=GRID]`; `sym` is
+        the written-out default of `asym`.  Each option at most once (one CLIP), values plain
+        decimals (spec/FORMAT.md §3 "Scheme strings"); float kinds take no options.
         """
         if not isinstance(text, str) or not text.strip():
             raise ValueError("QuantSpec.parse: empty scheme")
@@ -154,25 +158,32 @@ class QuantSpec:
         if not m:
             raise ValueError(f"QuantSpec.parse: unknown scheme {head!r} in {text!r} (int1..int8, ternary, fp16, bf16, fp32)")
         kw: dict = {"kind": "int" if m.group(2) else head, "bits": int(m.group(2) or 8)}
+        if opts and head in ("fp16", "bf16", "fp32"):
+            raise ValueError(f"QuantSpec.parse: {head} takes no options, got {text!r}")
+        seen: set[str] = set()
         for opt in opts:
-            key, _, val = opt.partition("=")
+            key, eq, val = opt.partition("=")
+            family = "clip" if key in ("max", "percentile", "pct", "sdclip", "mse") else key
             try:
-                if key in ("sym", "asym") and not val:
+                if family in seen:  # each option at most once (one CLIP): no last-one-wins
+                    raise ValueError
+                seen.add(family)
+                if key in ("sym", "asym") and not eq:
                     kw["symmetric"] = key == "sym"
-                elif key == "group":
+                elif key == "group" and _INT.match(val):
                     kw["group"] = int(val)
                 elif key == "scale":
                     kw["scale_dtype"] = val
-                elif key == "max" and not val:
+                elif key == "max" and not eq:
                     kw["clip"], kw["clip_param"] = "max", 0.0
-                elif key in ("percentile", "pct", "sdclip"):
+                elif key in ("percentile", "pct", "sdclip") and _DECIMAL.match(val):
                     kw["clip"], kw["clip_param"] = ("sdclip" if key == "sdclip" else "percentile"), float(val)
-                elif key == "mse":
-                    kw["clip"], kw["clip_param"] = "mse", float(val) if val else 0.0
+                elif key == "mse" and (not eq or (_INT.match(val) and int(val) > 0)):  # mse=0 is not "mse"
+                    kw["clip"], kw["clip_param"] = "mse", float(val) if eq else 0.0
                 else:
                     raise ValueError
             except ValueError:
-                raise ValueError(f"QuantSpec.parse: bad option {opt!r} in {text!r}") from None
+                raise ValueError(f"QuantSpec.parse: bad or repeated option {opt!r} in {text!r}") from None
         return cls(**kw)
 
     def __str__(self) -> str:

@@ -49,3 +49,23 @@ def test_default_limits_match_the_spec():
                      "per_tensor": d.max_tensor_elements, "total": d.max_total_elements,
                      "stream": d.max_stream_bytes, "files": d.max_code_files, "code": d.max_code_bytes}
     assert f"each ≤ 2^{errors.MAX_DIM.bit_length() - 1}" in SPEC and f"over 2^{errors.MAX_DIM.bit_length() - 1}" in SPEC
+
+
+def test_reader_rule_constants_match_the_spec():
+    from pgolf_codec import rans, schemes
+
+    d = errors.Limits()
+    assert d.max_name_bytes == 1024 and SPEC.count("1..1024 UTF-8") == 2  # tensor and code-file names
+    assert "below `2^−126`" in SPEC and schemes._SCALE_RANGE["q8"][0] == 2.0 ** -100 and "`2^−100`" in SPEC
+    assert "`0 ≤ G ≤ 2^24`" in SPEC and "`2 ≤ N ≤ 256`" in SPEC and "`0 < P ≤ 100`" in SPEC
+    assert "m in (" + ", ".join(map(str, rans._SHAPES)) + ")" in SPEC
+    assert f"**{rans.MAX_COLUMN_TABLES}**" in SPEC and f"1 ≤ K ≤ {rans._MAX_LANES}" in SPEC
+    assert f"{rans._MIN_PROB_BITS} ≤ P ≤ {rans._MAX_PROB_BITS}" in SPEC
+    assert "at most 5 bytes for a `len` and 3 for a `freq`" in SPEC
+
+
+def test_reader_check_order_names_every_error():
+    order = SPEC.split("### Reader checks, in order", 1)[1].split("\nA reader never", 1)[0]
+    for n in ("LimitExceeded", "BadMagic", "Truncated", "UnsupportedVersion", "BadHeader", "ChecksumMismatch",
+              "UnsupportedCoder", "BadPayload"):
+        assert f"`{n}`" in order, n
