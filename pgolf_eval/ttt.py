@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from .breakdown import TargetLosses
-from .evaluate import (Log, Progress, all_reduce_sums, autocast_for, default_batch_tokens, dist_rank_world,
-                       gather_windows, score_mask)
+from .batches import (Log, Progress, all_reduce_sums, autocast_for, default_batch_tokens, dist_rank_world,
+                      gather_windows, score_mask)
 from .sliding import WindowPlan, document_segments, growing_windows, segment_windows
 
 LORA_LR, FULL_LR = 3e-3, 1e-5  # Adam learning rates when TTTConfig.lr is None
