@@ -575,11 +575,9 @@ class _Budget:
     def timed_training(self):
         self._sync()
         t = time.perf_counter()
-        trained = self.trained
         yield
         self._sync()
-        if self.trained > trained:
-            self.train_seconds += time.perf_counter() - t
+        self.train_seconds += time.perf_counter() - t
 
 
 def _adapt(model: torch.nn.Module, opt: torch.optim.Optimizer, bank: LoRABank | None, x: torch.Tensor,
