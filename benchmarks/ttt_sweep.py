@@ -10,6 +10,7 @@ Prints a table with each setting's delta to sliding, writes benchmarks/results/t
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -69,6 +70,17 @@ VARIANTS.update({
     "both_lr1e-2": {"scope": "both", "phase_lr": 1e-2},
     "both_p8k_lr3e-3": {"scope": "both", "phase_lr": 3e-3, "phase_tokens": 8192},
 })
+# The three scopes spelt out, so they keep their meaning when TTTConfig's default scope changes; the
+# phased ones stream documents through slots in stream order (measured in ttt_sweep_h200_stream.json;
+# the phased rows of ttt_sweep_h200_phased.json are the earlier schedule: whole phases, one at a time).
+VARIANTS.update({
+    "doc": {"scope": "doc"},
+    "phased": {"scope": "phased"},
+    "both": {"scope": "both"},
+    "both_p8k": {"scope": "both", "phase_tokens": 8192},
+    "both_p128k": {"scope": "both", "phase_tokens": 131072},
+    "both_wide": {"scope": "both", "parallel_docs": 128},
+})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--trust-code", action="store_true", help="run the artifact's embedded model source")
     ap.add_argument("--out", type=Path, default=RESULTS / "ttt_sweep.json")
+    ap.add_argument("--code-commit", default=None, help="the commit of the code measured (default: git HEAD)")
     args = ap.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS]
@@ -98,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         setting = {**VARIANTS[n], "chunk": min(VARIANTS[n].get("chunk", TTTConfig.chunk), seq_len)}
         runs.append((n, {"ttt": TTTConfig(**setting)}, setting))
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+    commit = args.code_commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
     head = {"command": "python3 " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+            "code_commit": commit,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
             "torch": torch.__version__, "artifact": str(args.artifact), "artifact_bytes": int(art.info.total_bytes),
             "seq_len": seq_len}

@@ -101,7 +101,8 @@ def _eval_modes(cfg) -> list[dict]:
                         targets=parse_targets(cfg.eval_ttt_targets),
                         from_start=cfg.eval_ttt_from_start, scope=cfg.eval_ttt_scope,
                         phase_tokens=cfg.eval_ttt_phase_tokens, phase_epochs=cfg.eval_ttt_phase_epochs,
-                        phase_lr=cfg.eval_ttt_phase_lr or None, phase_batch=cfg.eval_ttt_phase_batch)
+                        phase_lr=cfg.eval_ttt_phase_lr or None, phase_batch=cfg.eval_ttt_phase_batch,
+                        parallel_docs=cfg.eval_ttt_parallel_docs)
         modes.append({"mode": "ttt", "ttt": ttt})
     return modes
 

@@ -44,16 +44,18 @@ def register(sub) -> None:
                    help="chunk each document from its first token, adapting inside its first window too "
                         "(--no-ttt-from-start: score the first window whole, as sliding evaluation does)")
     p.add_argument("--ttt-scope", choices=("doc", "phased", "both"), default=d.scope,
-                   help="doc: adapters per document; phased: one adapter carried over the stream, trained after "
-                        "each phase on its scored tokens; both: the carried adapter with per-document LoRA on top")
+                   help="doc: adapters per document; phased: one adapter carried over the stream, trained on "
+                        "documents already scored; both: the carried adapter with per-document LoRA on top")
     p.add_argument("--ttt-phase-tokens", type=positive_int, default=d.phase_tokens,
-                   help="targets per phase (whole documents in stream order)")
+                   help="targets of finished documents the carried adapter waits for before each update")
     p.add_argument("--ttt-phase-epochs", type=nonneg_int, default=d.phase_epochs,
                    help="passes of the carried adapter over each scored phase")
     p.add_argument("--ttt-phase-lr", type=positive_float, default=None, help="Adam lr of the carried adapter "
                    "(default: the per-document one)")
     p.add_argument("--ttt-phase-batch", type=positive_int, default=d.phase_batch,
                    help="windows of seq-len per step of the carried adapter")
+    p.add_argument("--ttt-parallel-docs", type=nonneg_int, default=d.parallel_docs,
+                   help="phased scopes: documents in flight, in stream order (0: from the stream's lengths)")
     p.add_argument("--time-budget", type=positive_float, default=None,
                    help="seconds for the TTT pass: adaptation stops while the remaining chunks can still be scored within it")
     p.add_argument("--batch-tokens", type=positive_int, default=None,
@@ -107,7 +109,8 @@ def ttt_config(args: argparse.Namespace):
     return TTTConfig(kind=args.ttt, rank=args.ttt_rank, lr=args.ttt_lr, epochs=args.ttt_epochs, chunk=args.ttt_chunk,
                      reset=args.ttt_reset, targets=parse_targets(args.ttt_targets), from_start=args.ttt_from_start,
                      scope=args.ttt_scope, phase_tokens=args.ttt_phase_tokens, phase_epochs=args.ttt_phase_epochs,
-                     phase_lr=args.ttt_phase_lr, phase_batch=args.ttt_phase_batch)
+                     phase_lr=args.ttt_phase_lr, phase_batch=args.ttt_phase_batch,
+                     parallel_docs=args.ttt_parallel_docs)
 
 
 def main(args: argparse.Namespace) -> int:

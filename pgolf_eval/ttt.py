@@ -14,11 +14,12 @@ element-wise and the loss is a sum of per-document means, so the documents stay 
 With ``reset="carry"`` the adapted state flows from one document to the next, sequentially.
 
 Phased TTT (``scope="phased"``, or ``"both"`` with per-document LoRA on top) carries one adapter
-across documents: the stream's documents, in order, form phases of about ``phase_tokens`` targets;
-a phase is scored first (its documents in parallel), then the carried adapter takes Adam steps on
-the phase's tokens, now scored, and the next phase is scored with it. Short documents, which
-per-document adaptation barely reaches, gain from what earlier documents taught. Under ``torchrun``
-every rank takes the same steps on all-reduced gradients, so the carried state agrees.
+across documents: documents enter a few slots in stream order (continuous batching); once the
+documents finished since the last update hold about ``phase_tokens`` targets, all scored, the
+carried adapter takes Adam steps on them and every later chunk is scored with it. Short documents,
+which per-document adaptation barely reaches, gain from what earlier documents taught. All ranks
+follow one schedule of the whole stream and sum their gradients, so the carried state agrees and
+the score does not depend on the number of ranks.
 
 Timing: any warm-up (first CUDA calls, kernel loading) runs on synthetic tokens before the clock
 starts; the scoring cost that the time budget plans with is sampled only after the first steps.
@@ -72,10 +73,12 @@ class TTTConfig:
     and 1.4976 at rank 16, for ~4x the evaluation time of the first setting.
 
     ``scope``: "doc" (adapters per document, as above), "phased" (one adapter carried over the
-    stream, trained after each phase of ``phase_tokens`` targets on that phase's scored tokens:
-    ``phase_epochs`` passes in steps of ``phase_batch`` windows of ``seq_len``, Adam at
-    ``phase_lr``, default the per-document rate) or "both" (the carried adapter, with per-document
-    LoRA on top inside each phase).
+    stream, trained, once the documents finished since its last update hold ``phase_tokens``
+    targets, on those documents: ``phase_epochs`` passes in steps of ``phase_batch`` windows of
+    ``seq_len``, Adam at ``phase_lr``, default the per-document rate) or "both" (the carried
+    adapter, with per-document LoRA on top). ``parallel_docs``: documents in flight in the phased
+    scopes (0: :func:`stream_slots` picks them from the stream's lengths); the pass takes at least
+    as many steps as the longest document has chunks, whatever the count.
     """
 
     kind: str = "lora"
@@ -92,6 +95,7 @@ class TTTConfig:
     phase_epochs: int = 1
     phase_lr: float | None = None
     phase_batch: int = 16
+    parallel_docs: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("lora", "full"):
@@ -106,7 +110,7 @@ class TTTConfig:
             raise ValueError("TTT scope 'both' puts per-document LoRA on the carried adapter: kind must be 'lora'")
         for name, v, lo in (("rank", self.rank, 1), ("epochs", self.epochs, 0), ("chunk", self.chunk, 1),
                             ("phase_tokens", self.phase_tokens, 1), ("phase_epochs", self.phase_epochs, 0),
-                            ("phase_batch", self.phase_batch, 1)):
+                            ("phase_batch", self.phase_batch, 1), ("parallel_docs", self.parallel_docs, 0)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"TTT {name} must be an integer >= {lo}, got {v!r}")
         for name, v in (("lr", self.lr), ("phase_lr", self.phase_lr)):
@@ -191,19 +195,21 @@ class LoRABank:
         return hook
 
     @torch.no_grad()
-    def reset(self, keys: Sequence[int]) -> None:
-        """Fresh adapters for lanes ``0..len(keys)-1``: B = 0 and A uniform in ±1/sqrt(in), drawn
+    def reset(self, keys: Sequence[int], lanes: Sequence[int] | None = None) -> None:
+        """Fresh adapters for ``lanes`` (default ``0..len(keys)-1``): B = 0 and A uniform in ±1/sqrt(in), drawn
         from a generator seeded by ``(seed, key)``. A document's key (its first token's position)
         fixes its adapter's start, so its score does not depend on which documents share its batch
         (16 documents of 1024 tokens per batch on a CPU by default, 128 on a GPU) or on the number
         of ranks."""
         gens = [torch.Generator(device="cpu").manual_seed(hash((self.seed, int(k))) & (2**63 - 1)) for k in keys]
+        idx = torch.as_tensor(list(range(len(keys))) if lanes is None else list(lanes), dtype=torch.long)
+        idx = idx.to(self.A[0].device)
         for a, (_, m) in zip(self.A, self.modules):
             bound = 1.0 / math.sqrt(m.in_features)  # kaiming-uniform-like scale for the down projection
             fresh = torch.stack([torch.rand(a.shape[1:], generator=g) for g in gens]).mul_(2 * bound).sub_(bound)
-            a[:len(gens)].copy_(fresh)
+            a[idx] = fresh.to(a.device)
         for b in self.B:
-            b.zero_()
+            b[idx] = 0.0
 
     def parameters(self) -> list[torch.Tensor]:
         return self.A + self.B
@@ -241,18 +247,72 @@ def _lanes(segments: np.ndarray, cfg: TTTConfig, seq_len: int, doc_isolated: boo
     return [WindowPlan(*windows(int(segments[0, 0]), int(segments[-1, 1]), seq_len, cfg.chunk))]
 
 
-def _phases(segments: np.ndarray, phase_tokens: int) -> list[np.ndarray]:
-    """Runs of consecutive documents, in stream order, of at least ``phase_tokens`` targets each
-    (the last may hold fewer; a longer document is a phase of its own)."""
-    out, first, acc = [], 0, 0
-    for i, (b, e) in enumerate(segments):
-        acc += int(e - b)
-        if acc >= phase_tokens:
-            out.append(segments[first:i + 1])
-            first, acc = i + 1, 0
-    if first < len(segments):
-        out.append(segments[first:])
-    return out
+# A schedule is a list of steps; a step is an int64 array of rows (slot, lane, k): the slot (adapter
+# lane of the bank) that scores chunk k of lane (document) `lane` at that step. k == 0 is the document
+# entering its slot, where its adapter starts fresh.
+
+def _grouped_schedule(lanes: list[WindowPlan], group: int) -> list[np.ndarray]:
+    """Per-document scope: lanes (sorted longest first) in groups of ``group`` that start together,
+    so like-length documents share a batch and their windows share a width."""
+    steps = []
+    for g in range(0, len(lanes), group):
+        members = lanes[g:g + group]
+        for k in range(len(members[0])):
+            steps.append(np.array([(i, g + i, k) for i, lane in enumerate(members) if len(lane) > k], np.int64))
+    return steps
+
+
+def _stream_schedule(lengths: Sequence[int], slots: int) -> list[np.ndarray]:
+    """Phased scopes: documents enter ``slots`` slots in stream order (continuous batching); a slot
+    whose document ends takes the next one at the next step. ``lengths``: chunks per document."""
+    queue = iter(range(len(lengths)))
+    busy = {s: [lane, 0] for s, lane in zip(range(slots), queue)}
+    steps = []
+    while busy:
+        steps.append(np.array([(s, lane, k) for s, (lane, k) in busy.items()], np.int64))
+        for s in list(busy):
+            busy[s][1] += 1
+            if busy[s][1] == lengths[busy[s][0]]:
+                nxt = next(queue, None)
+                if nxt is None:
+                    del busy[s]
+                else:
+                    busy[s] = [nxt, 0]
+    return steps
+
+
+def stream_slots(cfg: TTTConfig, chunks: Sequence[int], cap: int) -> int:
+    """Documents in flight in the phased scopes: ``cfg.parallel_docs``, or (0) twice the fewest that
+    keep the pass no longer than the longest document (``2 * total chunks / longest``), at most ``cap``.
+    Fewer slots score more documents after the carried adapter has learned from earlier ones."""
+    if cfg.parallel_docs:
+        return cfg.parallel_docs
+    if len(chunks) == 0:
+        return 1
+    return int(max(1, min(cap, math.ceil(2 * sum(chunks) / max(chunks)))))
+
+
+def _phase_plan(steps: list[np.ndarray], segments: np.ndarray, phase_tokens: int) -> dict[int, np.ndarray]:
+    """Step index -> the documents (segments, stream order) the carried adapter trains on after it:
+    those finished since the previous training, once they hold ``phase_tokens`` targets. Every
+    document in it was scored in full at or before that step."""
+    plan, pending, acc = {}, [], 0
+    n_chunks = np.zeros(len(segments), np.int64)
+    for st in steps:
+        np.maximum.at(n_chunks, st[:, 1], st[:, 2] + 1)
+    done_at: dict[int, list[int]] = {}
+    for s, st in enumerate(steps):
+        for lane, k in st[:, 1:]:
+            if k + 1 == n_chunks[lane]:
+                done_at.setdefault(s, []).append(int(lane))
+    for s in sorted(done_at):
+        for lane in done_at[s]:
+            pending.append(lane)
+            acc += int(segments[lane, 1] - segments[lane, 0])
+        if acc >= phase_tokens and s + 1 < len(steps):  # after the last step, nothing is left to help
+            plan[s] = segments[np.sort(pending)]
+            pending, acc = [], 0
+    return plan
 
 
 def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_len: int, device: torch.device,
@@ -261,35 +321,42 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
             warmup: bool | None = None) -> tuple[float, int, dict[str, Any]]:
     """Score ``tokens`` with score-first TTT; returns ``(loss_sum_nats, tokens, info)`` of this rank.
 
-    This rank scores a contiguous run of documents (scope "doc") or its share of every phase
-    (``target_losses`` records which targets, for the byte count). ``time_budget`` (seconds
-    from the start) bounds the whole pass: adaptation stops once the time spent plus a reserve for
-    scoring what remains (its forwarded positions at the sampled scoring cost, plus 10%) would pass
-    it; the rest is scored without updates and ``info["budget_exceeded"]`` is set.
-    ``info["adapted_fraction"]`` is the share of scored targets processed while adaptation was on.
-    ``warmup`` (default: with a time budget or on a GPU) first runs the scoring and adapting passes
-    on synthetic tokens, outside the clock. The model's weights are restored before returning.
+    Scope "doc": this rank scores a contiguous run of documents, like-length ones batched together.
+    Phased scopes: all ranks follow one schedule of the whole stream (documents in stream order
+    through :func:`stream_slots` slots, slot ``s`` on rank ``s % world``), so the result does not
+    depend on the number of ranks; the carried adapter trains after the steps :func:`_phase_plan`
+    names, every rank at once. ``target_losses`` records which targets this rank scored.
+    ``time_budget`` (seconds from the start) bounds the whole pass: adaptation stops once the time
+    spent plus a reserve for scoring what remains (its forwarded positions at the sampled scoring
+    cost, plus 10%) would pass it; the rest is scored without updates and ``info["budget_exceeded"]``
+    is set. ``info["adapted_fraction"]`` is the share of scored targets processed while adaptation
+    was on. ``warmup`` (default: with a time budget or on a GPU) first runs the scoring and adapting
+    passes on synthetic tokens, outside the clock. The model's weights are restored before returning.
     """
     if cfg.chunk > seq_len:
         raise ValueError(f"TTT chunk {cfg.chunk} exceeds seq_len {seq_len}")
     device = torch.device(device)
     rank, world = dist_rank_world()
     segments = document_segments(tokens, bos_id)
-    phases = [segments] if cfg.scope == "doc" else _phases(segments, cfg.phase_tokens)
     batch_tokens = batch_tokens or default_batch_tokens(device)  # / seq_len = documents adapted at once
-    per_doc = cfg.scope != "phased"
+    per_doc, carries = cfg.scope != "phased", cfg.scope != "doc"
     parallel = cfg.reset == "doc" and (cfg.kind == "lora" or not per_doc)
     group = max(1, batch_tokens // seq_len) if parallel else 1
-    plans = []
-    for ph in phases:
-        lanes = _lanes(_split_segments(ph, rank, world), cfg, seq_len, doc_isolated)
-        if not per_doc:  # no per-document state: every window is independent, batched by width
-            lanes = [WindowPlan(*(a[i:i + 1] for a in (l.starts, l.lengths, l.score_from)))
-                     for l in lanes for i in range(len(l))]
-            lanes.sort(key=lambda l: -int(l.lengths[0]))
-        else:
-            lanes.sort(key=len, reverse=True)  # like-length documents share a batch
-        plans.append(lanes)
+    if carries:  # one schedule of the whole stream; this rank takes every world-th slot
+        lanes = _lanes(segments, cfg, seq_len, doc_isolated)
+        chunks = [len(lane) for lane in lanes]
+        slots = stream_slots(cfg, chunks, group * world)
+        steps = _stream_schedule(chunks, slots)
+        train_after = _phase_plan(steps, segments, cfg.phase_tokens)
+        steps = [st[st[:, 0] % world == rank] for st in steps]
+        for st in steps:
+            st[:, 0] //= world
+        lanes_per_rank = -(-slots // world)
+    else:
+        lanes = sorted(_lanes(_split_segments(segments, rank, world), cfg, seq_len, doc_isolated),
+                       key=len, reverse=True)
+        steps, train_after, slots = _grouped_schedule(lanes, group), {}, group
+        lanes_per_rank = group
 
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
@@ -297,92 +364,96 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
     bank = carried = None
     if cfg.kind == "lora":
         modules = select_targets(model, cfg.targets)
-        if not per_doc or cfg.scope == "both":
+        if carries:
             carried = LoRABank(modules, cfg.rank, 1, device, cfg.seed)
             carried.reset([-1])
             carried.rows = None
-            carried.requires_grad_(False)  # trained only between phases (_phase_training)
+            carried.requires_grad_(False)  # trained only after the planned steps (_phase_training)
         if per_doc:
-            bank = LoRABank(modules, cfg.rank, group, device, cfg.seed)
+            bank = LoRABank(modules, cfg.rank, lanes_per_rank, device, cfg.seed)
     full = [p for p in params if p.is_floating_point()] if cfg.kind == "full" else []
     for p in full:
         p.requires_grad_(True)
     doc_params = bank.parameters() if bank is not None else (full if per_doc else [])
     phase_params = carried.parameters() if carried is not None else ([] if per_doc else full)
     phase_opt = torch.optim.Adam(phase_params, lr=cfg.phase_learning_rate) if phase_params else None
+    lane_opt = _LaneAdam(bank, cfg.learning_rate) if bank is not None else None
 
     doc_adapting = per_doc and cfg.epochs > 0
-    phase_adapting = phase_opt is not None and cfg.phase_epochs > 0 and len(phases) > 1
+    phase_adapting = phase_opt is not None and cfg.phase_epochs > 0 and bool(train_after)
     warm_s = None
     if warmup is None:  # where timing matters: a budget to plan, or a GPU's first-call costs
         warmup = time_budget is not None or device.type == "cuda"
     if warmup:
         with contextlib.nullcontext() if bank is not None else _phase_training(None, carried):
-            warm_s = _warmup(model, bank, doc_params or phase_params, cfg.chunk, seq_len, group, device,
+            warm_s = _warmup(model, bank, doc_params or phase_params, cfg.chunk, seq_len, lanes_per_rank, device,
                              train=doc_adapting or phase_adapting)
         if carried is not None:
             carried.reset([-1])
 
-    positions = np.concatenate([_step_positions(lanes, group) for lanes in plans] or [np.zeros(0, np.int64)])
+    positions = _step_positions(steps, lanes)
     budget = _Budget(time_budget, device, int(positions.sum()))
     total = torch.zeros((), dtype=torch.float64, device=device)
-    count = adapted = adapted_tokens = step = phases_trained = 0
-    n_chunks = sum(len(l) for lanes in plans for l in lanes)
-    stopped_at, reserve = None, 0.0
-    progress = Progress(f"ttt {cfg.kind} {cfg.scope} chunk={cfg.chunk}", sum(l.scored for p in plans for l in p), log)
+    count = adapted = adapted_tokens = phases_trained = 0
+    n_chunks = sum(len(st) for st in steps)
+    stopped_at, reserve, opt = None, 0.0, None
+    mine = {int(lane) for st in steps for lane in st[:, 1]}  # the lanes this rank scores
+    progress = Progress(f"ttt {cfg.kind} {cfg.scope} chunk={cfg.chunk}", sum(lanes[i].scored for i in mine), log)
     model.eval()
     try:
-        for p_idx, lanes in enumerate(plans):
-            for g in range(0, len(lanes), group):
-                members = lanes[g:g + group]
-                if bank is not None:
-                    bank.reset([int(lane.starts[0]) for lane in members])
-                elif per_doc and cfg.reset == "doc":
+        for step, st in enumerate(steps):
+            if len(st):
+                slot, lane_idx, ks = st[:, 0], st[:, 1], st[:, 2]
+                members = [lanes[i] for i in lane_idx]
+                entering = np.flatnonzero(ks == 0)
+                if len(entering) and bank is not None:  # a document enters its slot: a fresh adapter
+                    bank.reset([int(members[j].starts[0]) for j in entering], slot[entering].tolist())
+                    lane_opt.reset(slot[entering])
+                elif len(entering) and per_doc and (opt is None or cfg.reset == "doc"):  # full weights, one document
                     with torch.no_grad():
                         for p, s in zip(params, snapshot):
                             p.copy_(s)
-                opt = torch.optim.Adam(doc_params, lr=cfg.learning_rate) if doc_adapting else None
-                for k in range(len(members[0])):
-                    rows = [i for i, lane in enumerate(members) if len(lane) > k]
-                    starts = np.array([members[i].starts[k] for i in rows])
-                    lengths = np.array([members[i].lengths[k] for i in rows])
-                    score_from = np.array([members[i].score_from[k] for i in rows])
-                    width = int(lengths.max())
-                    x, y = (t.to(device, non_blocking=True) for t in gather_windows(tokens, starts, lengths, width))
-                    mask = score_mask(lengths, score_from, width).to(device)
-                    if bank is not None:
-                        bank.rows = torch.as_tensor(rows, device=device)
-                    # 1. score: no gradient can flow from these losses into any update
-                    with budget.timed(step, int(positions[step]), doc_adapting or phase_adapting), \
-                            torch.inference_mode(), autocast_for(device):
-                        losses = model.token_losses(x, y)
-                        total += torch.where(mask, losses.float(), 0.0).sum(dtype=torch.float64)
-                        if target_losses is not None:
-                            target_losses.add(losses, mask, starts)
-                    n = int((lengths - score_from).sum())
-                    count += n
-                    adapted_tokens += n if (doc_adapting or phase_adapting) else 0
-                    budget.left -= int(positions[step])
-                    step += 1
-                    # 2. adapt on the chunk just scored, where a later chunk can still benefit, while the
-                    # time left covers scoring what remains
-                    if doc_adapting and not budget.allows():
-                        doc_adapting, stopped_at, reserve = False, budget.elapsed(), budget.reserve()
-                    keep = [j for j, i in enumerate(rows) if cfg.reset == "carry" or len(members[i]) > k + 1]
-                    if doc_adapting and keep and not (cfg.reset == "carry" and k + 1 == len(members[0])):
-                        _adapt(model, opt, bank, x[keep], y[keep], mask[keep], [rows[j] for j in keep], cfg, device)
-                        adapted += len(keep)
-                    progress.update(count, "  (time budget spent: scoring only)" if stopped_at is not None else "")
-            # 3. a phase is scored on every rank: the carried adapter learns from it for the phases after
-            if phase_adapting and p_idx + 1 < len(plans):
-                cost = budget.train_estimate(_phase_positions(phases[p_idx], seq_len, cfg) // world)
+                    opt = torch.optim.Adam(doc_params, lr=cfg.learning_rate) if doc_adapting else None
+                starts = np.array([m.starts[k] for m, k in zip(members, ks)])
+                lengths = np.array([m.lengths[k] for m, k in zip(members, ks)])
+                score_from = np.array([m.score_from[k] for m, k in zip(members, ks)])
+                width = int(lengths.max())
+                x, y = (t.to(device, non_blocking=True) for t in gather_windows(tokens, starts, lengths, width))
+                mask = score_mask(lengths, score_from, width).to(device)
+                if bank is not None:
+                    bank.rows = torch.as_tensor(slot, device=device)
+                # 1. score: no gradient can flow from these losses into any update
+                with budget.timed(step, int(positions[step]), doc_adapting or phase_adapting), \
+                        torch.inference_mode(), autocast_for(device):
+                    losses = model.token_losses(x, y)
+                    total += torch.where(mask, losses.float(), 0.0).sum(dtype=torch.float64)
+                    if target_losses is not None:
+                        target_losses.add(losses, mask, starts)
+                n = int((lengths - score_from).sum())
+                count += n
+                adapted_tokens += n if (doc_adapting or phase_adapting) else 0
+                budget.left -= int(positions[step])
+                # 2. adapt on the chunk just scored, where a later chunk can still benefit, while the
+                # time left covers scoring what remains
+                if doc_adapting and not budget.allows():
+                    doc_adapting, stopped_at, reserve = False, budget.elapsed(), budget.reserve()
+                last = step + 1 == len(steps)
+                keep = [j for j, (m, k) in enumerate(zip(members, ks))
+                        if (cfg.reset == "carry" and not last) or len(m) > k + 1]
+                if doc_adapting and keep:
+                    _adapt(model, lane_opt or opt, bank, x[keep], y[keep], mask[keep], slot[keep], cfg, device)
+                    adapted += len(keep)
+                progress.update(count, "  (time budget spent: scoring only)" if stopped_at is not None else "")
+            # 3. documents scored in full so far teach the carried adapter, on every rank at once
+            if phase_adapting and step in train_after:
+                cost = budget.train_estimate(_phase_positions(train_after[step], seq_len, cfg) // world)
                 if all_reduce_sums([float(budget.allows(cost))], device)[0] < world:  # the ranks agree
                     phase_adapting = False
                     if stopped_at is None:
                         stopped_at, reserve = budget.elapsed(), budget.reserve()
                 else:
                     with budget.timed_training(), _phase_training(bank, carried):
-                        budget.trained += _train_phase(model, phase_opt, tokens, phases[p_idx], seq_len, cfg,
+                        budget.trained += _train_phase(model, phase_opt, tokens, train_after[step], seq_len, cfg,
                                                        device, rank, world)
                     phases_trained += 1
     finally:
@@ -402,14 +473,15 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
             "from_start": cfg.from_start, "scope": cfg.scope,
             "adapted_modules": len(bank.modules if bank is not None else carried.modules)
             if cfg.kind == "lora" else None,
-            "documents_in_parallel": group, "chunks": int(chunks_all), "adapted_chunks": int(adapted_chunks_all),
+            "documents_in_parallel": slots, "steps": len(steps),
+            "chunks": int(chunks_all), "adapted_chunks": int(adapted_chunks_all),
             "adapted_fraction": adapted_all / n_all if n_all else 0.0,
             "time_budget": time_budget, "budget_exceeded": stopped_at is not None,
             "stopped_adapting_at_s": stopped_at, "scoring_reserve_s": reserve if stopped_at is not None else None,
             "seconds_per_position": budget.rate(), "cost_samples": len(budget.samples),
             "warmup_s": warm_s, "warmup": "synthetic tokens, before the timer" if warm_s is not None else None}
-    if cfg.scope != "doc":
-        info.update(phases=len(phases), phases_trained=phases_trained, phase_tokens=cfg.phase_tokens,
+    if carries:
+        info.update(phases=len(train_after) + 1, phases_trained=phases_trained, phase_tokens=cfg.phase_tokens,
                     phase_epochs=cfg.phase_epochs, phase_lr=cfg.phase_learning_rate, phase_batch=cfg.phase_batch)
     return float(total.item()), count, info
 
@@ -473,15 +545,9 @@ def _train_phase(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: np.
     return forwarded
 
 
-def _step_positions(lanes: list[WindowPlan], group: int) -> np.ndarray:
-    """Positions each step of :func:`run_ttt`'s loop forwards to score (documents in groups of
-    ``group``, chunk ``k`` of each per step): its documents' windows, padded to the widest."""
-    out = []
-    for g in range(0, len(lanes), group):
-        members = lanes[g:g + group]
-        for k in range(len(members[0])):
-            widths = [int(lane.lengths[k]) for lane in members if len(lane) > k]
-            out.append(len(widths) * max(widths))
+def _step_positions(steps: list[np.ndarray], lanes: list[WindowPlan]) -> np.ndarray:
+    """Positions each step of a schedule forwards to score: its rows' windows, padded to the widest."""
+    out = [len(st) * max(int(lanes[lane].lengths[k]) for lane, k in st[:, 1:]) if len(st) else 0 for st in steps]
     return np.asarray(out, dtype=np.int64)
 
 
@@ -580,9 +646,50 @@ class _Budget:
         self.train_seconds += time.perf_counter() - t
 
 
-def _adapt(model: torch.nn.Module, opt: torch.optim.Optimizer, bank: LoRABank | None, x: torch.Tensor,
-           y: torch.Tensor, mask: torch.Tensor, rows: list[int], cfg: TTTConfig, device: torch.device) -> None:
-    """``cfg.epochs`` Adam steps on the scored positions of ``x``/``y`` (already scored)."""
+class _LaneAdam:
+    """Adam (torch's defaults: betas 0.9/0.999, eps 1e-8) over a :class:`LoRABank` with one step count
+    per lane: a step moves only the lanes of the rows just trained (``bank.rows``), and a lane given
+    to a new document starts from fresh moments. (``torch.optim.Adam`` keeps one count per tensor,
+    which lanes that enter at different steps cannot share.)"""
+
+    def __init__(self, bank: LoRABank, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.bank, self.lr, self.betas, self.eps = bank, lr, betas, eps
+        self.params = bank.parameters()
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = torch.zeros(bank.lanes, device=self.params[0].device)
+
+    def reset(self, lanes: np.ndarray) -> None:
+        idx = torch.as_tensor(lanes, dtype=torch.long, device=self.t.device)
+        self.t[idx] = 0.0
+        for m, v in zip(self.m, self.v):
+            m[idx] = 0.0
+            v[idx] = 0.0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        rows, (b1, b2) = self.bank.rows, self.betas
+        self.t[rows] += 1.0
+        t = self.t[rows]
+        c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+        for p, m, v in zip(self.params, self.m, self.v):
+            g = p.grad[rows]
+            shape = (-1,) + (1,) * (g.dim() - 1)
+            mr = m[rows].mul_(b1).add_(g, alpha=1.0 - b1)
+            vr = v[rows].mul_(b2).addcmul_(g, g, value=1.0 - b2)
+            m[rows], v[rows] = mr, vr
+            denom = (vr.sqrt() / c2.sqrt().view(shape)).add_(self.eps)
+            p[rows] -= (self.lr / c1).view(shape) * mr / denom
+
+
+def _adapt(model: torch.nn.Module, opt: Any, bank: LoRABank | None, x: torch.Tensor,
+           y: torch.Tensor, mask: torch.Tensor, rows: np.ndarray, cfg: TTTConfig, device: torch.device) -> None:
+    """``cfg.epochs`` Adam steps on the scored positions of ``x``/``y`` (already scored); ``rows``:
+    the bank lanes of the batch rows."""
     if bank is not None:
         bank.rows = torch.as_tensor(rows, device=device)
     weight = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)  # per-document mean: lanes independent

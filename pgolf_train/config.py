@@ -114,10 +114,11 @@ class TrainFields:
     eval_ttt_targets: str = "attn,mlp"  # LoRA targets, comma-separated: q,k,v,o,up,down,mlp,attn or module globs
     eval_ttt_from_start: bool = True  # TTT chunks documents from their first token (else after their first window)
     eval_ttt_scope: str = "doc"  # "doc" (adapters per document), "phased" (one carried adapter) or "both"
-    eval_ttt_phase_tokens: int = 32768  # phased TTT: targets per phase (whole documents, stream order)
+    eval_ttt_phase_tokens: int = 32768  # phased TTT: targets of finished documents per carried-adapter update
     eval_ttt_phase_epochs: int = 1  # phased TTT: passes of the carried adapter over each scored phase
     eval_ttt_phase_lr: float = 0.0  # phased TTT: Adam lr of the carried adapter; 0 = the per-document lr
     eval_ttt_phase_batch: int = 16  # phased TTT: windows per step of the carried adapter
+    eval_ttt_parallel_docs: int = 0  # phased TTT: documents in flight, stream order; 0 = from the stream's lengths
     eval_time_budget: float = 600.0  # seconds each evaluation mode may take (the challenge allows 600)
 
     # --- distillation (pgolf_train/distill.py): teacher(s) first, then this model on their soft targets -----
@@ -373,6 +374,7 @@ def validate(cfg: "TrainConfig") -> None:
     need(cfg.eval_ttt_phase_epochs >= 0, "eval_ttt_phase_epochs", "must be >= 0")
     need(cfg.eval_ttt_phase_lr >= 0, "eval_ttt_phase_lr", "must be >= 0 (0 = the per-document lr)")
     need(cfg.eval_ttt_phase_batch >= 1, "eval_ttt_phase_batch", "must be >= 1")
+    need(cfg.eval_ttt_parallel_docs >= 0, "eval_ttt_parallel_docs", "must be >= 0")
     need(bool([t for t in cfg.eval_ttt_targets.split(",") if t.strip()]), "eval_ttt_targets", "must name a target")
     need(cfg.eval_time_budget > 0, "eval_time_budget", "must be > 0")
     need(0.0 <= cfg.distill_teacher_frac < 1.0, "distill_teacher_frac", "must be in [0, 1) (0 = no distillation)")

@@ -17,7 +17,9 @@ from .conftest import tiny_model
 CASES = {"plain": {}, "sliding": {"stride": 5}, "isolated": {"stride": 5, "doc_isolated": True},
          "ttt": {"ttt": TTTConfig(chunk=8, epochs=0)},
          # the carried adapter: both ranks must take the same steps on the summed gradients
-         "phased": {"ttt": TTTConfig(chunk=8, rank=2, lr=0.05, scope="both", phase_tokens=200, phase_batch=3)}}
+         # (two documents in flight: one slot on each rank; the schedule is the whole stream's)
+         "phased": {"ttt": TTTConfig(chunk=8, rank=2, lr=0.05, scope="both", phase_tokens=200, phase_batch=3,
+                                     parallel_docs=2)}}
 
 
 def _worker(rank: int, world: int, init: str, tokens, sp1024: str, out: str) -> None:
@@ -47,4 +49,4 @@ def test_two_gloo_processes_match_one(val_tokens, sp1024, tmp_path):
             assert r[name]["val_bpb"] == pytest.approx(one.val_bpb, rel=1e-6 if name != "phased" else 1e-4)
             assert r[name]["per_doc"]["bytes"] == one.per_doc["bytes"]
         if name == "phased":
-            assert ranks[0]["phased"]["extra"]["ttt"]["phases_trained"] >= 2
+            assert ranks[0]["phased"]["extra"]["ttt"]["phases_trained"] >= 1  # the third document scores after it

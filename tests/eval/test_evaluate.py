@@ -254,7 +254,7 @@ def test_ttt_time_budget_keeps_time_to_score_what_remains(monkeypatch):
 
 
 def test_ttt_plan_counts_the_positions_each_step_forwards():
-    from pgolf_eval.ttt import _lanes, _step_positions
+    from pgolf_eval.ttt import _grouped_schedule, _lanes, _step_positions
     from pgolf_eval.sliding import document_segments
 
     toks, cfg = unique_stream(700, 53), TTTConfig(chunk=4, rank=2, lr=0.05)
@@ -263,7 +263,7 @@ def test_ttt_plan_counts_the_positions_each_step_forwards():
                     batch_tokens=48, log=None)
     forwarded = np.array([x.numel() for x, _, grad in rec.calls if not grad])  # one scoring forward per step
     lanes = sorted(_lanes(document_segments(toks, 1), cfg, 16, False), key=len, reverse=True)
-    assert np.array_equal(_step_positions(lanes, 48 // 16), forwarded)
+    assert np.array_equal(_step_positions(_grouped_schedule(lanes, 48 // 16), lanes), forwarded)
 
 
 def test_lora_ttt_per_document_is_independent_of_documents_per_batch(val_tokens, sp1024):

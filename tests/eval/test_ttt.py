@@ -8,7 +8,7 @@ import torch
 
 from pgolf_eval.evaluate import evaluate_tokens
 from pgolf_eval.sliding import document_segments
-from pgolf_eval.ttt import TTTConfig, _phases
+from pgolf_eval.ttt import TTTConfig, _phase_plan, _stream_schedule, stream_slots
 
 from .conftest import tiny_model
 from .test_evaluate import FakeClock, Recorder, Timed, byte_tables_flat, unique_stream
@@ -82,30 +82,62 @@ def test_warmup_runs_on_synthetic_tokens_and_changes_nothing():
     assert loss / count == pytest.approx(a.val_loss, rel=1e-9)
 
 
-def test_phases_are_runs_of_whole_documents_in_stream_order():
+def test_stream_schedule_fills_freed_slots_in_stream_order():
+    steps = _stream_schedule([3, 1, 2, 1], slots=2)
+    rows = [st.tolist() for st in steps]
+    # slot 1 frees after document 1's single chunk: document 2 takes it, then document 3 takes slot 0
+    assert rows == [[[0, 0, 0], [1, 1, 0]], [[0, 0, 1], [1, 2, 0]], [[0, 0, 2], [1, 2, 1]], [[0, 3, 0]]]
+    # every chunk of every document exactly once, each document's in order
+    flat = [(lane, k) for st in steps for _, lane, k in st.tolist()]
+    assert sorted(flat) == [(d, k) for d, n in enumerate([3, 1, 2, 1]) for k in range(n)]
+
+
+def test_phase_plan_trains_only_on_documents_already_scored_in_full():
     seg = np.array([[0, 10], [10, 50], [50, 55], [55, 60], [60, 200], [200, 210]])
-    ph = _phases(seg, 40)
-    assert [p.tolist() for p in ph] == [[[0, 10], [10, 50]], [[50, 55], [55, 60], [60, 200]], [[200, 210]]]
-    assert np.array_equal(np.concatenate(ph), seg)
+    chunks = [1, 4, 1, 1, 14, 1]
+    steps = _stream_schedule(chunks, slots=2)
+    plan = _phase_plan(steps, seg, 40)
+    done = {}  # document -> the step its last chunk was scored
+    for s, st in enumerate(steps):
+        for _, lane, k in st.tolist():
+            if k + 1 == chunks[lane]:
+                done[lane] = s
+    trained = []
+    for s, docs in sorted(plan.items()):
+        for b, e in docs.tolist():
+            lane = seg[:, 0].tolist().index(b)
+            assert done[lane] <= s  # scored in full before the step the adapter learns from it
+            trained.append(lane)
+        assert (docs[:, 1] - docs[:, 0]).sum() >= 40 and s + 1 < len(steps)
+    assert trained == sorted(set(trained)) and len(plan) >= 1  # each document once, in stream order
+
+
+def test_stream_slots_follow_the_longest_document():
+    assert stream_slots(TTTConfig(), [10, 10, 10, 10], cap=128) == 8  # 2 x 40 / 10
+    assert stream_slots(TTTConfig(), [100, 1, 1, 1], cap=128) == 3
+    assert stream_slots(TTTConfig(), [1] * 1000, cap=128) == 128
+    assert stream_slots(TTTConfig(parallel_docs=5), [1] * 1000, cap=128) == 5
 
 
 @pytest.mark.parametrize("scope", ["phased", "both"])
 def test_phased_ttt_carries_what_earlier_documents_taught(val_tokens, sp1024, scope):
-    """The carried adapter changes later phases' scores only: the first phase scores exactly as
-    without it, and the whole stream scores differently."""
+    """The carried adapter changes what is scored after its first update only: with one document in
+    flight, the documents before it score exactly as without it, and the rest differently."""
     from pgolf_train.tokenizer import byte_tables
 
     model, tables = tiny_model(), byte_tables(sp1024, 1024)
-    toks = val_tokens[:1200]  # four documents of 300 tokens: four phases
-    cfg = TTTConfig(chunk=4, rank=2, lr=0.05, scope=scope, phase_tokens=250, phase_lr=0.05, phase_batch=2)
+    toks = val_tokens[:1200]
+    cfg = TTTConfig(chunk=4, rank=2, lr=0.05, scope=scope, phase_tokens=250, phase_lr=0.05, phase_batch=2,
+                    parallel_docs=1)
     res = evaluate_tokens(model, toks, tables, seq_len=16, ttt=cfg, log=None)
     base = TTTConfig(chunk=4, rank=2, lr=0.05, epochs=0 if scope == "phased" else 1)
     ref = evaluate_tokens(model, toks, tables, seq_len=16, ttt=base, log=None)
     t = res.extra["ttt"]
     assert t["phases"] >= 3 and t["phases_trained"] == t["phases"] - 1 and t["adapted_fraction"] == 1.0
-    first = len(_phases(document_segments(toks, 1), 250)[0])
-    # (per-document lanes batch by phase here, so float32 rounding differs as in the test of batching)
-    assert res.per_doc["loss"][:first] == pytest.approx(ref.per_doc["loss"][:first], rel=1e-4)
+    seg = document_segments(toks, 1)
+    first = int(np.searchsorted(np.cumsum(seg[:, 1] - seg[:, 0]), 250)) + 1  # documents before the first update
+    assert 0 < first < len(seg)
+    assert res.per_doc["loss"][:first] == pytest.approx(ref.per_doc["loss"][:first], rel=1e-5)
     assert res.per_doc["loss"][first:] != pytest.approx(ref.per_doc["loss"][first:], rel=1e-3)
     assert res.tokens == ref.tokens and res.bytes == ref.bytes
 
