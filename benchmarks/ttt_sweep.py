@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # name -> TTTConfig keywords over OLD, the evaluator's first default (LoRA r8 on q,v, Adam 1e-3, chunks of
 # 256, the first window scored whole); the names and the recorded sweeps are relative to it. "best" is
 # TTTConfig() as it is now, the winner of these sweeps.
-OLD = {"rank": 8, "lr": 1e-3, "chunk": 256, "targets": ("q", "v"), "from_start": False}
+OLD = {"rank": 8, "lr": 1e-3, "chunk": 256, "targets": ("q", "v"), "from_start": False, "scope": "doc"}
 VARIANTS: dict[str, dict] = {name: {**OLD, **kw} for name, kw in {
     "ref": {},
     "lr3e-3": {"lr": 3e-3},
@@ -56,18 +56,19 @@ VARIANTS: dict[str, dict] = {name: {**OLD, **kw} for name, kw in {
     "lr3e-3_all_c32_start": {"lr": 3e-3, "targets": ("attn", "mlp"), "chunk": 32, "from_start": True},
 }.items()}
 VARIANTS["best"] = {}
-# Phased (carried) adaptation, spelt over TTTConfig() as it is now: "phased" alone, "both" with the
-# per-document LoRA on top; p = targets per phase, e = passes per phase, lr = the carried adapter's.
+# Phased (carried) adaptation, spelt over TTTConfig() (phase_tokens spelt out: its default was 32,768 when
+# these were measured): "phased" alone, "both" with the per-document LoRA on top; p = targets per phase,
+# e = passes per phase, lr = the carried adapter's.
 VARIANTS.update({
-    "phased_lr3e-3": {"scope": "phased", "phase_lr": 3e-3},
-    "phased_lr1e-2": {"scope": "phased", "phase_lr": 1e-2},
-    "phased_lr3e-3_e2": {"scope": "phased", "phase_lr": 3e-3, "phase_epochs": 2},
-    "phased_lr1e-2_e2": {"scope": "phased", "phase_lr": 1e-2, "phase_epochs": 2},
+    "phased_lr3e-3": {"scope": "phased", "phase_lr": 3e-3, "phase_tokens": 32768},
+    "phased_lr1e-2": {"scope": "phased", "phase_lr": 1e-2, "phase_tokens": 32768},
+    "phased_lr3e-3_e2": {"scope": "phased", "phase_lr": 3e-3, "phase_tokens": 32768, "phase_epochs": 2},
+    "phased_lr1e-2_e2": {"scope": "phased", "phase_lr": 1e-2, "phase_tokens": 32768, "phase_epochs": 2},
     "phased_p8k_lr3e-3": {"scope": "phased", "phase_lr": 3e-3, "phase_tokens": 8192},
     "phased_p8k_lr1e-2": {"scope": "phased", "phase_lr": 1e-2, "phase_tokens": 8192},
-    "both_lr3e-3": {"scope": "both", "phase_lr": 3e-3},
-    "both_lr1e-3": {"scope": "both", "phase_lr": 1e-3},
-    "both_lr1e-2": {"scope": "both", "phase_lr": 1e-2},
+    "both_lr3e-3": {"scope": "both", "phase_lr": 3e-3, "phase_tokens": 32768},
+    "both_lr1e-3": {"scope": "both", "phase_lr": 1e-3, "phase_tokens": 32768},
+    "both_lr1e-2": {"scope": "both", "phase_lr": 1e-2, "phase_tokens": 32768},
     "both_p8k_lr3e-3": {"scope": "both", "phase_lr": 3e-3, "phase_tokens": 8192},
 })
 # The three scopes spelt out, so they keep their meaning when TTTConfig's default scope changes; the
@@ -75,11 +76,11 @@ VARIANTS.update({
 # the phased rows of ttt_sweep_h200_phased.json are the earlier schedule: whole phases, one at a time).
 VARIANTS.update({
     "doc": {"scope": "doc"},
-    "phased": {"scope": "phased"},
-    "both": {"scope": "both"},
+    "phased": {"scope": "phased", "phase_tokens": 32768},
+    "both": {"scope": "both", "phase_tokens": 32768},
     "both_p8k": {"scope": "both", "phase_tokens": 8192},
     "both_p128k": {"scope": "both", "phase_tokens": 131072},
-    "both_wide": {"scope": "both", "parallel_docs": 128},
+    "both_wide": {"scope": "both", "phase_tokens": 32768, "parallel_docs": 128},
 })
 
 

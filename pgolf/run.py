@@ -99,7 +99,7 @@ def _eval_modes(cfg) -> list[dict]:
         ttt = TTTConfig(kind=cfg.eval_ttt, rank=cfg.eval_ttt_rank, lr=cfg.eval_ttt_lr or None,
                         epochs=cfg.eval_ttt_epochs, chunk=min(cfg.eval_ttt_chunk, window),
                         targets=parse_targets(cfg.eval_ttt_targets),
-                        from_start=cfg.eval_ttt_from_start, scope=cfg.eval_ttt_scope,
+                        from_start=cfg.eval_ttt_from_start, scope=cfg.eval_ttt_scope or None,
                         phase_tokens=cfg.eval_ttt_phase_tokens, phase_epochs=cfg.eval_ttt_phase_epochs,
                         phase_lr=cfg.eval_ttt_phase_lr or None, phase_batch=cfg.eval_ttt_phase_batch,
                         parallel_docs=cfg.eval_ttt_parallel_docs)

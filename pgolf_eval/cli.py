@@ -43,9 +43,10 @@ def register(sub) -> None:
     p.add_argument("--ttt-from-start", action=argparse.BooleanOptionalAction, default=d.from_start,
                    help="chunk each document from its first token, adapting inside its first window too "
                         "(--no-ttt-from-start: score the first window whole, as sliding evaluation does)")
-    p.add_argument("--ttt-scope", choices=("doc", "phased", "both"), default=d.scope,
+    p.add_argument("--ttt-scope", choices=("doc", "phased", "both"), default=None,
                    help="doc: adapters per document; phased: one adapter carried over the stream, trained on "
-                        "documents already scored; both: the carried adapter with per-document LoRA on top")
+                        "documents already scored; both: the carried adapter with per-document LoRA on top "
+                        "(default: both for LoRA reset per document, else doc)")
     p.add_argument("--ttt-phase-tokens", type=positive_int, default=d.phase_tokens,
                    help="targets of finished documents the carried adapter waits for before each update")
     p.add_argument("--ttt-phase-epochs", type=nonneg_int, default=d.phase_epochs,

@@ -76,7 +76,11 @@ class TTTConfig:
     stream, trained, once the documents finished since its last update hold ``phase_tokens``
     targets, on those documents: ``phase_epochs`` passes in steps of ``phase_batch`` windows of
     ``seq_len``, Adam at ``phase_lr``, default the per-document rate) or "both" (the carried
-    adapter, with per-document LoRA on top). ``parallel_docs``: documents in flight in the phased
+    adapter, with per-document LoRA on top; the default with LoRA reset per document, else "doc").
+    On the H200-300 artifact of 8c84de3 (ttt_sweep_h200_stream.json) per-document LoRA scored 1.4968,
+    phased 1.5290, both 1.4865 and both with updates every 8,192 targets 1.4853, better than
+    sliding in every length bucket (-0.054 under 512 tokens, -0.035 for 512-2K, -0.046 for 2K-8K,
+    -0.102 from 8K) and than 32,768 (paired -0.0012, interval [-0.0019, -0.0007]). ``parallel_docs``: documents in flight in the phased
     scopes (0: :func:`stream_slots` picks them from the stream's lengths); the pass takes at least
     as many steps as the longest document has chunks, whatever the count.
     """
@@ -90,8 +94,8 @@ class TTTConfig:
     targets: tuple[str, ...] = ("attn", "mlp")
     seed: int = 0
     from_start: bool = True
-    scope: str = "doc"
-    phase_tokens: int = 32768
+    scope: str | None = None
+    phase_tokens: int = 8192
     phase_epochs: int = 1
     phase_lr: float | None = None
     phase_batch: int = 16
@@ -102,6 +106,8 @@ class TTTConfig:
             raise ValueError(f"TTT kind must be 'lora' or 'full', got {self.kind!r}")
         if self.reset not in ("doc", "carry"):
             raise ValueError(f"TTT reset must be 'doc' or 'carry', got {self.reset!r}")
+        if self.scope is None:  # the measured default where it applies: LoRA reset per document
+            object.__setattr__(self, "scope", "both" if self.kind == "lora" and self.reset == "doc" else "doc")
         if self.scope not in SCOPES:
             raise ValueError(f"TTT scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.scope != "doc" and self.reset != "doc":
@@ -167,30 +173,59 @@ def select_targets(model: torch.nn.Module, targets: tuple[str, ...]) -> list[tup
 class LoRABank:
     """Rank-``r`` adapters on ``modules``, one independent slice per lane: ``W x + B_i A_i x``.
 
-    A: float32 ``(lanes, r, in)``, B: float32 ``(lanes, out, r)`` (zero, so a fresh adapter is the
-    base model exactly). ``rows`` (int64 ``(b,)``) picks the lanes of the current batch rows;
-    ``rows = None`` applies lane 0 to every row (the carried adapter of phased TTT).
+    All adapters of a lane live in one row of ``flat``, float32 ``(lanes, P)``: per module, A
+    ``(r, in)`` then B ``(out, r)`` (zero, so a fresh adapter is the base model exactly). ``rows``
+    (int64 ``(b,)``) picks the lanes of the current batch rows; ``rows = None`` applies lane 0 to
+    every row (the carried adapter of phased TTT). A forward gathers the batch's lanes once (one
+    gather, one scatter-add in the backward, one optimizer update over ``flat``), not per module.
     """
 
     def __init__(self, modules: list[tuple[str, torch.nn.Linear]], rank: int, lanes: int,
                  device: torch.device, seed: int) -> None:
         self.modules, self.rank, self.lanes, self.seed = modules, rank, lanes, seed
-        self.A = [torch.zeros(lanes, rank, m.in_features, device=device, requires_grad=True) for _, m in modules]
-        self.B = [torch.zeros(lanes, m.out_features, rank, device=device, requires_grad=True) for _, m in modules]
-        self.rows: torch.Tensor | None = torch.arange(lanes, device=device)
+        self.slices, off = [], 0  # per module: (A offset, B offset, in, out)
+        for _, m in modules:
+            self.slices.append((off, off + rank * m.in_features, m.in_features, m.out_features))
+            off += rank * (m.in_features + m.out_features)
+        self.flat = torch.zeros(lanes, off, device=device, requires_grad=True)
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self.rows = torch.arange(lanes, device=device)
         self.active = True
         self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(modules)]
         self.reset(range(lanes))
 
+    @property
+    def rows(self) -> torch.Tensor | None:
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: torch.Tensor | None) -> None:
+        self._rows, self._cache = rows, None
+
+    def _selected(self, dtype: torch.dtype) -> torch.Tensor:
+        """The current rows' lanes in ``dtype``: ``(b, P)``, or ``(P,)`` with ``rows = None``; made once per
+        forward (the key changes with every in-place update of ``flat`` and with the grad mode)."""
+        key = (self.flat._version, self.flat.requires_grad, torch.is_grad_enabled(),
+               torch.is_inference_mode_enabled(), dtype)
+        if self._cache is None or self._cache[0] != key:
+            sel = self.flat[0] if self._rows is None else self.flat[self._rows]
+            self._cache = (key, sel.to(dtype))
+        return self._cache[1]
+
     def _hook(self, i: int):
+        a0, b0, fan_in, fan_out = self.slices[i]
+        r = self.rank
+
         def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
             x = inputs[0]  # (b, T, in)
             if not self.active:
                 return out
-            if self.rows is None:
-                a, b = self.A[i][0].to(x.dtype), self.B[i][0].to(x.dtype)
+            sel = self._selected(x.dtype)
+            if self._rows is None:
+                a, b = sel[a0:b0].view(r, fan_in), sel[b0:b0 + fan_out * r].view(fan_out, r)
                 return out + ((x @ a.t()) @ b.t()).to(out.dtype)
-            a, b = self.A[i][self.rows].to(x.dtype), self.B[i][self.rows].to(x.dtype)
+            a = sel[:, a0:b0].view(-1, r, fan_in)
+            b = sel[:, b0:b0 + fan_out * r].view(-1, fan_out, r)
             return out + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)).to(out.dtype)
         return hook
 
@@ -202,25 +237,25 @@ class LoRABank:
         (16 documents of 1024 tokens per batch on a CPU by default, 128 on a GPU) or on the number
         of ranks."""
         gens = [torch.Generator(device="cpu").manual_seed(hash((self.seed, int(k))) & (2**63 - 1)) for k in keys]
+        fresh = torch.zeros(len(gens), self.flat.shape[1])
+        for a0, b0, fan_in, _ in self.slices:
+            bound = 1.0 / math.sqrt(fan_in)  # kaiming-uniform-like scale for the down projection
+            for j, g in enumerate(gens):
+                fresh[j, a0:b0] = torch.rand(self.rank, fan_in, generator=g).mul_(2 * bound).sub_(bound).flatten()
         idx = torch.as_tensor(list(range(len(keys))) if lanes is None else list(lanes), dtype=torch.long)
-        idx = idx.to(self.A[0].device)
-        for a, (_, m) in zip(self.A, self.modules):
-            bound = 1.0 / math.sqrt(m.in_features)  # kaiming-uniform-like scale for the down projection
-            fresh = torch.stack([torch.rand(a.shape[1:], generator=g) for g in gens]).mul_(2 * bound).sub_(bound)
-            a[idx] = fresh.to(a.device)
-        for b in self.B:
-            b[idx] = 0.0
+        self.flat[idx.to(self.flat.device)] = fresh.to(self.flat.device)
+        self._cache = None
 
     def parameters(self) -> list[torch.Tensor]:
-        return self.A + self.B
+        return [self.flat]
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
     def requires_grad_(self, flag: bool) -> None:
-        for t in self.parameters():
-            t.requires_grad_(flag)
+        self.flat.requires_grad_(flag)
+        self._cache = None
 
 
 def _split_segments(segments: np.ndarray, rank: int, world: int) -> np.ndarray:
@@ -654,36 +689,29 @@ class _LaneAdam:
 
     def __init__(self, bank: LoRABank, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         self.bank, self.lr, self.betas, self.eps = bank, lr, betas, eps
-        self.params = bank.parameters()
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-        self.t = torch.zeros(bank.lanes, device=self.params[0].device)
+        self.m = torch.zeros_like(bank.flat)
+        self.v = torch.zeros_like(bank.flat)
+        self.t = torch.zeros(bank.lanes, 1, device=bank.flat.device)
 
     def reset(self, lanes: np.ndarray) -> None:
         idx = torch.as_tensor(lanes, dtype=torch.long, device=self.t.device)
-        self.t[idx] = 0.0
-        for m, v in zip(self.m, self.v):
-            m[idx] = 0.0
-            v[idx] = 0.0
+        for state in (self.t, self.m, self.v):
+            state[idx] = 0.0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
+        self.bank.flat.grad = None
 
     @torch.no_grad()
     def step(self) -> None:
-        rows, (b1, b2) = self.bank.rows, self.betas
-        self.t[rows] += 1.0
-        t = self.t[rows]
-        c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
-        for p, m, v in zip(self.params, self.m, self.v):
-            g = p.grad[rows]
-            shape = (-1,) + (1,) * (g.dim() - 1)
-            mr = m[rows].mul_(b1).add_(g, alpha=1.0 - b1)
-            vr = v[rows].mul_(b2).addcmul_(g, g, value=1.0 - b2)
-            m[rows], v[rows] = mr, vr
-            denom = (vr.sqrt() / c2.sqrt().view(shape)).add_(self.eps)
-            p[rows] -= (self.lr / c1).view(shape) * mr / denom
+        flat, rows, (b1, b2) = self.bank.flat, self.bank.rows, self.betas
+        t = self.t[rows] + 1.0
+        g = flat.grad[rows]
+        m = self.m[rows].mul_(b1).add_(g, alpha=1.0 - b1)
+        v = self.v[rows].mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        self.t[rows], self.m[rows], self.v[rows] = t, m, v
+        denom = (v.sqrt() / (1.0 - b2 ** t).sqrt()).add_(self.eps)
+        flat[rows] = flat[rows] - self.lr / (1.0 - b1 ** t) * m / denom
+        self.bank.rows = rows  # drops the gathered lanes, now stale
 
 
 def _adapt(model: torch.nn.Module, opt: Any, bank: LoRABank | None, x: torch.Tensor,

@@ -113,8 +113,8 @@ class TrainFields:
     eval_ttt_chunk: int = 64  # TTT chunk in tokens, scored then trained on (its stride); at most the eval window
     eval_ttt_targets: str = "attn,mlp"  # LoRA targets, comma-separated: q,k,v,o,up,down,mlp,attn or module globs
     eval_ttt_from_start: bool = True  # TTT chunks documents from their first token (else after their first window)
-    eval_ttt_scope: str = "doc"  # "doc" (adapters per document), "phased" (one carried adapter) or "both"
-    eval_ttt_phase_tokens: int = 32768  # phased TTT: targets of finished documents per carried-adapter update
+    eval_ttt_scope: str = ""  # "doc" (adapters per document), "phased" (one carried adapter), "both"; "" = the evaluator's (both for LoRA)
+    eval_ttt_phase_tokens: int = 8192  # phased TTT: targets of finished documents per carried-adapter update
     eval_ttt_phase_epochs: int = 1  # phased TTT: passes of the carried adapter over each scored phase
     eval_ttt_phase_lr: float = 0.0  # phased TTT: Adam lr of the carried adapter; 0 = the per-document lr
     eval_ttt_phase_batch: int = 16  # phased TTT: windows per step of the carried adapter
@@ -369,7 +369,8 @@ def validate(cfg: "TrainConfig") -> None:
     need(cfg.eval_ttt_lr >= 0, "eval_ttt_lr", "must be >= 0 (0 = the evaluator's default)")
     need(cfg.eval_ttt_epochs >= 0, "eval_ttt_epochs", "must be >= 0")
     need(cfg.eval_ttt_chunk >= 1, "eval_ttt_chunk", "must be >= 1")
-    need(cfg.eval_ttt_scope in ("doc", "phased", "both"), "eval_ttt_scope", "must be 'doc', 'phased' or 'both'")
+    need(cfg.eval_ttt_scope in ("", "doc", "phased", "both"), "eval_ttt_scope",
+         "must be 'doc', 'phased', 'both' or '' (the evaluator's default)")
     need(cfg.eval_ttt_phase_tokens >= 1, "eval_ttt_phase_tokens", "must be >= 1")
     need(cfg.eval_ttt_phase_epochs >= 0, "eval_ttt_phase_epochs", "must be >= 0")
     need(cfg.eval_ttt_phase_lr >= 0, "eval_ttt_phase_lr", "must be >= 0 (0 = the per-document lr)")

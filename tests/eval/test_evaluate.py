@@ -257,7 +257,7 @@ def test_ttt_plan_counts_the_positions_each_step_forwards():
     from pgolf_eval.ttt import _grouped_schedule, _lanes, _step_positions
     from pgolf_eval.sliding import document_segments
 
-    toks, cfg = unique_stream(700, 53), TTTConfig(chunk=4, rank=2, lr=0.05)
+    toks, cfg = unique_stream(700, 53), TTTConfig(chunk=4, rank=2, lr=0.05, scope="doc")
     rec = Recorder(inner=tiny_model(vocab=4096))
     evaluate_tokens(rec, toks, byte_tables_flat(4096), seq_len=16, ttt=TTTConfig(**{**cfg.__dict__, "epochs": 0}),
                     batch_tokens=48, log=None)
@@ -272,7 +272,7 @@ def test_lora_ttt_per_document_is_independent_of_documents_per_batch(val_tokens,
     from pgolf_eval.evaluate import CPU_BATCH_TOKENS, DEFAULT_BATCH_TOKENS, default_batch_tokens
 
     model, tables = tiny_model(), byte_tables(sp1024, 1024)
-    toks, cfg = val_tokens[:600], TTTConfig(chunk=4, rank=2, lr=0.05)
+    toks, cfg = val_tokens[:600], TTTConfig(chunk=4, rank=2, lr=0.05, scope="doc")
     one = evaluate_tokens(model, toks, tables, seq_len=16, ttt=cfg, batch_tokens=16, log=None)
     many = evaluate_tokens(model, toks, tables, seq_len=16, ttt=cfg, batch_tokens=16 * 64, log=None)
     assert one.extra["ttt"]["documents_in_parallel"] == 1 and many.extra["ttt"]["documents_in_parallel"] == 64
