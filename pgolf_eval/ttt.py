@@ -432,6 +432,7 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
     count = adapted = adapted_tokens = phases_trained = 0
     n_chunks = sum(len(st) for st in steps)
     stopped_at, reserve, opt = None, 0.0, None
+    phase_ok = phase_adapting  # this rank's budget still covers carried-adapter updates
     mine = {int(lane) for st in steps for lane in st[:, 1]}  # the lanes this rank scores
     progress = Progress(f"ttt {cfg.kind} {cfg.scope} chunk={cfg.chunk}", sum(lanes[i].scored for i in mine), log)
     model.eval()
@@ -466,12 +467,15 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
                         target_losses.add(losses, mask, starts)
                 n = int((lengths - score_from).sum())
                 count += n
-                adapted_tokens += n if (doc_adapting or phase_adapting) else 0
                 budget.left -= int(positions[step])
                 # 2. adapt on the chunk just scored, where a later chunk can still benefit, while the
-                # time left covers scoring what remains
-                if doc_adapting and not budget.allows():
-                    doc_adapting, stopped_at, reserve = False, budget.elapsed(), budget.reserve()
+                # time left covers scoring what remains (once it does not, this rank adapts no more:
+                # its next phase vote is no)
+                if (doc_adapting or phase_ok) and not budget.allows():
+                    doc_adapting = phase_ok = False
+                    if stopped_at is None:
+                        stopped_at, reserve = budget.elapsed(), budget.reserve()
+                adapted_tokens += n if (doc_adapting or (phase_adapting and phase_ok)) else 0
                 last = step + 1 == len(steps)
                 keep = [j for j, (m, k) in enumerate(zip(members, ks))
                         if (cfg.reset == "carry" and not last) or len(m) > k + 1]
@@ -482,7 +486,7 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
             # 3. documents scored in full so far teach the carried adapter, on every rank at once
             if phase_adapting and step in train_after:
                 cost = budget.train_estimate(_phase_positions(train_after[step], seq_len, cfg) // world)
-                if all_reduce_sums([float(budget.allows(cost))], device)[0] < world:  # the ranks agree
+                if all_reduce_sums([float(phase_ok and budget.allows(cost))], device)[0] < world:  # the ranks agree
                     phase_adapting = False
                     if stopped_at is None:
                         stopped_at, reserve = budget.elapsed(), budget.reserve()

@@ -50,16 +50,21 @@ def test_slow_first_calls_do_not_switch_adaptation_off(monkeypatch):
     assert t["warmup_s"] > 0 and t["cost_samples"] >= 3
 
 
-def test_tiny_budget_scores_every_token_and_says_how_little_adapted(val_tokens, sp1024):
+@pytest.mark.parametrize("scope", ["doc", "phased", "both"])
+def test_tiny_budget_scores_every_token_and_says_how_little_adapted(val_tokens, sp1024, scope):
     from pgolf_train.tokenizer import byte_tables
 
     model, tables = tiny_model(), byte_tables(sp1024, 1024)
-    toks, cfg = val_tokens[:400], TTTConfig(chunk=4, rank=2, lr=0.05)
+    # (one document in flight; the carried adapter first updates after 800 finished targets, and what is
+    # scored before that counts as adapted only while the budget still covers the updates)
+    toks, cfg = val_tokens[:1200], TTTConfig(chunk=4, rank=2, lr=0.05, scope=scope, phase_tokens=800, parallel_docs=1)
     full = evaluate_tokens(model, toks, tables, seq_len=16, ttt=cfg, time_budget=1e6, log=None)
     tiny = evaluate_tokens(model, toks, tables, seq_len=16, ttt=cfg, time_budget=1e-3, log=None)
     assert full.extra["ttt"]["adapted_fraction"] == 1.0 and not full.extra["ttt"]["budget_exceeded"]
     assert tiny.tokens == full.tokens == len(toks) - 1 and tiny.bytes == full.bytes
     assert tiny.extra["ttt"]["budget_exceeded"] and tiny.extra["ttt"]["adapted_fraction"] < 0.5
+    if scope != "doc":  # the carried adapter too: every planned update was refused
+        assert full.extra["ttt"]["phases_trained"] > 0 and tiny.extra["ttt"]["phases_trained"] == 0
 
 
 def test_warmup_runs_on_synthetic_tokens_and_changes_nothing():
