@@ -16,6 +16,7 @@ _SUBCOMMAND_MODULES = (
     "pgolf_train.cli",   # data, train, quantize
     "pgolf_eval.cli",    # eval
     "pgolf.run",         # run
+    "pgolf.submit",      # submit
 )
 
 

@@ -19,6 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
+from pgolf.modes import check_eval_modes as _check_eval_modes, eval_modes as _eval_modes
+
 CAP_BYTES = 16_000_000
 
 
@@ -85,40 +87,6 @@ def _resolve_data(args, cfg, out: Path) -> tuple[Path, Path, dict]:
                        force=args.force)
     tok = args.tokenizer if args.tokenizer is not None else data_dir / "tokenizer.model"
     return data_dir, tok, manifest
-
-
-def _eval_modes(cfg) -> list[dict]:
-    """The evaluation modes a config asks for, beyond the trainer's plain post-quantization score."""
-    modes = []
-    if cfg.eval_stride and cfg.eval_stride < (cfg.eval_seq_len or cfg.train_seq_len):
-        modes.append({"mode": "sliding", "stride": cfg.eval_stride})
-    if cfg.eval_ttt:
-        from pgolf_eval.ttt import TTTConfig, parse_targets
-
-        window = cfg.eval_seq_len or cfg.train_seq_len
-        ttt = TTTConfig(kind=cfg.eval_ttt, rank=cfg.eval_ttt_rank, lr=cfg.eval_ttt_lr or None,
-                        epochs=cfg.eval_ttt_epochs, chunk=min(cfg.eval_ttt_chunk, window),
-                        targets=parse_targets(cfg.eval_ttt_targets),
-                        from_start=cfg.eval_ttt_from_start, scope=cfg.eval_ttt_scope or None,
-                        phase_tokens=cfg.eval_ttt_phase_tokens, phase_epochs=cfg.eval_ttt_phase_epochs,
-                        phase_lr=cfg.eval_ttt_phase_lr or None, phase_batch=cfg.eval_ttt_phase_batch,
-                        parallel_docs=cfg.eval_ttt_parallel_docs)
-        modes.append({"mode": "ttt", "ttt": ttt})
-    return modes
-
-
-def _check_eval_modes(cfg, modes: list[dict]) -> None:
-    """Run before training: a bad TTT setting (a misspelt target) fails now, not after the training
-    budget is spent. The model is built on the meta device (no memory)."""
-    import torch
-
-    from pgolf_eval.ttt import select_targets
-    from pgolf_train.model import GPT
-
-    for m in modes:
-        if "ttt" in m and m["ttt"].kind == "lora":
-            with torch.device("meta"):
-                select_targets(GPT(cfg.model_config()), m["ttt"].targets)
 
 
 def _allocate(cfg, summary: dict, data_dir: Path, tokenizer: Path, out: Path, device: str) -> dict:

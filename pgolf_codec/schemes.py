@@ -15,7 +15,6 @@ import fnmatch
 import json
 import math
 import re
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -613,6 +612,8 @@ class Recipe:
     def load(cls, path: str | Path) -> "Recipe":
         """Read a TOML or JSON file: either `{"rules": [{"pattern": P, "scheme": S}, ...]}` or
         a flat ordered table `{P: S, ...}` (TOML: top-level `"tok_emb*" = "int8"` lines)."""
+        import tomllib  # here, not at import: a bundle on Python 3.10 reads no TOML
+
         path = Path(path)
         text = path.read_text(encoding="utf-8")
         try:

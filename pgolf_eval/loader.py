@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from pgolf_codec.errors import FormatError
-from pgolf_codec.gptq import apply_lowrank
+from pgolf_codec.lowrank import apply_lowrank
 
 
 class EvalWarning(UserWarning):
@@ -65,12 +65,13 @@ def model_module(art: Any, path: str | os.PathLike, trust_code: bool = False) ->
             raise ValueError(f"{path}: --trust-code given but the artifact embeds no model source")
         return _exec_module(source, f"<artifact {Path(path).name}:{name}>")
     from pgolf_train import model as installed
+    from pgolf_train.source import model_source
 
     if source is None:
         warnings.warn(f"{path}: the artifact embeds no model source; using the installed pgolf_train.model",
                       EvalWarning, stacklevel=3)
     else:
-        mine = _sha256(Path(installed.__file__).read_text(encoding="utf-8"))
+        mine = _sha256(model_source())
         if mine != _sha256(source):
             warnings.warn(f"{path}: embedded model source {name} (sha256 {_sha256(source)[:12]}) differs from the "
                           f"installed pgolf_train/model.py (sha256 {mine[:12]}); evaluating with the installed "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +224,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def _parse_override_value(text: str) -> Any:
     """An override's value: a TOML literal when it parses as one (1, 0.5, true, [1, 2]), else a string."""
+    import tomllib  # here, not at import: a bundle on Python 3.10 reads no TOML
+
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -251,6 +252,8 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     Raises :class:`ConfigError` naming the offending key for unknown keys, wrong types and
     out-of-range values.
     """
+    import tomllib
+
     path = resolve_config_path(name_or_path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))

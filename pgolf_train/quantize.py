@@ -30,10 +30,10 @@ from pgolf_codec.gptq import (LOWRANK_A, LOWRANK_B, apply_lowrank, gptq_quantize
                               lowrank_correction)
 from pgolf_codec.schemes import Quantized, QuantSpec, dequantize, quantize
 from pgolf_train.model import GPT, GPTConfig
+from pgolf_train.source import model_source
 
 __all__ = ["QuantizeOptions", "build_candidates", "quantize_model", "load_checkpoint_weights", "add_parser"]
 
-MODEL_SOURCE = Path(__file__).with_name("model.py")
 HEADER_SLACK = 512  # bytes kept back for header-size changes between the estimate and the build
 
 
@@ -251,7 +251,7 @@ def quantize_model(state: dict[str, torch.Tensor], cfg: GPTConfig, hessians: dic
     cands = candidates if candidates is not None else build_candidates(
         model, hessians, opts, probe=None if probe is None else probe.to(device))
     names = sorted(cands)
-    code = {"model.py": MODEL_SOURCE.read_text(encoding="utf-8")}
+    code = {"model.py": model_source()}
     other = QuantSpec.parse(opts.other)
     # Everything but the allocated payloads: header, code section, float tensors. Measured with
     # the smallest candidates in place; the header changes by a few bytes with the choice.
@@ -374,7 +374,7 @@ def fixed_bytes(state: dict[str, torch.Tensor], opts: QuantizeOptions) -> int:
     small = {k: quantize(v, other) for k, v in state.items() if v.dim() != 2}
     if not small:
         return 0
-    _, info = build_artifact(small, "fp32", code={"model.py": MODEL_SOURCE.read_text(encoding="utf-8")},
+    _, info = build_artifact(small, "fp32", code={"model.py": model_source()},
                              coder=opts.coder)
     return info.total_bytes
 

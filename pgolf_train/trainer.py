@@ -43,10 +43,10 @@ from pgolf_train.ema import EMA
 from pgolf_train.loader import DistributedTokenLoader
 from pgolf_train.model import GPT
 from pgolf_train.muon import Muon, split_params
+from pgolf_train.source import model_source, module_source
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
-MODEL_SOURCE = PACKAGE_ROOT / "model.py"
 ARTIFACT_LIMIT = 16_000_000
 CHECKPOINT_VERSION = 1
 # Files a run writes into its directory; --force removes exactly these (nothing else of the user's).
@@ -119,10 +119,15 @@ def leave_group() -> None:
 
 
 def code_hash() -> str:
-    """sha256 over the sources of the pgolf packages (path + bytes of every .py, sorted)."""
+    """sha256 over the sources of the pgolf packages (path + bytes of every .py, sorted); where they
+    are no files (a generated train_gpt.py), over the loaded pgolf modules' sources (name + text)."""
     h = hashlib.sha256()
-    for pkg in ("pgolf_train", "pgolf_codec", "pgolf_eval", "pgolf"):
-        root = REPO_ROOT / pkg
+    roots = [REPO_ROOT / pkg for pkg in ("pgolf_train", "pgolf_codec", "pgolf_eval", "pgolf")]
+    if not any(r.is_dir() for r in roots):
+        for name in sorted(m for m in sys.modules if m.split(".")[0] in ("pgolf_train", "pgolf_codec", "pgolf_eval", "pgolf")):
+            h.update(name.encode() + b"\0" + module_source(name).encode())
+        return h.hexdigest()
+    for root in roots:
         if not root.is_dir():
             continue
         for path in sorted(root.rglob("*.py")):
@@ -828,7 +833,7 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
         t = time.perf_counter()
         # overwrite=True: the run directory was checked (or --force'd) at the start; a file here is ours
         info = write_artifact(artifact, tensors, recipe, metadata=metadata,
-                              code={"model.py": MODEL_SOURCE.read_text(encoding="utf-8")},
+                              code={"model.py": model_source()},
                               coder=cfg.coder, overwrite=True)
         fits = info.total_bytes <= cfg.max_artifact_bytes
         log(f"artifact: {artifact}  {info.total_bytes:,} bytes = model {info.model_bytes:,} + code "

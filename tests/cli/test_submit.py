@@ -1,0 +1,169 @@
+"""`pgolf submit`: a run becomes a records folder whose train_gpt.py runs without pgolf installed."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pgolf.bundle import ENTRY, build, closure, latin1_literal, minify, module_file
+from pgolf.cli import main
+from pgolf_train.config import load_config
+
+# Runs a script with every pgolf package import refused unless the script's own loader serves it
+# (its finder goes first in sys.meta_path), then checks that each pgolf module loaded came from it.
+ISOLATED = '''
+import sys, importlib.abc, runpy
+PKGS = ("pgolf", "pgolf_codec", "pgolf_train", "pgolf_eval")
+BLOCK = set(sys.argv[2].split(",")) if len(sys.argv) > 2 and sys.argv[2] else set()
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in PKGS or name.split(".")[0] in BLOCK:
+            raise ModuleNotFoundError(f"No module named {name!r} (refused: not from the bundle)", name=name)
+        return None
+sys.meta_path.insert(0, Refuse())
+script = sys.argv[1]
+sys.argv = [script]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    bad = [n for n, m in list(sys.modules.items()) if n.split(".")[0] in PKGS
+           and not str(getattr(m.__spec__, "origin", "")).startswith("train_gpt.py:")]
+    if bad:
+        print("NOT FROM THE BUNDLE:", bad, file=sys.stderr)
+        sys.exit(3)
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, fineweb_docs, wiki_shard, sp1024):
+    out = tmp_path_factory.mktemp("submit") / "tiny"
+    rc = main(["run", "--config", "tiny", "--docs", str(fineweb_docs), str(wiki_shard), "--val-docs", "20",
+               "--tokenizer", str(sp1024), "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def records(tiny_run, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("records") / "2026-12-01_tiny"
+    assert main(["submit", str(tiny_run), "-o", str(dest), "--name", "tiny test", "--author", "A. Author",
+                 "--github", "aauthor"]) == 0
+    return dest
+
+
+def _run_isolated(script: Path, cwd: Path, env: dict[str, str], block: str = "") -> subprocess.CompletedProcess:
+    iso = cwd / "isolated.py"
+    iso.write_text(ISOLATED)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    return subprocess.run([sys.executable, "-I", str(iso), script.name, block], cwd=cwd, env={**clean, **env},
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_records_folder_counts_the_script_as_the_challenge_does(records, tiny_run):
+    sub = json.loads((records / "submission.json").read_text())
+    script = (records / "train_gpt.py").read_bytes()
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert sub["bytes_code"] == len(script)
+    assert sub["bytes_model"] == report["artifact_bytes"] == (tiny_run / "train" / "model.pgolf").stat().st_size
+    assert sub["bytes_total"] == sub["bytes_code"] + sub["bytes_model"]
+    assert (sub["name"], sub["author"], sub["github_id"]) == ("tiny test", "A. Author", "aauthor")
+    assert sub["val_bpb"] == report["val_bpb"] and sub["val_loss"] > 0 and sub["date"]
+    assert set((records / "requirements.txt").read_text().split()) == {"numba", "zstandard", "msgpack"}
+    assert "pgolf" not in (records / "requirements.txt").read_text()
+    assert {p.name for p in (records / "logs").iterdir()} >= {"report.md", "report.json", "train.log"}
+    readme = (records / "README.md").read_text()
+    assert "torchrun --standalone --nproc_per_node=8 train_gpt.py" in readme and f"{sub['bytes_total']:,}" in readme
+    ast.parse(script.decode("ascii"))  # plain ASCII Python (base85 payload)
+
+
+def test_submit_refuses_to_overwrite_and_keeps_what_was_there(records, tiny_run, capsys):
+    before = (records / "train_gpt.py").read_bytes()
+    assert main(["submit", str(tiny_run), "-o", str(records)]) == 2
+    assert "exists" in capsys.readouterr().err and (records / "train_gpt.py").read_bytes() == before
+    assert main(["submit", str(tiny_run.parent / "nothing"), "-o", str(records.parent / "x")]) == 2
+    assert "report.json" in capsys.readouterr().err and not (records.parent / "x").exists()
+
+
+def test_generated_script_trains_exports_and_scores_without_pgolf(records, tiny_run, sp1024, tmp_path):
+    """The acceptance test: in an empty directory, under `python -I`, with every pgolf import that
+    the bundle does not serve refused, train_gpt.py trains, writes model.pgolf, and prints a score
+    that pgolf's own evaluator reproduces."""
+    from pgolf_eval.evaluate import evaluate_artifact
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "train_gpt.py").write_bytes((records / "train_gpt.py").read_bytes())
+    proc = _run_isolated(work / "train_gpt.py", work, {"DATA_PATH": str(tiny_run / "data"),
+                                                       "TOKENIZER_PATH": str(sp1024), "RUN_ID": "iso",
+                                                       "ITERATIONS": "12"})
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    m = re.search(r"final_pgolf_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)", proc.stdout)
+    assert m, proc.stdout[-2000:]
+    code = int(re.search(r"Code size: (\d+) bytes", proc.stdout).group(1))
+    model = int(re.search(r"Serialized model pgolf: (\d+) bytes", proc.stdout).group(1))
+    total = int(re.search(r"Total submission size pgolf: (\d+) bytes", proc.stdout).group(1))
+    assert code == len((records / "train_gpt.py").read_bytes()) and total == code + model
+    artifact = work / "model.pgolf"
+    assert artifact.stat().st_size == model
+    summary = json.loads((work / "logs" / "iso" / "train_summary.json").read_text())
+    assert summary["steps"] == 12  # ITERATIONS overrode the baked config (40)
+    cfg = load_config("tiny")
+    res = evaluate_artifact(artifact, tiny_run / "data", sp1024, max_tokens=cfg.val_max_tokens, log=None)
+    assert abs(res.val_bpb - float(m.group(2))) <= 1e-4
+
+
+def test_a_missing_package_is_one_clear_line(records, tiny_run, sp1024, tmp_path):
+    (tmp_path / "train_gpt.py").write_bytes((records / "train_gpt.py").read_bytes())
+    proc = _run_isolated(tmp_path / "train_gpt.py", tmp_path, {"DATA_PATH": str(tiny_run / "data"),
+                                                               "TOKENIZER_PATH": str(sp1024)}, block="zstandard")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "zstandard" in proc.stderr and "pip install -r requirements.txt" in proc.stderr
+
+
+def test_closure_comes_from_the_import_graph_and_the_config():
+    names = closure(ENTRY, load_config("h200"))
+    assert {"pgolf.submission", "pgolf_train.trainer", "pgolf_eval.ttt", "pgolf_codec.rans",
+            "pgolf_train.model", "pgolf_codec.lowrank"} <= set(names)
+    # what only `pgolf run`, the CLIs and data preparation use stays out
+    assert not {"pgolf.cli", "pgolf.run", "pgolf.report", "pgolf_train.prepare", "pgolf_codec.cli",
+                "pgolf_codec.gptq", "pgolf.bundle"} & set(names)
+    assert "pgolf_train.distill" not in names and "pgolf_train.distill" in closure(ENTRY, load_config("distill"))
+    for name in names:  # parents are in: every package __init__ on the way
+        parts = name.split(".")
+        assert all(".".join(parts[:i]) in names for i in range(1, len(parts)))
+
+
+def test_minified_modules_compile_and_keep_dataclass_fields():
+    for name in closure(ENTRY, load_config("h200")):
+        path, _ = module_file(name)
+        small = minify(path.read_text(encoding="utf-8"))
+        compile(small, name, "exec")
+        assert '"""' not in small.split("\n", 1)[0]  # no module docstring
+    ns: dict = {}
+    exec(minify('from dataclasses import dataclass\n@dataclass\nclass C:\n    """doc"""\n    x: int = 1\n'
+                'def f(a: int) -> int:\n    """doc"""\n'), ns)
+    assert ns["C"]().x == 1 and ns["f"](3) is None
+
+
+@given(st.binary(max_size=600))
+def test_latin1_payload_literal_roundtrips(data):
+    src = ("# -*- coding: latin-1 -*-\nx = " + latin1_literal(data) + ".encode('latin-1')\n").encode("latin-1")
+    ns: dict = {}
+    exec(compile(src, "t.py", "exec"), ns)
+    assert ns["x"] == data
+
+
+def test_latin1_bundle_is_smaller_and_states_its_own_length():
+    cfg = load_config("tiny")
+    b85, raw = build(cfg, title="t"), build(cfg, title="t", encoding="latin1")
+    assert raw.bytes < 0.85 * b85.bytes and raw.coder == b85.coder
+    for b in (b85, raw):
+        assert f",{b.bytes}))" in b.text  # the length it passes to the entry point is its own
