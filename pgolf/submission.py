@@ -4,8 +4,9 @@
 baked config under its wall clock on the challenge's shards, writes ``model.pgolf`` in the working
 directory, prints the challenge's lines (``final_pgolf_roundtrip_exact val_loss:... val_bpb:...``
 for the artifact's score, then the bytes as code + model), then scores the artifact with the
-config's sliding-window and TTT evaluations, each within ``eval_time_budget``. The challenge's
-environment variables override the baked config (:data:`ENV`). Logs go to ``logs/RUN_ID/``.
+config's sliding-window and TTT evaluations on every rank, each within ``eval_time_budget``. The
+challenge's environment variables override the baked config (:data:`ENV`). Logs go to
+``logs/RUN_ID/`` (rank 0's RUN_ID, or a fresh one).
 """
 from __future__ import annotations
 
@@ -72,44 +73,55 @@ def main(baked: dict[str, Any], code_bytes: int) -> int:
 
 
 def _run(cfg: Any, data: Path, tok: Path, run_id: str, code_bytes: int) -> int:
-    import torch
+    import torch.distributed as dist
 
     from pgolf.modes import check_eval_modes, eval_modes
     from pgolf_codec.atomic import atomic_write
     from pgolf_eval.evaluate import evaluate_artifact
-    from pgolf_train.trainer import train
+    from pgolf_train.trainer import init_distributed, leave_group, train
 
     modes = eval_modes(cfg)
     check_eval_modes(cfg, modes)
-    out = Path("logs") / run_id
-    summary = train(cfg, data, tok, out)
-    master = int(os.environ.get("RANK", "0")) == 0
-    if not master:  # the trainer left the process group; rank 0 exports and scores
-        return 0
-    artifact = Path("model.pgolf")
-    atomic_write(artifact, Path(summary["artifact"]).read_bytes(), overwrite=True)
-    model_bytes = artifact.stat().st_size
-    print(f"final_pgolf_roundtrip_exact val_loss:{summary['val_loss']:.8f} val_bpb:{summary['val_bpb']:.8f}")
-    print(f"Serialized model pgolf: {model_bytes} bytes")
-    print(f"Code size: {code_bytes} bytes")
-    print(f"Total submission size pgolf: {model_bytes + code_bytes} bytes")
-    results = {"run_id": run_id, "val_loss": summary["val_loss"], "val_bpb": summary["val_bpb"],
-               "val_bpb_prequant": summary["val_bpb_prequant"], "steps": summary["steps"],
-               "train_seconds": summary["train_seconds"], "bytes_model": model_bytes, "bytes_code": code_bytes,
-               "bytes_total": model_bytes + code_bytes, "evals": {}}
-    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
-    for m in modes:
-        kw = {k: v for k, v in m.items() if k != "mode"}
-        res = evaluate_artifact(artifact, data, tok, device=device, seq_len=cfg.eval_seq_len or cfg.train_seq_len,
-                                time_budget=cfg.eval_time_budget, max_tokens=cfg.val_max_tokens or None, log=None, **kw)
-        print(f"final_pgolf_{m['mode']} val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f} "
-              f"eval_time:{res.seconds * 1000:.0f}ms")
-        results["evals"][m["mode"]] = {"val_loss": res.val_loss, "val_bpb": res.val_bpb, "seconds": res.seconds,
-                                       **({"ttt": res.extra["ttt"]} if "ttt" in res.extra else {})}
-        if "ttt" in res.extra:
-            from pgolf_eval.ttt import adaptation_note
+    # Joined here, not in train(): the group outlives training, so every rank scores its share.
+    di = init_distributed(cfg.device)
+    try:
+        if di.distributed:  # one run directory for all ranks: rank 0's id
+            box = [run_id]
+            dist.broadcast_object_list(box, src=0)
+            run_id = box[0]
+        out = Path("logs") / run_id
+        summary = train(cfg, data, tok, out)
+        artifact = Path(summary["artifact"])
+        if di.master:
+            atomic_write("model.pgolf", artifact.read_bytes(), overwrite=True)
+        model_bytes = artifact.stat().st_size
+        say = print if di.master else (lambda *a, **k: None)
+        say(f"final_pgolf_roundtrip_exact val_loss:{summary['val_loss']:.8f} val_bpb:{summary['val_bpb']:.8f}")
+        say(f"Serialized model pgolf: {model_bytes} bytes")
+        say(f"Code size: {code_bytes} bytes")
+        say(f"Total submission size pgolf: {model_bytes + code_bytes} bytes", flush=True)
+        results = {"run_id": run_id, "val_loss": summary["val_loss"], "val_bpb": summary["val_bpb"],
+                   "val_bpb_prequant": summary["val_bpb_prequant"], "steps": summary["steps"],
+                   "train_seconds": summary["train_seconds"], "world_size": di.world_size,
+                   "bytes_model": model_bytes, "bytes_code": code_bytes, "bytes_total": model_bytes + code_bytes,
+                   "evals": {}}
+        for m in modes:
+            kw = {k: v for k, v in m.items() if k != "mode"}
+            res = evaluate_artifact(artifact, data, tok, device=str(di.device), time_budget=cfg.eval_time_budget,
+                                    seq_len=cfg.eval_seq_len or cfg.train_seq_len,
+                                    max_tokens=cfg.val_max_tokens or None, log=None, **kw)
+            say(f"final_pgolf_{m['mode']} val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f} "
+                f"eval_time:{res.seconds * 1000:.0f}ms", flush=True)
+            results["evals"][m["mode"]] = {"val_loss": res.val_loss, "val_bpb": res.val_bpb, "seconds": res.seconds,
+                                           **({"ttt": res.extra["ttt"]} if "ttt" in res.extra else {})}
+            if "ttt" in res.extra:
+                from pgolf_eval.ttt import adaptation_note
 
-            note, warn = adaptation_note(res.extra["ttt"])
-            print(("WARNING: " if warn else "") + note)
-    atomic_write(out / "results.json", (json.dumps(results, indent=1) + "\n").encode(), overwrite=True)
+                note, warn = adaptation_note(res.extra["ttt"])
+                say(("WARNING: " if warn else "") + note)
+        if di.master:
+            atomic_write(out / "results.json", (json.dumps(results, indent=1) + "\n").encode(), overwrite=True)
+    finally:
+        if di.owns_group:
+            leave_group()
     return 0

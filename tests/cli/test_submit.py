@@ -167,3 +167,28 @@ def test_latin1_bundle_is_smaller_and_states_its_own_length():
     assert raw.bytes < 0.85 * b85.bytes and raw.coder == b85.coder
     for b in (b85, raw):
         assert f",{b.bytes}))" in b.text  # the length it passes to the entry point is its own
+
+
+@pytest.mark.slow
+def test_generated_script_runs_under_torchrun_on_two_processes(records, tiny_run, sp1024, tmp_path):
+    """`torchrun --nproc_per_node=2 train_gpt.py` (gloo, CPU): one run directory, one artifact, both
+    ranks train and score their shares; the printed score is the artifact's."""
+    from pgolf_eval.evaluate import evaluate_artifact
+
+    (tmp_path / "train_gpt.py").write_bytes((records / "train_gpt.py").read_bytes())
+    iso = tmp_path / "isolated.py"
+    iso.write_text(ISOLATED)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env = {**clean, "DATA_PATH": str(tiny_run / "data"), "TOKENIZER_PATH": str(sp1024), "ITERATIONS": "6",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-I", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(iso), "train_gpt.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.findall(r"final_pgolf_roundtrip_exact val_loss:[\d.]+ val_bpb:([\d.]+)", proc.stdout)
+    assert len(m) == 1  # rank 0 alone prints
+    runs = list((tmp_path / "logs").iterdir())
+    assert len(runs) == 1 and json.loads((runs[0] / "results.json").read_text())["world_size"] == 2
+    res = evaluate_artifact(tmp_path / "model.pgolf", tiny_run / "data", sp1024,
+                            max_tokens=load_config("tiny").val_max_tokens, log=None)
+    assert abs(res.val_bpb - float(m[0])) <= 1e-4
