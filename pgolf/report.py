@@ -169,6 +169,7 @@ def write_report(out: Path, *, cfg, summary: dict, evals: dict, stages: dict, ma
         "model_bytes": int(info.get("model_bytes", summary.get("model_bytes", 0))),
         "code_bytes": int(info.get("code_bytes", summary.get("code_bytes", 0))),
         "headroom_bytes": CAP_BYTES - int(info.get("total_bytes", artifact.stat().st_size)),
+        "challenge": challenge_count(cfg, int(info.get("total_bytes", artifact.stat().st_size))),
         "params": summary.get("params"),
         "train_seconds": summary.get("train_seconds"),
         "steps": summary.get("steps"),
@@ -191,6 +192,20 @@ def write_report(out: Path, *, cfg, summary: dict, evals: dict, stages: dict, ma
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(render_markdown(report))
     return report
+
+
+def challenge_count(cfg, artifact_bytes: int) -> dict | None:
+    """The challenge's count of this run: ``len(train_gpt.py)`` (what `pgolf submit` generates for
+    the config) + the artifact's bytes, and the headroom under 16,000,000."""
+    if not hasattr(cfg, "__dataclass_fields__"):
+        return None
+    from pgolf.bundle import build
+
+    b = build(cfg)
+    total = b.bytes + artifact_bytes
+    return {"code_bytes": b.bytes, "model_bytes": artifact_bytes, "total_bytes": total,
+            "headroom_bytes": CAP_BYTES - total, "bundle_coder": b.coder, "bundle_encoding": b.encoding,
+            "bundle_modules": len(b.modules)}
 
 
 def ttt_summary(ev: dict | None) -> dict | None:
@@ -266,7 +281,9 @@ def render_markdown(r: dict) -> str:
         f"**val bpb {f(r['val_bpb'])}**{f' (95% interval {ci[0]:.4f}–{ci[1]:.4f})' if ci else ''} "
         f"({r['val_bpb_mode']} evaluation of the artifact)"
         f"{' · ' + ttt['note'] if ttt else ''} · "
-        f"artifact **{r['artifact_bytes']:,} bytes** (headroom {r['headroom_bytes']:,} under 16,000,000)", "",
+        f"artifact **{r['artifact_bytes']:,} bytes** (headroom {r['headroom_bytes']:,} under 16,000,000)"
+        + (f" · challenge count **{ch['total_bytes']:,} bytes** = train_gpt.py {ch['code_bytes']:,} + artifact "
+           f"(headroom {ch['headroom_bytes']:,})" if (ch := r.get("challenge")) else ""), "",
         *([f"> **Warning:** {ttt['note']}: the TTT score is mostly the unadapted model's.", ""]
           if ttt and ttt["warning"] else []),
         "| measure | value |", "|---|---|",
@@ -283,6 +300,8 @@ def render_markdown(r: dict) -> str:
         f"| model bytes | {r['model_bytes']:,} |",
         f"| code bytes | {r['code_bytes']:,} |",
         f"| total artifact bytes | {r['artifact_bytes']:,} |",
+        *([f"| challenge count: train_gpt.py + artifact (`pgolf submit`) | {r['challenge']['code_bytes']:,} + "
+           f"{r['challenge']['model_bytes']:,} = {r['challenge']['total_bytes']:,} |"] if r.get("challenge") else []),
         f"| parameters | {r['params']:,} |" if r.get("params") else "| parameters | — |",
         f"| steps | {r['steps']} |",
         f"| training time (s) | {f(r['train_seconds'], '.1f')} |",

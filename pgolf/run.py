@@ -185,5 +185,11 @@ def main(args) -> int:
     over = report["artifact_bytes"] > CAP_BYTES
     if over:
         print(f"pgolf run: the artifact is {report['artifact_bytes']:,} bytes, over the {CAP_BYTES:,}-byte cap")
+    ch = report.get("challenge")
+    if cfg.max_bytes_count == "challenge" and ch and ch["total_bytes"] > cfg.max_artifact_bytes:
+        print(f"pgolf run: the challenge's count, train_gpt.py {ch['code_bytes']:,} + artifact "
+              f"{ch['model_bytes']:,} = {ch['total_bytes']:,} bytes, is over max_artifact_bytes "
+              f"{cfg.max_artifact_bytes:,}")
+        over = True
     return 1 if over else 0
 

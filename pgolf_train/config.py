@@ -96,6 +96,7 @@ class TrainFields:
     recipe: str = BASELINE_RECIPE  # codec recipe (inline "glob=spec;..." or a .toml/.json path)
     coder: str = "zlib"  # entropy coder of the artifact ("auto", "zstd", "zlib", "lzma", "rans", "raw")
     max_artifact_bytes: int = 16_000_000  # the challenge limit; exceeding it is reported, not fatal
+    max_bytes_count: str = "artifact"  # what max_artifact_bytes bounds: "artifact", or "challenge" (+ train_gpt.py; `pgolf run` checks it)
     quantize_budget: int = 0  # `pgolf run`: > 0 = GPTQ + the bit allocator then fill this many bytes (model + code),
     #                           and that artifact (RUNDIR/model_alloc.pgolf) is the scored one; 0 = the recipe's
     quantize_tolerance: float = 0.02  # largest bpb the allocator's artifact may lose to the trained weights
@@ -379,6 +380,7 @@ def validate(cfg: "TrainConfig") -> None:
     need(cfg.eval_ttt_phase_lr >= 0, "eval_ttt_phase_lr", "must be >= 0 (0 = the per-document lr)")
     need(cfg.eval_ttt_phase_batch >= 1, "eval_ttt_phase_batch", "must be >= 1")
     need(cfg.eval_ttt_parallel_docs >= 0, "eval_ttt_parallel_docs", "must be >= 0")
+    need(cfg.max_bytes_count in ("artifact", "challenge"), "max_bytes_count", "must be 'artifact' or 'challenge'")
     need(bool([t for t in cfg.eval_ttt_targets.split(",") if t.strip()]), "eval_ttt_targets", "must name a target")
     need(cfg.eval_time_budget > 0, "eval_time_budget", "must be > 0")
     need(0.0 <= cfg.distill_teacher_frac < 1.0, "distill_teacher_frac", "must be in [0, 1) (0 = no distillation)")

@@ -163,7 +163,7 @@ def test_latin1_payload_literal_roundtrips(data):
 
 def test_latin1_bundle_is_smaller_and_states_its_own_length():
     cfg = load_config("tiny")
-    b85, raw = build(cfg, title="t"), build(cfg, title="t", encoding="latin1")
+    b85, raw = build(cfg), build(cfg, encoding="latin1")
     assert raw.bytes < 0.85 * b85.bytes and raw.coder == b85.coder
     for b in (b85, raw):
         assert f",{b.bytes}))" in b.text  # the length it passes to the entry point is its own
@@ -192,3 +192,23 @@ def test_generated_script_runs_under_torchrun_on_two_processes(records, tiny_run
     res = evaluate_artifact(tmp_path / "model.pgolf", tiny_run / "data", sp1024,
                             max_tokens=load_config("tiny").val_max_tokens, log=None)
     assert abs(res.val_bpb - float(m[0])) <= 1e-4
+
+
+def test_report_states_the_challenge_count_that_submit_writes(records, tiny_run):
+    ch = json.loads((tiny_run / "report.json").read_text())["challenge"]
+    sub = json.loads((records / "submission.json").read_text())
+    assert (ch["code_bytes"], ch["model_bytes"], ch["total_bytes"]) == (sub["bytes_code"], sub["bytes_model"],
+                                                                        sub["bytes_total"])
+    assert ch["headroom_bytes"] == 16_000_000 - ch["total_bytes"]
+    assert f"challenge count **{ch['total_bytes']:,} bytes**" in (tiny_run / "report.md").read_text()
+
+
+def test_max_artifact_bytes_can_bound_the_challenge_count(tiny_run, sp1024, tmp_path, capsys):
+    report = json.loads((tiny_run / "report.json").read_text())
+    between = (report["artifact_bytes"] + report["challenge"]["total_bytes"]) // 2  # the artifact fits, code + it not
+    args = ["run", "--config", "tiny", "--data", str(tiny_run / "data"), "--tokenizer", str(sp1024),
+            "--set", f"max_artifact_bytes={between}"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "c"), "--set", "max_bytes_count=challenge"]) == 1
+    assert "challenge's count" in capsys.readouterr().out
