@@ -7,7 +7,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/site /tmp/bundle
 tar xJf .whl/zstandard-*-min.tar.xz -C /tmp/site
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
-shards=$(ls .data/wikipedia/*.jsonl.xz | head -${WIKI_SHARDS:-8})
+shards=$(ls ${WIKI_DIR:-.data/wikipedia}/*.jsonl.xz | head -${WIKI_SHARDS:-8})
 PYTHONPATH="$PWD:/tmp/site" python3 -m pgolf data prepare --docs .data/fineweb/parameter_golf_verify_docs_200.jsonl $shards \
   --vocab 4096 --val-docs 200 --tokenizer .data/tok/sp4096.model --out /tmp/pg/sp4096 --workers 16 2>&1 | tail -1
 PYTHONPATH="$PWD:/tmp/site" python3 -c "
