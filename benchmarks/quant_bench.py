@@ -36,9 +36,10 @@ from pgolf_codec.schemes import QuantSpec, quantize  # noqa: E402
 from pgolf_eval.evaluate import evaluate_tokens, load_val_tokens  # noqa: E402
 from pgolf_train.calibrate import calibrate, shard_batches  # noqa: E402
 from pgolf_train.model import GPT, GPTConfig  # noqa: E402
-from pgolf_train.quantize import (MODEL_SOURCE, QuantizeOptions, build_candidates, load_checkpoint_weights,  # noqa: E402
+from pgolf_train.quantize import (QuantizeOptions, build_candidates, load_checkpoint_weights,  # noqa: E402
                                   model_from_artifact_bytes, quantize_model)
 from pgolf_train.shards import BOS_ID, read_shard, write_shard  # noqa: E402
+from pgolf_train.source import model_source  # noqa: E402
 from pgolf_train.tokenizer import byte_tables  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported, not run
@@ -140,7 +141,7 @@ def main() -> None:
     hessians = {k: v.cpu() for k, v in calib.hessians.items()}
     probe = next(shard_batches(data, seq_len=cfg.seq_len + 1, batch_size=8, vocab_size=cfg.vocab_size))
     meta = {"model_config": cfg.to_dict(), "model_code": "model.py"}
-    code = {"model.py": MODEL_SOURCE.read_text(encoding="utf-8")}
+    code = {"model.py": model_source()}
 
     rows, frontiers = [], {}
     for bits in (int(b) for b in args.bits.split(",")):
