@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from pgolf_eval.scorer import Scorer  # noqa: E402
 from pgolf_train.config import load_config
 from pgolf_train.trainer import device_name, train
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported, not run
@@ -67,7 +68,7 @@ def arm_label(args: argparse.Namespace) -> str:
 def run_arm(args: argparse.Namespace, run_dir: Path) -> dict:
     """Train one arm; its row (scores, steps, time per phase)."""
     cfg = load_config(args.config, arm_overrides(args))
-    summary = train(cfg, args.data, args.tokenizer, run_dir, force=True, echo=not args.quiet)
+    summary = train(cfg, args.data, args.tokenizer, run_dir, scorer=Scorer(), force=True, echo=not args.quiet)
     row = {k: summary.get(k) for k in ROW_KEYS}
     row["distill"] = summary.get("distill")
     row["overrides"] = arm_overrides(args)

@@ -13,7 +13,8 @@ from typing import Iterator
 # Modules that define `register(subparsers)`; order is the order of `pgolf --help`.
 _SUBCOMMAND_MODULES = (
     "pgolf_codec.cli",   # pack, unpack, inspect, verify
-    "pgolf_train.cli",   # data, train, quantize
+    "pgolf_train.cli",   # data
+    "pgolf.training",    # train, quantize
     "pgolf_eval.cli",    # eval
     "pgolf.run",         # run
     "pgolf.submit",      # submit

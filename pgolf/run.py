@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from pgolf.modes import check_eval_modes as _check_eval_modes, eval_modes as _eval_modes
+from pgolf_eval.scorer import Scorer
 
 CAP_BYTES = 16_000_000
 
@@ -101,7 +102,8 @@ def _allocate(cfg, summary: dict, data_dir: Path, tokenizer: Path, out: Path, de
 
     res = quantize_checkpoint(out / "train" / "final_model.safetensors", data_dir, tokenizer, cfg.quantize_budget,
                               val_tokens=cfg.val_max_tokens or None, device=device,
-                              bpb_before=summary["val_bpb_prequant"])  # the same weights, stream and windows
+                              bpb_before=summary["val_bpb_prequant"],  # the same weights, stream and windows
+                              scorer=Scorer())
     print(f"allocator: {res.info.total_bytes:,} bytes within {cfg.quantize_budget:,}; val_bpb {res.bpb_before:.4f} "
           f"-> {res.bpb_after:.4f} (+{res.delta:.4f}); the recipe's artifact: {summary['val_bpb']:.4f} "
           f"in {summary['artifact_bytes']:,} bytes", flush=True)
@@ -146,7 +148,8 @@ def main(args) -> int:
             from pgolf_train.trainer import train
 
             t0 = time.perf_counter()
-            summary = train(cfg, data_dir, tokenizer, out / "train", force=args.force)  # --force covers the whole run
+            # --force covers the whole run
+            summary = train(cfg, data_dir, tokenizer, out / "train", scorer=Scorer(), force=args.force)
             stages["train_total_s"] = time.perf_counter() - t0
     except BaseException:
         if created:

@@ -78,6 +78,7 @@ def _run(cfg: Any, data: Path, tok: Path, run_id: str, code_bytes: int) -> int:
     from pgolf.modes import check_eval_modes, eval_modes
     from pgolf_codec.atomic import atomic_write
     from pgolf_eval.evaluate import evaluate_artifact
+    from pgolf_eval.scorer import Scorer
     from pgolf_train.trainer import init_distributed, leave_group, train
 
     modes = eval_modes(cfg)
@@ -90,7 +91,7 @@ def _run(cfg: Any, data: Path, tok: Path, run_id: str, code_bytes: int) -> int:
             dist.broadcast_object_list(box, src=0)
             run_id = box[0]
         out = Path("logs") / run_id
-        summary = train(cfg, data, tok, out)
+        summary = train(cfg, data, tok, out, scorer=Scorer())
         artifact = Path(summary["artifact"])
         if di.master:
             atomic_write("model.pgolf", artifact.read_bytes(), overwrite=True)

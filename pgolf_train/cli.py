@@ -1,10 +1,11 @@
-"""`pgolf data ...`, `pgolf train`, `pgolf quantize`: each module below adds its own subcommand."""
+"""`pgolf data ...`: data preparation adds its own subcommand. (`pgolf train` and `pgolf quantize`
+are registered by pgolf.training, which hands them the evaluator.)"""
 from __future__ import annotations
 
 import importlib
 
 # module -> it defines `add_parser(subparsers)`
-_MODULES = ("pgolf_train.prepare", "pgolf_train.trainer", "pgolf_train.quantize")
+_MODULES = ("pgolf_train.prepare",)
 
 
 def register(sub) -> None:

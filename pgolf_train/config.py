@@ -395,6 +395,71 @@ def validate(cfg: "TrainConfig") -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model fields: {e}") from None
     if cfg.distill_teacher_frac > 0:
-        from pgolf_train.distill import teacher_config  # (distill imports this module)
-
         teacher_config(cfg)  # raises a ConfigError naming the distill field that is wrong
+
+
+# ---- distillation (pgolf_train/distill.py): the two phases' configs, derived from the run's ----
+
+# Fields teacher_overrides may not set: the budget split is distill_teacher_frac's alone, the teacher
+# must predict the same vocabulary on the same device, and a teacher's own distillation is
+# distill_generations' job.
+_FIXED = ("max_wallclock_seconds", "iterations", "vocab_size", "device", "teacher_overrides")
+
+
+def teacher_iterations(cfg: TrainConfig) -> int:
+    """The teacher phase's step cap: its share of ``iterations`` without a clock, else the same cap."""
+    if cfg.max_wallclock_seconds > 0:
+        return cfg.iterations
+    return round(cfg.distill_teacher_frac * cfg.iterations)
+
+
+def teacher_config(cfg: TrainConfig) -> TrainConfig:
+    """The config of the teacher phase (the last teacher generation) of distillation run ``cfg``.
+
+    Starts from ``cfg``; the budget becomes the teacher share (seconds or steps); QAT is off (the
+    teacher is never quantized); with ``G = distill_generations > 1`` it is itself a distillation run
+    whose teachers take ``(G−1)/G`` of the share; then ``teacher_overrides`` (``"k=v;k=v"``) apply.
+    Raises :class:`ConfigError` naming the distill field at fault.
+    """
+    if cfg.distill_teacher_frac <= 0:
+        raise ConfigError("teacher_config: distill_teacher_frac is 0 (no distillation)")
+    items = [s.strip() for s in cfg.teacher_overrides.split(";") if s.strip()]
+    try:
+        over = parse_overrides(items)
+    except ConfigError as e:
+        raise ConfigError(f"teacher_overrides = {cfg.teacher_overrides!r}: {e}") from None
+    bad = sorted(k for k in over if k in _FIXED or k.startswith("distill_"))
+    if bad:
+        raise ConfigError(f"teacher_overrides = {cfg.teacher_overrides!r}: may not set {', '.join(bad)} "
+                          "(the budget split, vocabulary, device and generations are the run's)")
+    gens = cfg.distill_generations
+    values = cfg.to_dict()
+    values.update(
+        max_wallclock_seconds=cfg.max_wallclock_seconds * cfg.distill_teacher_frac,
+        iterations=teacher_iterations(cfg),
+        qat_start=1.0,
+        distill_generations=max(gens - 1, 1),
+        distill_teacher_frac=(gens - 1) / gens,  # 0 for a single generation: plain training
+        teacher_overrides=cfg.teacher_overrides if gens > 1 else "",
+    )
+    values.update(over)
+    if cfg.max_wallclock_seconds <= 0:
+        student_steps = cfg.iterations - values["iterations"]
+        if values["iterations"] < gens or student_steps < 1:
+            raise ConfigError(f"distill_teacher_frac = {cfg.distill_teacher_frac!r}: without a clock the split of "
+                              f"iterations = {cfg.iterations} gives {values['iterations']} teacher step(s) for "
+                              f"{gens} generation(s) and {student_steps} student step(s); each needs >= 1")
+    try:
+        return make_config(values, source="teacher_overrides")
+    except ConfigError as e:
+        raise ConfigError(f"teacher_overrides = {cfg.teacher_overrides!r} gives a bad teacher config: {e}") from None
+
+
+def student_config(cfg: TrainConfig) -> TrainConfig:
+    """The student phase's config: ``cfg`` with the rest of the budget (seconds or steps).
+
+    The trainer's schedule (LR warm-down, EMA and QAT start fractions, α) runs on this budget.
+    """
+    if cfg.max_wallclock_seconds > 0:
+        return dataclasses.replace(cfg, max_wallclock_seconds=cfg.max_wallclock_seconds * (1 - cfg.distill_teacher_frac))
+    return dataclasses.replace(cfg, iterations=cfg.iterations - teacher_iterations(cfg))

@@ -25,90 +25,21 @@ to the student unchanged (this module only replaces the loss of ``train_step``).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf_train.config import ConfigError, TrainConfig, make_config, parse_overrides
+from pgolf_train.config import (TrainConfig, student_config, teacher_config,  # noqa: F401 (the phases' configs live in config)
+                                teacher_iterations)
 from pgolf_train.model import GPT
 
 TEACHER_DIR = "teacher"  # the teacher phase's run directory, inside the run's
-# Fields teacher_overrides may not set: the budget split is distill_teacher_frac's alone, the teacher
-# must predict the same vocabulary on the same device, and a teacher's own distillation is
-# distill_generations' job.
-_FIXED = ("max_wallclock_seconds", "iterations", "vocab_size", "device", "teacher_overrides")
-
-
-# ---------------------------------------------------------------------------------------------
-# the two phases' configs
-# ---------------------------------------------------------------------------------------------
-
-def teacher_iterations(cfg: TrainConfig) -> int:
-    """The teacher phase's step cap: its share of ``iterations`` without a clock, else the same cap."""
-    if cfg.max_wallclock_seconds > 0:
-        return cfg.iterations
-    return round(cfg.distill_teacher_frac * cfg.iterations)
-
-
-def teacher_config(cfg: TrainConfig) -> TrainConfig:
-    """The config of the teacher phase (the last teacher generation) of distillation run ``cfg``.
-
-    Starts from ``cfg``; the budget becomes the teacher share (seconds or steps); QAT is off (the
-    teacher is never quantized); with ``G = distill_generations > 1`` it is itself a distillation run
-    whose teachers take ``(G−1)/G`` of the share; then ``teacher_overrides`` (``"k=v;k=v"``) apply.
-    Raises :class:`ConfigError` naming the distill field at fault.
-    """
-    if cfg.distill_teacher_frac <= 0:
-        raise ConfigError("teacher_config: distill_teacher_frac is 0 (no distillation)")
-    items = [s.strip() for s in cfg.teacher_overrides.split(";") if s.strip()]
-    try:
-        over = parse_overrides(items)
-    except ConfigError as e:
-        raise ConfigError(f"teacher_overrides = {cfg.teacher_overrides!r}: {e}") from None
-    bad = sorted(k for k in over if k in _FIXED or k.startswith("distill_"))
-    if bad:
-        raise ConfigError(f"teacher_overrides = {cfg.teacher_overrides!r}: may not set {', '.join(bad)} "
-                          "(the budget split, vocabulary, device and generations are the run's)")
-    gens = cfg.distill_generations
-    values = cfg.to_dict()
-    values.update(
-        max_wallclock_seconds=cfg.max_wallclock_seconds * cfg.distill_teacher_frac,
-        iterations=teacher_iterations(cfg),
-        qat_start=1.0,
-        distill_generations=max(gens - 1, 1),
-        distill_teacher_frac=(gens - 1) / gens,  # 0 for a single generation: plain training
-        teacher_overrides=cfg.teacher_overrides if gens > 1 else "",
-    )
-    values.update(over)
-    if cfg.max_wallclock_seconds <= 0:
-        student_steps = cfg.iterations - values["iterations"]
-        if values["iterations"] < gens or student_steps < 1:
-            raise ConfigError(f"distill_teacher_frac = {cfg.distill_teacher_frac!r}: without a clock the split of "
-                              f"iterations = {cfg.iterations} gives {values['iterations']} teacher step(s) for "
-                              f"{gens} generation(s) and {student_steps} student step(s); each needs >= 1")
-    try:
-        return make_config(values, source="teacher_overrides")
-    except ConfigError as e:
-        raise ConfigError(f"teacher_overrides = {cfg.teacher_overrides!r} gives a bad teacher config: {e}") from None
-
-
-def student_config(cfg: TrainConfig) -> TrainConfig:
-    """The student phase's config: ``cfg`` with the rest of the budget (seconds or steps).
-
-    The trainer's schedule (LR warm-down, EMA and QAT start fractions, α) runs on this budget.
-    """
-    if cfg.max_wallclock_seconds > 0:
-        return dataclasses.replace(cfg, max_wallclock_seconds=cfg.max_wallclock_seconds * (1 - cfg.distill_teacher_frac))
-    return dataclasses.replace(cfg, iterations=cfg.iterations - teacher_iterations(cfg))
-
-
 def alpha_at(cfg: TrainConfig, frac: float) -> float:
     """The hard-label weight α at fraction ``frac`` ∈ [0, 1] of the student's budget."""
     f = min(max(frac, 0.0), 1.0)
@@ -148,7 +79,7 @@ class Distiller:
     """
 
     def __init__(self, teacher: GPT, cfg: TrainConfig) -> None:
-        from pgolf_train.trainer import compile_model
+        from pgolf_train.build import compile_model
 
         if teacher.cfg.vocab_size != cfg.vocab_size:
             raise ValueError(f"teacher vocabulary {teacher.cfg.vocab_size} != student's {cfg.vocab_size}")
@@ -170,14 +101,14 @@ class Distiller:
 
     def teacher_logits(self, x: Tensor) -> Tensor:
         """x: long ``[B, T]`` → the teacher's float32 logits ``[B, T, V]`` (no autograd graph)."""
-        from pgolf_train.trainer import autocast_ctx
+        from pgolf_train.build import autocast_ctx
 
         with torch.no_grad(), autocast_ctx(self.cfg, x.device):
             return self.teacher_forward(x)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """One micro-batch: x, y long ``[B, T]`` → α·CE + (1 − α)·T²·KL (scalar, differentiable)."""
-        from pgolf_train.trainer import autocast_ctx
+        from pgolf_train.build import autocast_ctx
 
         t_logits = self.teacher_logits(x)
         with autocast_ctx(self.cfg, x.device):
@@ -212,16 +143,16 @@ def load_teacher(tcfg: TrainConfig, weights: Path, device: torch.device) -> GPT:
 
 
 def run_teacher_phase(cfg: TrainConfig, data_dir: Path, tokenizer: Path, out_dir: Path, log: Any,
-                      device: torch.device, *, resume: bool, force: bool, echo: bool) -> tuple[GPT, dict[str, Any]]:
+                      device: torch.device, *, resume: bool, force: bool, echo: bool,
+                      train: Callable[..., dict[str, Any]]) -> tuple[GPT, dict[str, Any]]:
     """Train the teacher(s) of distillation run ``cfg`` on their share; the frozen teacher and its summary.
 
-    The phase is ``trainer.train`` of ``teacher_config(cfg)`` in ``out_dir/teacher`` without an
+    The phase is ``train`` (the trainer's, passed in: this module sits below it) of
+    ``teacher_config(cfg)`` in ``out_dir/teacher`` without an
     export. On ``resume`` a finished teacher (its ``train_summary.json`` exists) is loaded, not
     retrained; an unfinished one resumes from its own checkpoint. ``log`` is the run's ``RunLog``:
     the phase boundaries, the teacher's bpb and the phase times are recorded there (step 0).
     """
-    from pgolf_train.trainer import train
-
     tcfg = teacher_config(cfg)
     tdir = out_dir / TEACHER_DIR
     done = tdir / "train_summary.json"

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -30,6 +30,7 @@ from pgolf_codec.gptq import (LOWRANK_A, LOWRANK_B, apply_lowrank, gptq_quantize
                               lowrank_correction)
 from pgolf_codec.schemes import Quantized, QuantSpec, dequantize, quantize
 from pgolf_train.model import GPT, GPTConfig
+from pgolf_train.scoring import Scorer
 from pgolf_train.source import model_source
 
 __all__ = ["QuantizeOptions", "build_candidates", "quantize_model", "load_checkpoint_weights", "add_parser"]
@@ -300,16 +301,17 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
                         budget: int, opts: QuantizeOptions = QuantizeOptions(), *, model_config: str | None = None,
                         calib: str = "shards", calib_tokens: int = 262_144, calib_seconds: float | None = None,
                         calib_seq_len: int | None = None, calib_batch: int = 16, val_tokens: int | None = None,
-                        device: str | None = None, bpb_before: float | None = None) -> QuantizeResult:
+                        device: str | None = None, bpb_before: float | None = None,
+                        scorer: Scorer) -> QuantizeResult:
     """GPTQ + bit allocation of a checkpoint within ``budget`` total bytes, scored before and after.
 
     Hessians come from ``calib_tokens`` of ``calib`` ("shards": ``data_dir``'s train shards,
     "self": sampled from the model); both scores use ``data_dir``'s val stream (a prefix of
     ``val_tokens`` if given). ``bpb_before``: the checkpoint's score on that stream when the caller
     already has it (the trainer's pre-quantization score of the same weights), so it is not scored
-    twice. Nothing is written: the caller decides whether to keep the bytes.
+    twice. ``scorer`` (:class:`pgolf_eval.scorer.Scorer`, from the caller) loads the stream and
+    scores. Nothing is written: the caller decides whether to keep the bytes.
     """
-    from pgolf_eval.evaluate import evaluate_tokens, load_val_stream
     from pgolf_train.calibrate import calibrate, shard_batches
     from pgolf_train.tokenizer import tokenizer_info
 
@@ -335,12 +337,12 @@ def quantize_checkpoint(checkpoint: str | os.PathLike, data_dir: str | os.PathLi
                              "budget": budget, "lowrank": opts.lowrank}}
     data, info, alloc, labels = quantize_model(state, cfg, cal.hessians, budget, opts, metadata=metadata,
                                                probe=probe, device=device)
-    tokens, tables = load_val_stream(data_dir, tokenizer, cfg.vocab_size, val_tokens)
+    tokens, tables = scorer.load_val(Path(data_dir), Path(tokenizer), cfg.vocab_size, val_tokens)
     if bpb_before is None:
-        bpb_before = evaluate_tokens(model.eval(), tokens, tables, seq_len=cfg.seq_len, device=device).val_bpb
+        bpb_before = scorer.score(model.eval(), tokens, tables, seq_len=cfg.seq_len, device=device).val_bpb
     del model  # the decoded artifact's model takes its place
-    post = evaluate_tokens(model_from_artifact_bytes(data, cfg, device), tokens, tables, seq_len=cfg.seq_len,
-                           device=device)
+    post = scorer.score(model_from_artifact_bytes(data, cfg, device), tokens, tables, seq_len=cfg.seq_len,
+                        device=device)
     return QuantizeResult(data, info, alloc, labels, bpb_before, post.val_bpb, post.tokens)
 
 
@@ -379,7 +381,7 @@ def fixed_bytes(state: dict[str, torch.Tensor], opts: QuantizeOptions) -> int:
     return info.total_bytes
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, scorer: Scorer) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists (pass --force to replace it)")
@@ -388,7 +390,8 @@ def _run(args: argparse.Namespace) -> int:
     res = quantize_checkpoint(args.checkpoint, args.data, args.tokenizer, args.budget, opts,
                               model_config=args.model_config, calib=args.calib, calib_tokens=args.calib_tokens,
                               calib_seconds=args.calib_seconds, calib_seq_len=args.calib_seq_len,
-                              calib_batch=args.calib_batch, val_tokens=args.val_tokens, device=args.device)
+                              calib_batch=args.calib_batch, val_tokens=args.val_tokens, device=args.device,
+                              scorer=scorer)
     print(f"{'tensor':40s} {'choice':32s}")
     for name, label in res.labels.items():
         print(f"{name:40s} {label:32s}")
@@ -410,8 +413,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``pgolf quantize``."""
+def add_parser(subparsers, scorer: Callable[[], Scorer]) -> argparse.ArgumentParser:
+    """Register ``pgolf quantize`` (``scorer()`` makes the evaluator it scores with)."""
     from pgolf_codec.argtypes import (float_list, int_list, int_range, nonneg_float, nonneg_int, positive_float,
                                       positive_int)
 
@@ -442,5 +445,5 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("-o", "--output", required=True, help="artifact path")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=lambda args: _run(args, scorer()))
     return p

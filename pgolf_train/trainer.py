@@ -17,18 +17,12 @@ Units: ``*_ms`` milliseconds, ``*_s`` seconds, tokens are global (all ranks) unl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import dataclasses
+import functools
 import datetime
-import hashlib
 import json
-import math
 import os
-import platform
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -38,301 +32,31 @@ import torch.distributed as dist
 from torch import nn
 
 from pgolf_train.config import ConfigError, TrainConfig, field_types, load_config, load_recipe
-from pgolf_train.device import check_device
 from pgolf_train.ema import EMA
 from pgolf_train.loader import DistributedTokenLoader
 from pgolf_train.model import GPT
-from pgolf_train.muon import Muon, split_params
-from pgolf_train.source import model_source, module_source
+from pgolf_train.scoring import Scorer
+from pgolf_train.source import model_source
+from pgolf_train.build import autocast_ctx, build_model, build_optimizers, compile_model, count_params  # noqa: F401
+from pgolf_train.checkpoint import (CHECKPOINT_VERSION, PREVIOUS_RUN, RESUME_MUTABLE, RUN_FILES, _to_cpu,  # noqa: F401
+                                    check_resume_config, gather_optimizer_states, load_checkpoint, prepare_out_dir,
+                                    save_checkpoint, save_safetensors)
+from pgolf_train.distributed import (DistInfo, dist_world, init_distributed, leave_group,  # noqa: F401
+                                     resolve_grad_accum, synchronize)
+from pgolf_train.runlog import RunLog, _atomic_write_text, code_hash, device_name, git_commit, package_versions  # noqa: F401
+from pgolf_train.schedule import budget_fraction, lr_multiplier, muon_momentum, set_schedule  # noqa: F401
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
-REPO_ROOT = PACKAGE_ROOT.parent
 ARTIFACT_LIMIT = 16_000_000
-CHECKPOINT_VERSION = 1
-# Files a run writes into its directory; --force removes exactly these (nothing else of the user's).
-RUN_FILES = ("train.log", "train.jsonl", "checkpoint.pt", "final_model.safetensors", "model.pgolf",
-             "train_summary.json")
-PREVIOUS_RUN = ".previous-run"  # where --force keeps the replaced run's files until the new run is done
-# Fields that may differ between a checkpoint and the config it is resumed with.
-RESUME_MUTABLE = {"train_log_every", "val_loss_every", "val_batch_tokens", "val_max_tokens", "checkpoint_every_s",
-                  "checkpoint_every_steps", "device", "val_docs", "eval_seq_len", "eval_stride", "eval_ttt",
-                  "eval_ttt_rank", "eval_ttt_lr", "eval_ttt_epochs", "eval_ttt_chunk", "eval_ttt_targets",
-                  "eval_ttt_from_start", "eval_time_budget", "quantize_budget", "quantize_tolerance"}
 
 
 # ---------------------------------------------------------------------------------------------
 # environment
 # ---------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class DistInfo:
-    """Where this process sits in the run."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    owns_group: bool  # we created the process group, so we destroy it
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_pref: str = "auto") -> DistInfo:
-    """Join the ``torchrun`` process group if the environment names one (else a single process)."""
-    # NVLink multicast (NVLS) must stay off on our machines; respect an explicit user setting.
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    if device_pref != "auto":
-        check_device(device_pref, "device")  # ValueError: "device cuda: no CUDA device available (...)"
-    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
-    in_group = dist.is_available() and dist.is_initialized()
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = dist.get_rank() if in_group else int(os.environ.get("RANK", "0"))
-    world = dist.get_world_size() if in_group else env_world
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    owns = False
-    if not in_group and world > 1:
-        if use_cuda:
-            dist.init_process_group(backend="nccl", device_id=device)
-        else:
-            dist.init_process_group(backend="gloo")
-        owns = True
-    return DistInfo(rank, world, local_rank, device, owns)
-
-
-def leave_group() -> None:
-    """Barrier, then destroy the process group. A rank that closes its sockets while a peer is
-    still in its last collective (or writing files rank 0 alone writes) can make the peer's gloo
-    thread abort the whole process ("terminate called without an active exception")."""
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def code_hash() -> str:
-    """sha256 over the sources of the pgolf packages (path + bytes of every .py, sorted); where they
-    are no files (a generated train_gpt.py), over the loaded pgolf modules' sources (name + text)."""
-    h = hashlib.sha256()
-    roots = [REPO_ROOT / pkg for pkg in ("pgolf_train", "pgolf_codec", "pgolf_eval", "pgolf")]
-    if not any(r.is_dir() for r in roots):
-        for name in sorted(m for m in sys.modules if m.split(".")[0] in ("pgolf_train", "pgolf_codec", "pgolf_eval", "pgolf")):
-            h.update(name.encode() + b"\0" + module_source(name).encode())
-        return h.hexdigest()
-    for root in roots:
-        if not root.is_dir():
-            continue
-        for path in sorted(root.rglob("*.py")):
-            h.update(str(path.relative_to(REPO_ROOT)).encode())
-            h.update(b"\0")
-            h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def package_versions() -> dict[str, str]:
-    import numpy
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
-    for name in ("pgolf", "sentencepiece", "zstandard", "msgpack", "triton"):
-        try:
-            from importlib.metadata import version
-            out[name] = version(name)
-        except Exception:  # noqa: BLE001 - an absent optional package is just not reported
-            pass
-    if torch.cuda.is_available():
-        out["cuda"] = str(torch.version.cuda)
-    return out
-
-
-def git_commit() -> str | None:
-    """The repository's HEAD commit (with ``-dirty`` when there are local changes), if any."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class RunLog:
-    """Rank-0 logging: human lines to stdout and ``train.log``, records to ``train.jsonl``."""
-
-    def __init__(self, out_dir: Path | None, master: bool, echo: bool = True) -> None:
-        self.master = master
-        self.echo = echo
-        self.text = out_dir / "train.log" if out_dir and master else None
-        self.jsonl = out_dir / "train.jsonl" if out_dir and master else None
-
-    def __call__(self, msg: str) -> None:
-        if not self.master:
-            return
-        if self.echo:
-            print(msg, flush=True)
-        if self.text is not None:
-            with open(self.text, "a", encoding="utf-8") as f:
-                f.write(msg + "\n")
-
-    def record(self, **fields: Any) -> None:
-        if self.jsonl is not None:
-            with open(self.jsonl, "a", encoding="utf-8") as f:
-                f.write(json.dumps(fields) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop records logged after the checkpoint (the run repeats those steps)."""
-        if self.jsonl is None or not self.jsonl.exists():
-            return
-        keep = []
-        for line in self.jsonl.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by the kill
-                continue
-            if rec.get("step", 0) <= step or rec.get("event") == "resume":
-                keep.append(line)
-        _atomic_write_text(self.jsonl, "".join(k + "\n" for k in keep))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    from pgolf_codec.atomic import atomic_write
-
-    atomic_write(path, text.encode("utf-8"), overwrite=True)
-
 
 # ---------------------------------------------------------------------------------------------
 # model, optimizers, schedule
 # ---------------------------------------------------------------------------------------------
-
-def count_params(cfg: TrainConfig) -> int:
-    """Parameter count of the config's model, without allocating it (meta device)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in GPT(cfg.model_config()).parameters())
-
-
-def build_model(cfg: TrainConfig, device: torch.device) -> GPT:
-    """The GPT of ``cfg`` with fp32 master weights on ``device``, seeded by ``cfg.seed``."""
-    torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(cfg.seed)
-    return GPT(cfg.model_config()).to(device)
-
-
-def compile_model(model: nn.Module, exact_casts: bool = True) -> nn.Module:
-    """``torch.compile`` of the whole model: one static-shape graph (no graph breaks allowed).
-
-    ``exact_casts`` keeps every float32 → fp16/bf16 → float32 round trip that inductor would
-    otherwise fold away as a no-op. QAT needs it: the codec rounds scales to their stored dtype,
-    and without it the compiled fake-quant uses unrounded scales, so nearly every weight differs
-    from what the artifact will hold. The trainer always compiles with it, QAT or not: on the H200
-    the `h200` step was faster with it, not slower (283 vs 299 ms in `train_bench`, same machine;
-    272 vs 294 ms before the QAT switch in the H200-300 runs, `results/h200_variants.json`).
-    """
-    options = {"emulate_precision_casts": True} if exact_casts else None
-    return torch.compile(model, dynamic=False, fullgraph=True, options=options)
-
-
-def build_optimizers(cfg: TrainConfig, model: GPT, device: torch.device) -> tuple[list[torch.optim.Optimizer], Muon]:
-    """Adam for the embedding/head/scalars and Muon for the block matrices, as the baseline splits them.
-
-    Every param group carries ``base_lr``; the loop sets ``lr = base_lr * lr_mul``.
-    """
-    groups = split_params(model)
-    fused = device.type == "cuda"  # fused Adam: one kernel per step instead of one per tensor
-    adam_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused, foreach=None if fused else True)
-    embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
-    adam_groups = [
-        {"params": groups["embed"], "lr": embed_lr, "base_lr": embed_lr},
-        {"params": groups["scalar"], "lr": cfg.scalar_lr, "base_lr": cfg.scalar_lr},
-        {"params": groups["head"], "lr": cfg.head_lr, "base_lr": cfg.head_lr},
-    ]
-    adam = torch.optim.Adam([g for g in adam_groups if g["params"]], **adam_kw)
-    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum_warmup_start,
-                backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_weight_decay,
-                row_normalize=cfg.muon_row_normalize)
-    for g in muon.param_groups:
-        g["base_lr"] = cfg.matrix_lr
-    return [adam, muon], muon
-
-
-def lr_multiplier(cfg: TrainConfig, step: int, elapsed_ms: float) -> float:
-    """LR multiplier in [min_lr_frac, 1] for ``step`` at ``elapsed_ms`` of training time.
-
-    With a time budget the warm-down is by the clock: over ``warmdown_frac`` of the budget, or
-    over ``warmdown_iters`` steps converted to time by the average step so far (the baseline:
-    ``remaining_ms / (warmdown_iters * avg_step_ms)`` once below 1). Without a budget it is by steps.
-    """
-    warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps > 0 else 1.0
-    budget_ms = 1000.0 * cfg.max_wallclock_seconds
-    if budget_ms > 0:
-        if cfg.warmdown_frac > 0:
-            warmdown_ms = cfg.warmdown_frac * budget_ms
-        else:
-            warmdown_ms = cfg.warmdown_iters * (elapsed_ms / max(step, 1))
-        remaining_ms = max(budget_ms - elapsed_ms, 0.0)
-        r = remaining_ms / warmdown_ms if 0 < warmdown_ms and remaining_ms <= warmdown_ms else 1.0
-    else:
-        warmdown = cfg.warmdown_frac * cfg.iterations if cfg.warmdown_frac > 0 else cfg.warmdown_iters
-        remaining = max(cfg.iterations - step, 0)
-        r = remaining / warmdown if 0 < warmdown and remaining < warmdown else 1.0
-    shape = 0.5 * (1.0 - math.cos(math.pi * r)) if cfg.schedule == "cosine" else r
-    return warm * (cfg.min_lr_frac + (1.0 - cfg.min_lr_frac) * shape)
-
-
-def muon_momentum(cfg: TrainConfig, step: int) -> float:
-    """Muon momentum, warmed linearly from ``muon_momentum_warmup_start`` over the first steps."""
-    if cfg.muon_momentum_warmup_steps <= 0:
-        return cfg.muon_momentum
-    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0)
-    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
-
-
-def budget_fraction(cfg: TrainConfig, step: int, elapsed_ms: float) -> float:
-    """How far the run is, in [0, 1]: by the clock with a budget, else by steps."""
-    if cfg.max_wallclock_seconds > 0:
-        return elapsed_ms / (1000.0 * cfg.max_wallclock_seconds)
-    return step / max(cfg.iterations, 1)
-
-
-def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
-    """Micro-steps per rank: ``cfg.grad_accum`` or the baseline's ``8 // world_size``; validated."""
-    if cfg.grad_accum:
-        accum = cfg.grad_accum
-    else:
-        if 8 % world_size:
-            raise ConfigError(f"grad_accum = 0 means 8 // world_size, but world size {world_size} does not divide 8;"
-                              " set grad_accum explicitly")
-        accum = 8 // world_size
-    per = world_size * accum * cfg.train_seq_len
-    if cfg.train_batch_tokens % per:
-        raise ConfigError(f"train_batch_tokens = {cfg.train_batch_tokens} must be a multiple of world_size × grad_accum"
-                          f" × train_seq_len = {world_size} × {accum} × {cfg.train_seq_len} = {per}")
-    return accum
-
-
-def autocast_ctx(cfg: TrainConfig, device: torch.device):
-    if device.type == "cuda" and cfg.bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DistributedTokenLoader,
@@ -364,142 +88,23 @@ def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], loader
     return total / grad_accum
 
 
-def set_schedule(optimizers: list[torch.optim.Optimizer], muon: Muon, lr_mul: float, momentum: float) -> None:
-    for opt in optimizers:
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_mul
-    for g in muon.param_groups:
-        g["momentum"] = momentum
-
-
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def gather_optimizer_states(optimizers: list[torch.optim.Optimizer], di: DistInfo) -> list[dict] | None:
-    """Optimizer state dicts of the whole run, on rank 0 (None elsewhere).
-
-    Muon keeps the momentum of parameter ``i`` of a group only on rank ``i % world_size``; the
-    merged state takes each entry from that owner (Adam state is replicated, any rank has it).
-    """
-    local = [_to_cpu(opt.state_dict()) for opt in optimizers]
-    if not di.distributed:
-        return local
-    gathered: list | None = [None] * di.world_size if di.master else None
-    dist.gather_object(local, gathered, dst=0)
-    if not di.master:
-        return None
-    merged = []
-    for k, sd in enumerate(gathered[0]):
-        out = {"state": {}, "param_groups": sd["param_groups"]}
-        for group in sd["param_groups"]:
-            for pos, idx in enumerate(group["params"]):
-                owner = pos % di.world_size
-                order = [owner] + [r for r in range(di.world_size) if r != owner]
-                for r in order:
-                    entry = gathered[r][k]["state"].get(idx)
-                    if entry is not None:
-                        out["state"][idx] = entry
-                        break
-        merged.append(out)
-    return merged
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic ``torch.save``: a temp file in the same directory, then rename."""
-    from pgolf_codec.atomic import atomic_write
-
-    atomic_write(path, lambda f: torch.save(state, f), overwrite=True)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (tensors and plain containers only)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: not a pgolf checkpoint of version {CHECKPOINT_VERSION}")
-    return state
-
-
-def check_resume_config(cfg: TrainConfig, saved: dict[str, Any]) -> None:
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in cfg.to_dict().items()
-             if k not in RESUME_MUTABLE and saved.get(k) != v]
-    if diffs:
-        raise ConfigError("cannot resume with a different config: " + "; ".join(diffs))
-
-
-def prepare_out_dir(out_dir: Path, resume: bool, force: bool) -> bool:
-    """Create/check the run directory; returns True when there is a checkpoint to resume from."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
-    ckpt = (out_dir / "checkpoint.pt").exists()
-    if resume:
-        if existing and not ckpt:
-            raise FileExistsError(f"{out_dir} holds a run ({', '.join(existing)}) but no checkpoint.pt to resume")
-        return ckpt
-    if existing:
-        if not force:
-            raise FileExistsError(f"{out_dir} already holds a run ({', '.join(existing)}); "
-                                  "pass --resume to continue it or --force to start over")
-        # set aside, not deleted: a run that fails keeps the previous one's files (train() removes
-        # them once it has written its own artifact)
-        previous = out_dir / PREVIOUS_RUN
-        if previous.is_dir():  # a --force run failed before: its partial files go, the run before it stays
-            for name in existing:
-                (out_dir / name).unlink()
-        else:
-            previous.mkdir()
-            for name in existing:
-                os.replace(out_dir / name, previous / name)
-        print(f"pgolf train: --force: the previous run's files are in {previous} until this run finishes",
-              file=sys.stderr, flush=True)
-    return False
 
 
 # ---------------------------------------------------------------------------------------------
 # evaluation and export
 # ---------------------------------------------------------------------------------------------
 
-def load_val(cfg: TrainConfig, data_dir: Path, tokenizer: Path):
-    """Validation tokens (uint16, the ``fineweb_val_*`` split, capped by ``val_max_tokens``) and the
-    byte source (a per-token sidecar when the data has one, else the tokenizer's tables)."""
-    from pgolf_eval.evaluate import load_val_stream
-
-    return load_val_stream(data_dir, tokenizer, cfg.vocab_size, cfg.val_max_tokens or None)
-
-
-def evaluate(model: nn.Module, val_tokens, byte_source, cfg: TrainConfig, device: torch.device):
-    """Exact bpb of ``model`` on the validation stream (split across ranks); an ``EvalResult``."""
-    from pgolf_eval.evaluate import evaluate_tokens
-
+def evaluate(model: nn.Module, val_tokens, byte_source, cfg: TrainConfig, device: torch.device, scorer: Scorer):
+    """Exact bpb of ``model`` on the validation stream (split across ranks), by ``scorer``."""
     was_training = model.training
-    result = evaluate_tokens(model, val_tokens, byte_source, seq_len=cfg.train_seq_len,
-                             batch_tokens=max(cfg.val_batch_tokens // max(dist_world(), 1), cfg.train_seq_len),
-                             device=device, log=None)
+    result = scorer.score(model, val_tokens, byte_source, seq_len=cfg.train_seq_len,
+                          batch_tokens=max(cfg.val_batch_tokens // max(dist_world(), 1), cfg.train_seq_len),
+                          device=device)
     model.train(was_training)
     return result
-
-
-def dist_world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], model_config: dict | None = None) -> None:
-    """Write the pre-quantization weights (fp32) with the codec's safetensors writer; the model
-    config goes into its metadata (JSON), so that `pgolf pack` carries it into the artifact."""
-    from pgolf_codec.safetensors_io import write_safetensors
-
-    meta = None if model_config is None else {"model_config": json.dumps(model_config, sort_keys=True)}
-    write_safetensors(path, tensors, meta, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,9 +112,13 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], model_config:
 # ---------------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.PathLike, out_dir: str | os.PathLike,
-          *, resume: bool = False, force: bool = False, echo: bool = True,
+          *, scorer: Scorer, resume: bool = False, force: bool = False, echo: bool = True,
           stop_at_step: int | None = None, export: bool = True) -> dict[str, Any]:
     """Train ``cfg`` on ``data_dir``'s shards, export ``out_dir/model.pgolf``, evaluate it; the summary.
+
+    ``scorer`` (:class:`pgolf_eval.scorer.Scorer`, from the caller: the evaluator sits above this
+    package) loads the val stream, scores the model in-run and before/after quantization, and
+    decodes the artifact for the score that counts.
 
     ``stop_at_step`` ends the loop early without the export (the state stays in the checkpoint);
     it exists to test resuming. ``export=False`` stops at ``final_model.safetensors`` and the
@@ -554,7 +163,8 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
         from pgolf_train.distill import Distiller, run_teacher_phase, student_config
 
         teacher, teacher_summary = run_teacher_phase(cfg, data_dir, tokenizer, out_dir, log, device,
-                                                     resume=resume, force=force, echo=echo)
+                                                     resume=resume, force=force, echo=echo,
+                                                     train=functools.partial(train, scorer=scorer))
         cfg = student_config(cfg)
         distiller = Distiller(teacher, cfg)
         log("distillation: student phase on " + (f"{cfg.max_wallclock_seconds:.1f}s" if cfg.max_wallclock_seconds > 0
@@ -574,7 +184,7 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
         model = DDP(model, device_ids=[di.local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
     optimizers, muon = build_optimizers(cfg, base_model, device)
     params = list(base_model.parameters())
-    val_tokens, byte_source = load_val(cfg, data_dir, tokenizer)
+    val_tokens, byte_source = scorer.load_val(data_dir, tokenizer, cfg.vocab_size, cfg.val_max_tokens or None)
     log(f"data: {len(DistributedTokenLoader(data_dir, 0, 1, 'cpu').stream.files)} train shards, "
         f"{val_tokens.size:,} val tokens")
     from pgolf_train.qat import qat_enabled, set_qat
@@ -668,7 +278,7 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
         if cfg.val_loss_every > 0 and step > 0 and step % cfg.val_loss_every == 0 and not last_step:
             synchronize(device)
             training_ms += 1000.0 * (time.perf_counter() - t0)
-            res = evaluate(base_model, val_tokens, byte_source, cfg, device)
+            res = evaluate(base_model, val_tokens, byte_source, cfg, device, scorer)
             log(f"step:{step} val_loss:{res.val_loss:.4f} val_bpb:{res.val_bpb:.4f} "
                 f"train_time:{training_ms / 1000:.1f}s eval:{res.seconds:.1f}s")
             log.record(step=step, val_loss=res.val_loss, val_bpb=res.val_bpb, elapsed=training_ms / 1000,
@@ -768,7 +378,7 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
             leave_group()
         return {"steps": step, "train_seconds": training_ms / 1000}
 
-    summary = finish(cfg, base_model, ema, recipe, di, log, out_dir, tokenizer, val_tokens, byte_source,
+    summary = finish(cfg, base_model, ema, recipe, di, log, out_dir, tokenizer, val_tokens, byte_source, scorer,
                      step=step, training_ms=training_ms, n_params=n_params, grad_accum=grad_accum, export=export)
     if teacher_summary is not None:
         from pgolf_train.distill import phase_summary
@@ -784,13 +394,12 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
 
 
 def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistInfo, log: RunLog, out_dir: Path,
-           tokenizer: Path, val_tokens, byte_source, *, step: int, training_ms: float, n_params: int,
+           tokenizer: Path, val_tokens, byte_source, scorer: Scorer, *, step: int, training_ms: float, n_params: int,
            grad_accum: int, export: bool = True) -> dict[str, Any]:
     """Export the final (EMA or raw) weights, evaluate them before and after quantization; the summary.
 
     ``export=False``: only ``final_model.safetensors`` and the pre-quantization score (no artifact)."""
     from pgolf_codec.container import write_artifact
-    from pgolf_eval.loader import model_from_artifact
     from pgolf_train.qat import set_qat
     from pgolf_train.tokenizer import tokenizer_info
 
@@ -799,7 +408,7 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
     if ema is not None:
         ema.copy_to(base_model)
         log(f"using EMA weights ({ema.updates} updates)")
-    pre = evaluate(base_model, val_tokens, byte_source, cfg, device)
+    pre = evaluate(base_model, val_tokens, byte_source, cfg, device, scorer)
     log(f"pre-quantization: val_loss:{pre.val_loss:.4f} val_bpb:{pre.val_bpb:.4f} "
         f"({pre.tokens:,} tokens, {pre.seconds:.1f}s)")
     log.record(step=step, val_loss_prequant=pre.val_loss, val_bpb_prequant=pre.val_bpb, elapsed=training_ms / 1000,
@@ -850,8 +459,8 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
         sizes = obj[0]
 
     # The score that counts: decode the artifact, build the model from it, evaluate.
-    qmodel, _ = model_from_artifact(artifact, device=str(device))
-    post = evaluate(qmodel, val_tokens, byte_source, cfg, device)
+    qmodel = scorer.load_artifact(artifact, device)
+    post = evaluate(qmodel, val_tokens, byte_source, cfg, device, scorer)
     log(f"post-quantization (artifact): val_loss:{post.val_loss:.4f} val_bpb:{post.val_bpb:.4f} "
         f"(+{post.val_bpb - pre.val_bpb:.4f} from quantization)")
     log.record(step=step, val_loss=post.val_loss, val_bpb=post.val_bpb, elapsed=training_ms / 1000,
@@ -873,8 +482,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``pgolf train``; every config field is also a ``--FIELD=VALUE`` override."""
+def add_parser(subparsers, scorer: Callable[[], Scorer]) -> argparse.ArgumentParser:
+    """Register ``pgolf train`` (``scorer()`` makes the evaluator it trains with); every config
+    field is also a ``--FIELD=VALUE`` override."""
     p = subparsers.add_parser(
         "train", help="train a model within a wall-clock budget and export its artifact",
         description="Train, export model.pgolf through the codec recipe, and report exact bpb of the artifact. "
@@ -893,7 +503,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     for name, tp in field_types().items():
         overrides.add_argument(f"--{name}", dest=f"override__{name}", metavar=_type_name(tp).upper(),
                                default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=_run_cli)
+    p.set_defaults(func=lambda args: _run_cli(args, scorer()))
     return p
 
 
@@ -905,7 +515,7 @@ def _overrides_from_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def _run_cli(args: argparse.Namespace) -> int:
+def _run_cli(args: argparse.Namespace, scorer: Scorer) -> int:
     cfg = load_config(args.config, _overrides_from_args(args))
     if args.dry_run:
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -921,25 +531,8 @@ def _run_cli(args: argparse.Namespace) -> int:
     missing = [flag for flag, v in (("--data", args.data), ("--tokenizer", args.tokenizer), ("--out", args.out)) if not v]
     if missing:
         raise ConfigError(f"pgolf train needs {', '.join(missing)} (or --dry-run)")
-    summary = train(cfg, args.data, args.tokenizer, args.out, resume=args.resume, force=args.force)
+    summary = train(cfg, args.data, args.tokenizer, args.out, scorer=scorer, resume=args.resume, force=args.force)
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("val_bpb", "val_bpb_prequant", "steps", "train_seconds", "artifact_bytes", "artifact")
         print(json.dumps({k: summary[k] for k in keys}))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m pgolf_train`` / ``torchrun -m pgolf_train``: the ``train`` command."""
-    parser = argparse.ArgumentParser(prog="pgolf_train")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    add_parser(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-"):  # `torchrun -m pgolf_train --config ...` means train
-        argv = ["train", *argv]
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, OSError) as e:
-        print(f"pgolf train: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2

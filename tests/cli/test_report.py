@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from pgolf_eval.scorer import Scorer
 from pgolf.report import curve_series, ema, plot_curves, read_jsonl
 from pgolf_train.config import load_config
 from pgolf_train.trainer import train
@@ -17,7 +18,7 @@ def tiny_run(tmp_path_factory, fineweb_docs, sp1024):
     base = tmp_path_factory.mktemp("report")
     data = make_tiny_shards(base / "data", fineweb_docs, sp1024)
     cfg = load_config("tiny", ["iterations=20", "val_loss_every=10", "val_max_tokens=2048"])
-    train(cfg, data, sp1024, base / "run", echo=False)
+    train(cfg, data, sp1024, base / "run", scorer=Scorer(), echo=False)
     return cfg, base / "run"
 
 

@@ -10,7 +10,8 @@ import torch
 from pgolf.cli import main as pgolf
 from pgolf_train.config import ConfigError, load_config
 from pgolf_train.model import GPT, GPTConfig
-from pgolf_train.trainer import main as train_main
+
+from .train_fixtures import train_command as train_main
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pgolf_eval.scorer import Scorer
 from pgolf_train import trainer
 from pgolf_train.config import ConfigError, load_config
 from pgolf_train.distill import (Distiller, alpha_at, distill_losses, student_config, teacher_config,
@@ -146,11 +147,11 @@ def test_alpha_one_trains_exactly_like_the_plain_trainer_and_only_the_student_is
     (same init, data, schedule, QAT switch, EMA), though the teacher runs on every micro-batch."""
     common = ["qat_start=0.5", "ema_decay=0.9", "val_max_tokens=2048"]
     plain = tmp_path / "plain"
-    ref = train(load_config("tiny", ["iterations=6", *common]), tiny_data, sp1024, plain, echo=False)
+    ref = train(load_config("tiny", ["iterations=6", *common]), tiny_data, sp1024, plain, scorer=Scorer(), echo=False)
     run = tmp_path / "distill"
     cfg = load_config("tiny", ["iterations=10", "distill_teacher_frac=0.4", "distill_alpha=1.0",
                                f"teacher_overrides={json.dumps(WIDE_TEACHER)}", *common])
-    got = train(cfg, tiny_data, sp1024, run, echo=False)
+    got = train(cfg, tiny_data, sp1024, run, scorer=Scorer(), echo=False)
 
     assert got["steps"] == ref["steps"] == 6 and got["distill"]["teacher_steps"] == 4
     assert logged_losses(run) == logged_losses(plain)  # exact floats, every logged step
@@ -212,7 +213,7 @@ def test_the_trainers_clock_enforces_the_split(tiny_data, sp1024, tmp_path, monk
                                "qat_start=0.5", "ema_decay=0.9", "val_max_tokens=2048", "train_log_every=1",
                                'distill_alpha_schedule="linear"', "distill_alpha=0.25", "distill_alpha_end=0.75"])
     run = tmp_path / "run"
-    summary = train(cfg, tiny_data, sp1024, run, echo=False)
+    summary = train(cfg, tiny_data, sp1024, run, scorer=Scorer(), echo=False)
 
     d = summary["distill"]
     assert (d["teacher_steps"], d["student_steps"]) == (6, 9)
@@ -264,7 +265,7 @@ def _ddp_rank(rank: int, world: int, data: str, tokenizer: str, out: str, store:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     cfg = load_config("tiny", ["iterations=6", "distill_teacher_frac=0.5", 'teacher_overrides="num_layers=3"',
                                "val_max_tokens=2048"])
-    train(cfg, data, tokenizer, out, echo=False)  # both phases run over the group it finds
+    train(cfg, data, tokenizer, out, scorer=Scorer(), echo=False)  # both phases run over the group it finds
     dist.barrier()
     dist.destroy_process_group()
     exit_quietly()

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from pgolf_eval.scorer import Scorer
 from pgolf_train.config import ConfigError, load_config, make_config
 from pgolf_train.ema import EMA, warmup_decay
 from pgolf_train.loader import DistributedTokenLoader, TokenStream
 from pgolf_train.shards import list_shards, read_shard
-from pgolf_train.trainer import lr_multiplier, main, train
+from pgolf_train.trainer import lr_multiplier, train
 
-from .train_fixtures import logged_losses, read_log
+from .train_fixtures import logged_losses, read_log, train_command as main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -117,7 +118,7 @@ def test_stream_spans_match_across_world_sizes_and_resume(tiny_data):
 def test_tiny_run_learns_exports_and_scores_the_artifact(tiny_data, sp1024, tmp_path):
     cfg = load_config("tiny", ["iterations=30", "ema_decay=0.9", "qat_start=0.6"])
     run = tmp_path / "run"
-    summary = train(cfg, tiny_data, sp1024, run, echo=False)
+    summary = train(cfg, tiny_data, sp1024, run, scorer=Scorer(), echo=False)
     losses = logged_losses(run)
     first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (25, 30)])
     assert first > 6.5 and last < first - 0.8, losses  # ln(1024) = 6.93 at the start
@@ -144,7 +145,7 @@ def test_tiny_run_learns_exports_and_scores_the_artifact(tiny_data, sp1024, tmp_
         assert (run / name).is_file()
     # a run directory is never overwritten by accident
     with pytest.raises(FileExistsError, match="--resume.*--force"):
-        train(cfg, tiny_data, sp1024, run, echo=False)
+        train(cfg, tiny_data, sp1024, run, scorer=Scorer(), echo=False)
 
 
 def test_force_keeps_the_previous_run_until_the_new_one_finishes(tiny_data, sp1024, tmp_path):
@@ -160,12 +161,12 @@ def test_force_keeps_the_previous_run_until_the_new_one_finishes(tiny_data, sp10
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(Exception):  # no shards: fails after the run directory was prepared
-        train(cfg, empty, sp1024, run, force=True, echo=False)
+        train(cfg, empty, sp1024, run, scorer=Scorer(), force=True, echo=False)
     assert (run / PREVIOUS_RUN / "model.pgolf").read_text() == "old model.pgolf"
     with pytest.raises(Exception):  # failing again keeps the same previous run, not the failed one's files
-        train(cfg, empty, sp1024, run, force=True, echo=False)
+        train(cfg, empty, sp1024, run, scorer=Scorer(), force=True, echo=False)
     assert (run / PREVIOUS_RUN / "train.jsonl").read_text() == "old train.jsonl"
-    train(cfg, tiny_data, sp1024, run, force=True, echo=False)
+    train(cfg, tiny_data, sp1024, run, scorer=Scorer(), force=True, echo=False)
     assert not (run / PREVIOUS_RUN).exists() and (run / "model.pgolf").read_bytes()[:4] == b"PGLF"
 
 
@@ -175,10 +176,10 @@ def test_resume_after_kill_continues_the_same_run(tiny_data, sp1024, tmp_path):
             "--set", "ema_decay=0.9"]
     ref = tmp_path / "ref"
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    subprocess.run([sys.executable, "-m", "pgolf_train", *args, "--out", str(ref)], check=True, env=env,
+    subprocess.run([sys.executable, "-m", "pgolf", "train", *args, "--out", str(ref)], check=True, env=env,
                    capture_output=True, cwd=REPO)
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "pgolf_train", *args, "--out", str(run)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pgolf", "train", *args, "--out", str(run)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     deadline = time.time() + 120
     while not (run / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
@@ -189,7 +190,7 @@ def test_resume_after_kill_continues_the_same_run(tiny_data, sp1024, tmp_path):
     assert still_running, "the run finished before it could be killed"
     killed_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert 4 <= killed_at < 20
-    done = subprocess.run([sys.executable, "-m", "pgolf_train", *args, "--out", str(run), "--resume"],
+    done = subprocess.run([sys.executable, "-m", "pgolf", "train", *args, "--out", str(run), "--resume"],
                           env=env, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = logged_losses(ref), logged_losses(run)
@@ -209,7 +210,7 @@ def test_torchrun_two_gloo_processes_train_and_exit_cleanly(tiny_data, sp1024, t
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "ddp"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "pgolf_train", *args, "--out", str(run)],
+                           "-m", "pgolf", "train", *args, "--out", str(run)],
                           env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run / "train_summary.json").read_text())
@@ -229,7 +230,7 @@ def test_exported_weights_pack_as_the_readme_says_and_evaluate(tiny_data, sp1024
 
     cfg = load_config("tiny", ["iterations=2", "checkpoint_every_steps=1"])
     run = tmp_path / "run"
-    train(cfg, tiny_data, sp1024, run, echo=False, export=False)
+    train(cfg, tiny_data, sp1024, run, scorer=Scorer(), echo=False, export=False)
     want = cfg.model_config().to_dict()
     for src in ("final_model.safetensors", "checkpoint.pt"):
         art = tmp_path / f"{src}.pgolf"

@@ -51,3 +51,11 @@ def read_log(run: Path) -> list[dict]:
 def logged_losses(run: Path) -> dict[int, float]:
     """step -> logged training loss of a run."""
     return {r["step"]: r["loss"] for r in read_log(run) if "loss" in r}
+
+
+def train_command(argv: list[str]) -> int:
+    """`pgolf train ARGV...` in this process (the command lives in pgolf.training, which hands the
+    trainer the evaluator)."""
+    from pgolf.cli import main
+
+    return main(["train", *argv])
