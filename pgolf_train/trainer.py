@@ -1,4 +1,5 @@
-"""`pgolf train`: wall-clock-bounded training, then export to an artifact and exact bpb on it.
+"""The training run (`pgolf train`, registered in pgolf/training.py): wall-clock-bounded training, then
+export to an artifact and exact bpb on it.
 
 The run, top to bottom (``train``):
 
@@ -16,7 +17,6 @@ Units: ``*_ms`` milliseconds, ``*_s`` seconds, tokens are global (all ranks) unl
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import datetime
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pgolf_train.config import ConfigError, TrainConfig, field_types, load_config, load_recipe
+from pgolf_train.config import TrainConfig, load_recipe
 from pgolf_train.ema import EMA
 from pgolf_train.loader import DistributedTokenLoader
 from pgolf_train.model import GPT
@@ -472,67 +472,3 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
         "limit_bytes": cfg.max_artifact_bytes, "fits": sizes[0] <= cfg.max_artifact_bytes,
         "artifact": str(artifact), "qat_start": cfg.qat_start, "recipe": str(recipe),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def add_parser(subparsers, scorer: Callable[[], Scorer]) -> argparse.ArgumentParser:
-    """Register ``pgolf train`` (``scorer()`` makes the evaluator it trains with); every config
-    field is also a ``--FIELD=VALUE`` override."""
-    p = subparsers.add_parser(
-        "train", help="train a model within a wall-clock budget and export its artifact",
-        description="Train, export model.pgolf through the codec recipe, and report exact bpb of the artifact. "
-                    "Any config field can be overridden as --FIELD=VALUE (see --dry-run --json for the list).")
-    p.add_argument("--config", default="baseline", help="config name (pgolf_train/configs/NAME.toml) or a .toml path")
-    p.add_argument("--data", help="directory with fineweb_train_*.bin / fineweb_val_*.bin shards")
-    p.add_argument("--tokenizer", help="the SentencePiece .model the shards were made with")
-    p.add_argument("--out", help="run directory (train.log, train.jsonl, checkpoint.pt, model.pgolf, ...)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter count; no training")
-    p.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
-    p.add_argument("--force", action="store_true", help="replace a previous run's files in --out (they wait in "
-                   "--out/.previous-run until this run has finished)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    overrides = p.add_argument_group("config overrides")
-    for name, tp in field_types().items():
-        overrides.add_argument(f"--{name}", dest=f"override__{name}", metavar=_type_name(tp).upper(),
-                               default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=lambda args: _run_cli(args, scorer()))
-    return p
-
-
-def _overrides_from_args(args: argparse.Namespace) -> list[str]:
-    out = list(args.set)
-    for key, value in vars(args).items():
-        if key.startswith("override__") and value is not None:
-            out.append(f"{key.removeprefix('override__')}={value}")
-    return out
-
-
-def _run_cli(args: argparse.Namespace, scorer: Scorer) -> int:
-    cfg = load_config(args.config, _overrides_from_args(args))
-    if args.dry_run:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        info = {"config": cfg.to_dict(), "params": count_params(cfg), "world_size": world,
-                "grad_accum": resolve_grad_accum(cfg, world)}
-        if args.json:
-            print(json.dumps(info, indent=2))
-        else:
-            for k, v in info["config"].items():
-                print(f"{k} = {v!r}")
-            print(f"params = {info['params']:,}  (world_size {world}, grad_accum {info['grad_accum']})")
-        return 0
-    missing = [flag for flag, v in (("--data", args.data), ("--tokenizer", args.tokenizer), ("--out", args.out)) if not v]
-    if missing:
-        raise ConfigError(f"pgolf train needs {', '.join(missing)} (or --dry-run)")
-    summary = train(cfg, args.data, args.tokenizer, args.out, scorer=scorer, resume=args.resume, force=args.force)
-    if int(os.environ.get("RANK", "0")) == 0:
-        keys = ("val_bpb", "val_bpb_prequant", "steps", "train_seconds", "artifact_bytes", "artifact")
-        print(json.dumps({k: summary[k] for k in keys}))
-    return 0
