@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    if "inspect" in sub.choices:  # the codec's command, plus the challenge's count (it needs the bundler above it)
+        from pgolf.challenge import with_challenge_count
+
+        cmd = sub.choices["inspect"]
+        cmd.set_defaults(func=with_challenge_count(cmd.get_default("func")))
     return parser
 
 

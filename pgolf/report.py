@@ -195,17 +195,12 @@ def write_report(out: Path, *, cfg, summary: dict, evals: dict, stages: dict, ma
 
 
 def challenge_count(cfg, artifact_bytes: int) -> dict | None:
-    """The challenge's count of this run: ``len(train_gpt.py)`` (what `pgolf submit` generates for
-    the config) + the artifact's bytes, and the headroom under 16,000,000."""
+    """The challenge's count (pgolf/challenge.py) for a TrainConfig ``cfg``; None without one."""
     if not hasattr(cfg, "__dataclass_fields__"):
         return None
-    from pgolf.bundle import build
+    from pgolf.challenge import challenge_count as count
 
-    b = build(cfg)
-    total = b.bytes + artifact_bytes
-    return {"code_bytes": b.bytes, "model_bytes": artifact_bytes, "total_bytes": total,
-            "headroom_bytes": CAP_BYTES - total, "bundle_coder": b.coder, "bundle_encoding": b.encoding,
-            "bundle_modules": len(b.modules)}
+    return count(cfg, artifact_bytes)
 
 
 def ttt_summary(ev: dict | None) -> dict | None:

@@ -212,3 +212,19 @@ def test_max_artifact_bytes_can_bound_the_challenge_count(tiny_run, sp1024, tmp_
     capsys.readouterr()
     assert main(args + ["--out", str(tmp_path / "c"), "--set", "max_bytes_count=challenge"]) == 1
     assert "challenge's count" in capsys.readouterr().out
+
+
+def test_inspect_states_the_challenge_count_when_the_artifact_records_its_config(tiny_run, tmp_path, capsys):
+    from pgolf_codec.container import read_artifact, write_artifact
+
+    ch = json.loads((tiny_run / "report.json").read_text())["challenge"]
+    artifact = tiny_run / "train" / "model.pgolf"
+    assert main(["inspect", str(artifact)]) == 0
+    assert f"challenge count: train_gpt.py {ch['code_bytes']:,} + artifact {ch['model_bytes']:,}" in capsys.readouterr().out
+    assert main(["inspect", str(artifact), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["challenge"]["total_bytes"] == ch["total_bytes"]
+    art = read_artifact(artifact)  # the same tensors without the training config: no count
+    bare = tmp_path / "bare.pgolf"
+    write_artifact(bare, art.tensors, "*=fp32", metadata={"model_config": art.metadata["model_config"]})
+    assert main(["inspect", str(bare)]) == 0
+    assert "challenge count: unknown" in capsys.readouterr().out
