@@ -21,7 +21,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-CHALLENGE_REQUIREMENTS = ("torch", "numpy", "sentencepiece")
 LOG_FILES = ("report.md", "report.json", "train/train.log", "train/train.jsonl", "train/train_summary.json",
              "eval_sliding.json", "eval_ttt.json")
 
@@ -86,7 +85,6 @@ def build_folder(rundir: Path, report: dict, bundle, *, name: str, author: str, 
                  hardware: str, date: str) -> dict[str, bytes]:
     """The records folder's files: relative path -> bytes."""
     code, model = bundle.bytes, int(report["artifact_bytes"])
-    cfg = report["config"]
     submission = {
         "name": name, "author": author, "github_id": github, "blurb": blurb, "date": date,
         "val_bpb": report["val_bpb"], "val_loss": _val_loss(report, rundir), "val_bpb_mode": report.get("val_bpb_mode"),
@@ -163,6 +161,9 @@ def main(args) -> int:
 
     report = _load_report(args.rundir)
     cfg = make_config(report["config"], source=str(args.rundir / "report.json"))
+    if cfg.quantize_budget:  # the script trains, exports by the recipe and scores; it has no allocator
+        raise ValueError(f"{args.rundir}: its artifact came from the bit allocator (quantize_budget="
+                         f"{cfg.quantize_budget}), which train_gpt.py does not run; submit a run without it")
     date = datetime.date.today().isoformat()
     name = args.name or f"pgolf-{_slug(args.rundir.resolve().name)}"
     out = args.out or Path("records") / "track_10min_16mb" / f"{date}_{_slug(name)}"

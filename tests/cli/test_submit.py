@@ -228,3 +228,15 @@ def test_inspect_states_the_challenge_count_when_the_artifact_records_its_config
     write_artifact(bare, art.tensors, "*=fp32", metadata={"model_config": art.metadata["model_config"]})
     assert main(["inspect", str(bare)]) == 0
     assert "challenge count: unknown" in capsys.readouterr().out
+
+
+def test_submit_refuses_a_run_the_script_would_not_reproduce(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "alloc"
+    shutil.copytree(tiny_run, run)
+    report = json.loads((run / "report.json").read_text())
+    report["config"]["quantize_budget"] = 200_000  # scored the allocator's artifact
+    (run / "report.json").write_text(json.dumps(report))
+    assert main(["submit", str(run), "-o", str(tmp_path / "out")]) == 2
+    assert "allocator" in capsys.readouterr().err and not (tmp_path / "out").exists()
