@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 from pgolf.modes import check_eval_modes as _check_eval_modes, eval_modes as _eval_modes
-from pgolf_eval.scorer import Scorer
 
 CAP_BYTES = 16_000_000
 
@@ -98,6 +97,7 @@ def _allocate(cfg, summary: dict, data_dir: Path, tokenizer: Path, out: Path, de
     an artifact that loses more than ``cfg.quantize_tolerance`` bpb to the trained weights.
     """
     from pgolf_codec.container import write_bytes_atomic
+    from pgolf_eval.scorer import Scorer
     from pgolf_train.quantize import quantize_checkpoint
 
     res = quantize_checkpoint(out / "train" / "final_model.safetensors", data_dir, tokenizer, cfg.quantize_budget,
@@ -145,6 +145,7 @@ def main(args) -> int:
             data_dir, tokenizer, manifest = _resolve_data(args, cfg, out)
             stages["prepare_s"] = time.perf_counter() - t0
 
+            from pgolf_eval.scorer import Scorer
             from pgolf_train.trainer import train
 
             t0 = time.perf_counter()
