@@ -7,6 +7,7 @@ bundle in each coder x encoding, side by side.
 from __future__ import annotations
 
 import argparse
+import platform
 import subprocess
 import sys
 import time
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, {"command": "python3 " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
                           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code_commit": commit,
                           "device": "CPU (bundling is device-independent)", "goal_bytes": GOAL, "rows": rows,
+                          "python": platform.python_version(),  # ast.unparse's output, so the bytes, follow it
                           "modules": modules})
     return 0
 
