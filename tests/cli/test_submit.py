@@ -240,3 +240,35 @@ def test_submit_refuses_a_run_the_script_would_not_reproduce(tiny_run, tmp_path,
     (run / "report.json").write_text(json.dumps(report))
     assert main(["submit", str(run), "-o", str(tmp_path / "out")]) == 2
     assert "allocator" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def _venv_without_pgolf(root: Path) -> Path:
+    """A venv whose only extra path is this interpreter's site-packages as a plain directory: its
+    packages import (torch, numpy, sentencepiece, numba, zstandard, msgpack), but the .pth hooks
+    there (pgolf's editable install) never run, so no pgolf package can be imported."""
+    import site
+    import venv
+
+    venv.EnvBuilder(with_pip=False).create(root)
+    py = root / "bin" / "python"
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "host_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return py
+
+
+def test_generated_script_runs_in_a_venv_without_pgolf(records, tiny_run, sp1024, tmp_path):
+    py = _venv_without_pgolf(tmp_path / "venv")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    probe = subprocess.run([str(py), "-I", "-c", "import torch, numpy, sentencepiece\nimport pgolf_codec"],
+                           cwd=tmp_path, env=clean, capture_output=True, text=True)
+    assert probe.returncode == 1 and "No module named 'pgolf_codec'" in probe.stderr  # the venv has no pgolf
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "train_gpt.py").write_bytes((records / "train_gpt.py").read_bytes())
+    env = {**clean, "DATA_PATH": str(tiny_run / "data"), "TOKENIZER_PATH": str(sp1024), "RUN_ID": "venv",
+           "ITERATIONS": "6"}
+    proc = subprocess.run([str(py), "-I", "train_gpt.py"], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final_pgolf_roundtrip_exact" in proc.stdout and (work / "model.pgolf").is_file()
