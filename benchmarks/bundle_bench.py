@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         for coder in _coders():
             for enc in ENCODINGS:
                 t = time.perf_counter()
-                b = build(cfg, coder=coder, encoding=enc)
+                b = build(cfg, coder=coder, encoding=enc, measure=True)
                 rows.append({"config": name, "coder": coder, "encoding": enc, "bytes": b.bytes,
                              "payload_bytes": b.payload_bytes, "modules": len(b.modules),
                              "source_bytes": sum(m.source_bytes for m in b.modules),

@@ -37,7 +37,7 @@ class ModuleEntry:
     is_package: bool
     source_bytes: int  # the file as it is
     minified_bytes: int  # what the bundle holds
-    compressed_bytes: int  # that alone, through lzma (a module's share; the bundle compresses them together)
+    compressed_bytes: int | None  # that alone through lzma, with build(measure=True) (the bundle compresses all together)
 
 
 @dataclass(frozen=True)
@@ -194,9 +194,10 @@ def latin1_literal(data: bytes) -> str:
     return '"' + "".join(esc.get(c, chr(c)) for c in data) + '"'
 
 
-def build(cfg: Any, *, coder: str | None = None, encoding: str = "base85") -> Bundle:
+def build(cfg: Any, *, coder: str | None = None, encoding: str = "base85", measure: bool = False) -> Bundle:
     """The bundle for ``cfg`` (a TrainConfig; baked in resolved); ``coder`` forces one of
-    lzma/zlib/brotli; ``encoding`` is one of :data:`ENCODINGS`."""
+    lzma/zlib/brotli; ``encoding`` is one of :data:`ENCODINGS`; ``measure`` also compresses each
+    module alone for the per-module table (`pgolf submit`, the benchmark)."""
     if encoding not in ENCODINGS:
         raise ValueError(f"bundle encoding must be one of {ENCODINGS}, got {encoding!r}")
     from pgolf import __version__
@@ -208,8 +209,8 @@ def build(cfg: Any, *, coder: str | None = None, encoding: str = "base85") -> Bu
         raw = path.read_text(encoding="utf-8")
         text = raw if name in VERBATIM else minify(raw)
         sources[name] = [is_pkg, text]
-        entries.append(ModuleEntry(name, is_pkg, len(raw.encode()), len(text.encode()),
-                                   len(lzma.compress(text.encode(), preset=9 | lzma.PRESET_EXTREME))))
+        alone = len(lzma.compress(text.encode(), preset=9 | lzma.PRESET_EXTREME)) if measure else None
+        entries.append(ModuleEntry(name, is_pkg, len(raw.encode()), len(text.encode()), alone))
     table = json.dumps({"m": sources, "c": cfg.to_dict()}, separators=(",", ":"), sort_keys=True).encode()
     coders = _coders()
     if coder is not None and coder not in coders:

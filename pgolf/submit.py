@@ -169,7 +169,7 @@ def main(args) -> int:
     out = args.out or Path("records") / "track_10min_16mb" / f"{date}_{_slug(name)}"
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not args.force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
-    bundle = build(cfg, encoding=args.encoding)
+    bundle = build(cfg, encoding=args.encoding, measure=True)
     hardware = args.hardware or _device(args.rundir) or "its device (not recorded)"
     blurb = args.blurb or (f"pgolf run {args.rundir.name}: a {cfg.num_layers}-layer, {cfg.model_dim}-wide GPT, "
                            f"scored {report.get('val_bpb_mode') or 'plain'}.")
