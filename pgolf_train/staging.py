@@ -6,7 +6,8 @@ would leave nothing. Two patterns:
 
 * ``staged_directory(final)``: build in a fresh hidden sibling of ``final`` (marked unfinished);
   on success the old ``final`` is renamed aside, the new one renamed in, the old one removed.
-  On failure the sibling is removed and ``final`` is untouched.
+  On failure the sibling is removed and ``final`` is untouched. A sibling that a hard kill left
+  (its process gone, still marked unfinished) is removed by the next build; an aside is only named.
 * ``set_aside(path)``: for outputs whose paths are recorded while they are written (a training
   run): the old ``path`` is renamed aside, the new one is built in place; on failure the partial
   new one is removed and the old one renamed back.
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,6 +34,34 @@ def _umask_mode(mode: int = 0o777) -> int:
 
 def _sibling(final: Path, tag: str) -> Path:
     return final.parent / f".{final.name}.{tag}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def leftovers(final: Path) -> tuple[list[Path], list[Path]]:
+    """``(staging, aside)``: siblings of ``final`` that a killed command left (its process is gone).
+    Staging directories still hold the unfinished marker; asides hold what ``final`` held before."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(new|old)-(\d+)-[0-9a-f]{{6}}")
+    staging, aside = [], []
+    if not final.parent.is_dir():
+        return staging, aside
+    for p in sorted(final.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if m is None or _alive(int(m.group(2))) or not p.is_dir() or p.is_symlink():
+            continue
+        if m.group(1) == "new" and (p / INCOMPLETE_MARKER).exists():
+            staging.append(p)
+        elif m.group(1) == "old":
+            aside.append(p)
+    return staging, aside
 
 
 def make_dirs(path: Path) -> list[Path]:
@@ -66,6 +97,12 @@ def staged_directory(final: str | os.PathLike, *, carry: Callable[[str], bool] =
     final = Path(final).resolve()  # "." has no name to make a sibling of; a symlink's target is replaced
     if final.exists() and not final.is_dir():
         raise NotADirectoryError(f"{final} exists and is not a directory")
+    staging, aside = leftovers(final)
+    for p in staging:  # a killed build of this directory: unfinished by its own marker, its process gone
+        shutil.rmtree(p, ignore_errors=True)
+    for p in aside:  # never removed: it may hold the only copy of what final held
+        print(f"note: {p} was left by an interrupted command and holds the earlier contents of {final}; "
+              f"remove it or move it back yourself", file=sys.stderr)
     created = make_dirs(final.parent)
     new = _sibling(final, "new")
     new.mkdir(mode=_umask_mode())

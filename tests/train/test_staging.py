@@ -111,3 +111,33 @@ def test_a_relative_or_symlinked_final_is_replaced_where_it_points(tmp_path, mon
     with staged_directory("final") as new:
         (new / "c.bin").write_bytes(b"c")
     assert set(_tree(final)) == {"a.bin", "b.bin", "c.bin", "keep.txt"}
+
+
+def test_a_build_removes_what_a_killed_build_left_and_names_asides(tmp_path, capsys):
+    """A hard kill (SIGKILL, power loss) skips every cleanup: the next build of the same directory
+    removes the dead process's unfinished staging directory; an aside (the old contents) is only named;
+    a live process's staging and an unmarked directory are left alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(dead.stdout)
+    final = tmp_path / "data"
+    killed = tmp_path / f".data.new-{pid}-abc123"
+    killed.mkdir()
+    (killed / INCOMPLETE_MARKER).write_bytes(b"")
+    (killed / "fineweb_train_000000.bin").write_bytes(b"half")
+    live = tmp_path / f".data.new-{os.getpid()}-def456"
+    live.mkdir()
+    (live / INCOMPLETE_MARKER).write_bytes(b"")
+    unmarked = tmp_path / f".data.new-{pid}-0a0b0c"
+    unmarked.mkdir()
+    aside = tmp_path / f".data.old-{pid}-123abc"
+    aside.mkdir()
+    (aside / "keep.txt").write_text("the earlier contents")
+    with staged_directory(final) as work:
+        (work / "x").write_text("new")
+    assert not killed.exists() and live.exists() and unmarked.exists()
+    assert (aside / "keep.txt").read_text() == "the earlier contents"
+    assert str(aside) in capsys.readouterr().err and (final / "x").read_text() == "new"
