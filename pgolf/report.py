@@ -9,7 +9,7 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-CAP_BYTES = 16_000_000
+from pgolf.challenge import CAP_BYTES, challenge_count
 
 
 def package_versions() -> dict[str, str]:
@@ -169,7 +169,8 @@ def write_report(out: Path, *, cfg, summary: dict, evals: dict, stages: dict, ma
         "model_bytes": int(info.get("model_bytes", summary.get("model_bytes", 0))),
         "code_bytes": int(info.get("code_bytes", summary.get("code_bytes", 0))),
         "headroom_bytes": CAP_BYTES - int(info.get("total_bytes", artifact.stat().st_size)),
-        "challenge": challenge_count(cfg, int(info.get("total_bytes", artifact.stat().st_size))),
+        "challenge": (challenge_count(cfg, int(info.get("total_bytes", artifact.stat().st_size)))
+                      if hasattr(cfg, "__dataclass_fields__") else None),  # a TrainConfig: the bundle's input
         "params": summary.get("params"),
         "train_seconds": summary.get("train_seconds"),
         "steps": summary.get("steps"),
@@ -192,15 +193,6 @@ def write_report(out: Path, *, cfg, summary: dict, evals: dict, stages: dict, ma
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(render_markdown(report))
     return report
-
-
-def challenge_count(cfg, artifact_bytes: int) -> dict | None:
-    """The challenge's count (pgolf/challenge.py) for a TrainConfig ``cfg``; None without one."""
-    if not hasattr(cfg, "__dataclass_fields__"):
-        return None
-    from pgolf.challenge import challenge_count as count
-
-    return count(cfg, artifact_bytes)
 
 
 def ttt_summary(ev: dict | None) -> dict | None:

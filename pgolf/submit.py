@@ -92,7 +92,9 @@ def build_folder(rundir: Path, report: dict, bundle, *, name: str, author: str, 
         "pgolf": {"version": bundle_version(), "bundle_coder": bundle.coder, "bundle_encoding": bundle.encoding,
                   "modules": len(bundle.modules), "run_git_commit": report.get("git_commit")},
     }
-    extra = sorted({"numba", "zstandard", "msgpack"} | ({"brotli"} if bundle.coder == "brotli" else set()))
+    from pgolf.submission import EXTRA_PACKAGES  # what the script checks for at start: one list
+
+    extra = sorted(set(EXTRA_PACKAGES) | ({"brotli"} if bundle.coder == "brotli" else set()))
     files = {
         "train_gpt.py": bundle.data,
         "submission.json": (json.dumps(submission, indent=2) + "\n").encode(),
