@@ -1,9 +1,11 @@
 """GPT for parameter golf: the challenge baseline (U-Net skips, GQA, QK-norm, relu², tied embeddings,
-softcap) plus switches. Self-contained (torch only): this file ships inside the artifact."""
+softcap) plus switches: state-space mixer layers, a routed mixture-of-experts MLP, early-exit heads.
+Self-contained (torch only): this file ships inside the artifact."""
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,18 @@ class GPTConfig:
     rope_factor: float = _f(1.0, 1.0, 1024.0)  # context extension factor for rope_scaling
     logit_softcap: float = _f(30.0, 1e-3, 1e6)  # logits = c·tanh(logits / c)
     qk_gain_init: float = _f(1.5, -1e3, 1e3)  # initial per-head gain on normalized queries
+    ssm_layers: str = _f("", "layers")  # blocks whose mixer is the SSM, not attention: "1,3", "all"
+    ssm_state: int = _f(64, 1, 1024)  # SSM state size N per head
+    ssm_head_dim: int = _f(64, 1, 16384)  # SSM head width P (heads = inner width / P)
+    ssm_expand: float = _f(1.0, 0.0, 8.0)  # SSM inner width = int(ssm_expand * model_dim)
+    ssm_conv: int = _f(4, 1, 64)  # causal depthwise convolution width
+    ssm_chunk: int = _f(64, 1, 4096)  # scan chunk length (matmuls within, a recurrence between)
+    moe_experts: int = _f(0, 0, 256)  # experts per MLP (0 = a dense MLP); each hidden = mlp_mult * dim
+    moe_top_k: int = _f(1, 1, 256)  # experts per token
+    moe_capacity: float = _f(1.25, 0.0, 256.0)  # training slots per expert = capacity * tokens * k / E
+    moe_aux_weight: float = _f(0.01, 0.0, 1e3)  # load-balancing loss weight
+    exit_layers: str = _f("", "layers")  # virtual layers with an exit head after them: "2,5"
+    exit_loss_weight: float = _f(0.3, 0.0, 1e3)  # training loss += weight * mean exit cross-entropy
 
     def __post_init__(self) -> None:
         # A config from an artifact is untrusted: check it all before anything is allocated.
@@ -53,10 +67,13 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{f.name} must be {kind.__name__}, got {v!r}")
             if kind is float:
                 setattr(self, f.name, float(v))
+            if ok == ("layers",):
+                continue  # index lists: checked against the layer count below
             if not (v in ok if kind is str else kind is bool or ok[0] <= v <= ok[1]):
                 raise ValueError(f"GPTConfig.{f.name}={v!r} is not in {ok}")
+        self.layer_set("ssm_layers", self.num_layers)  # raises on a malformed or out-of-range list
         d, h, kv, hd = self.model_dim, self.num_heads, self.num_kv_heads, self.model_dim // self.num_heads
-        hidden, rd = int(self.mlp_mult * d), self.rope_dims or hd
+        hidden, rd, di = int(self.mlp_mult * d), self.rope_dims or hd, int(self.ssm_expand * d)
         for ok, msg in [
             (d % h == 0, f"num_heads={h} must divide model_dim={d}"),
             (h % kv == 0, f"num_kv_heads={kv} must divide num_heads={h}"),
@@ -64,17 +81,36 @@ class GPTConfig:
             (hidden >= 1, f"mlp_mult={self.mlp_mult} gives an empty MLP"),
             (self.loop_start <= self.loop_end <= self.num_layers, "need loop_start <= loop_end <= num_layers"),
             (self.loop_times == 1 or self.loop_end > self.loop_start, "loop_times > 1 needs loop_end > loop_start"),
+            (self.moe_top_k <= max(self.moe_experts, 1), f"moe_top_k={self.moe_top_k} exceeds moe_experts"),
+            (not self.ssm_layers or di >= 1 and di % self.ssm_head_dim == 0,
+             f"ssm_head_dim={self.ssm_head_dim} must divide the SSM inner width int(ssm_expand * model_dim)"),
         ]:
             if not ok:
                 raise ValueError(f"GPTConfig: {msg}")
-        n = self.num_layers * d * (2 * d + 2 * kv * hd + 2 * hidden) + 2 * self.vocab_size * (self.embed_dim or d)
-        if n + len(self.layer_plan()) * d > 1 << 30:  # 4 GiB of fp32: far beyond a 16 MB artifact
+        ssm = d * (3 + 2 * self.ssm_expand) * d + d * (2 * self.ssm_state + 1) if self.ssm_layers else 0
+        n = self.num_layers * d * (2 * d + 2 * kv * hd + 2 * hidden * max(self.moe_experts, 1) + ssm)
+        n += 2 * self.vocab_size * (self.embed_dim or d)
+        plan = len(self.layer_plan())
+        self.layer_set("exit_layers", plan)
+        if n + plan * d > 1 << 30:  # 4 GiB of fp32: far beyond a 16 MB artifact
             raise ValueError(f"GPTConfig describes ~{n:,} parameters (limit {1 << 30:,})")
 
     def layer_plan(self) -> list[int]:
         """Physical block run at each virtual layer: the loop span repeats in place."""
         s, e = self.loop_start, self.loop_end
         return [*range(s), *list(range(s, e)) * self.loop_times, *range(e, self.num_layers)]
+
+    def layer_set(self, name: str, n: int) -> list[int]:
+        """The sorted indices of the list field ``name`` ("" none, "all", or "i,j,..." each in [0, n))."""
+        text = getattr(self, name).replace(" ", "")
+        if text == "all":
+            return list(range(n))
+        if not re.fullmatch(r"(\d{1,6}(,\d{1,6})*)?", text):
+            raise ValueError(f"GPTConfig.{name}={text!r} must be 'all' or comma-separated layer indices")
+        idx = sorted({int(t) for t in text.split(",") if t})
+        if idx and idx[-1] >= n:
+            raise ValueError(f"GPTConfig.{name}: layer {idx[-1]} is out of range (have {n})")
+        return idx
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
@@ -162,6 +198,80 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+def _ssd_chunks(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int) -> Tensor:
+    """The selective scan h_t = exp(dt_t·A)·h_{t-1} + dt_t·x_t B_tᵀ, y_t = h_t C_t (h_0 = 0), by chunks.
+
+    x: [b, T, H, P]; dt: [b, T, H] (> 0); A: [H] (< 0); B, C: [b, T, N]; returns [b, T, H, P] in
+    float32 (float64 for float64 x).
+    Within a chunk the recurrence unrolls into a masked, decay-weighted (C Bᵀ) matmul; between chunks
+    only the [H, P, N] states pass on. Zero padding to whole chunks has dt = 0: no decay, no input."""
+    b, T, H, P = x.shape
+    pad = -T % chunk
+    f = torch.promote_types(x.dtype, torch.float32)
+    x, dt, B, C = (F.pad(t.to(f), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    A = A.to(f)
+    n, N = (T + pad) // chunk, B.size(-1)
+    x, dt = x.view(b, n, chunk, H, P), dt.view(b, n, chunk, H)
+    B, C = B.view(b, n, chunk, N), C.view(b, n, chunk, N)
+    a = (dt * A).cumsum(2)  # [b, n, Q, H]: log decay from the chunk's start through step t
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    decay = torch.exp((a[:, :, :, None] - a[:, :, None]).masked_fill(~causal[:, :, None], -math.inf))
+    xdt = x * dt[..., None]
+    w = torch.einsum("bctn,bcsn->bcts", C, B)[..., None] * decay  # [b, n, t, s, H]
+    y = torch.einsum("bctsh,bcshp->bcthp", w, xdt)
+    # the state each chunk leaves, then the state entering each chunk (a decayed sum of earlier ones)
+    S = torch.einsum("bcsh,bcshp,bcsn->bchpn", torch.exp(a[:, :, -1:] - a), xdt, B)
+    g = a[:, :, -1].cumsum(1)  # [b, n, H]: log decay from the start through the end of chunk c
+    before = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)
+    carry = torch.exp(((g - a[:, :, -1])[:, :, None] - g[:, None]).masked_fill(~before[:, :, None], -math.inf))
+    R = torch.einsum("bcdh,bdhpn->bchpn", carry, S)
+    y = y + torch.einsum("bctn,bchpn->bcthp", C, R) * torch.exp(a)[..., None]
+    return y.reshape(b, n * chunk, H, P)[:, :T]
+
+
+class SSM(nn.Module):
+    """Selective state-space mixer (Mamba-2 style), a drop-in for attention: x and a gate z from the
+    input; x, B, C through a causal depthwise convolution and silu; an input-dependent step
+    dt = softplus(·); per head a scalar decay exp(dt·A); output rms_norm(y · silu(z)) projected back.
+    Causal, any length; no positional encoding (the scan's order is the position)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        d, self.N, self.P, self.chunk = cfg.model_dim, cfg.ssm_state, cfg.ssm_head_dim, cfg.ssm_chunk
+        self.di = int(cfg.ssm_expand * d)
+        self.H = self.di // self.P
+        self.in_proj = CastedLinear(d, 2 * self.di)  # x, z
+        self.bc_proj = CastedLinear(d, 2 * self.N + self.H)  # B, C, dt
+        k = cfg.ssm_conv
+        self.conv = nn.Parameter(torch.empty(self.di + 2 * self.N, k).uniform_(-k ** -0.5, k ** -0.5))
+        dt = torch.exp(torch.empty(self.H).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        self.A_log = nn.Parameter(torch.empty(self.H).uniform_(1, 16).log())
+        self.D = nn.Parameter(torch.ones(self.H))
+        self.out_proj = CastedLinear(self.di, d, zero_init=True)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, scale: float | None) -> Tensor:
+        """x: [B, T, C] -> [B, T, C] (cos, sin, scale: unused, attention's signature)."""
+        b, T, _ = x.shape
+        u, z = self.in_proj(x).split(self.di, dim=-1)
+        bc, dt = self.bc_proj(x).split([2 * self.N, self.H], dim=-1)
+        xbc = torch.cat((u, bc), dim=-1)
+        k = self.conv.size(1)
+        padded, w = F.pad(xbc, (0, 0, k - 1, 0)), self.conv.to(xbc.dtype)
+        xbc = F.silu(sum(padded[:, i:i + T] * w[:, i] for i in range(k)))
+        u, Bm, Cm = xbc.split([self.di, self.N, self.N], dim=-1)
+        u = u.reshape(b, T, self.H, self.P)
+        with torch.autocast(x.device.type, enabled=False):  # decays and state sums in float32
+            dt = F.softplus(dt.float() + self.dt_bias)
+            y = _ssd_chunks(u, dt, -torch.exp(self.A_log.float()), Bm, Cm, self.chunk)
+        y = (y + u.float() * self.D[:, None]).to(x.dtype).reshape(b, T, self.di)
+        return self.out_proj(rms_norm(y * F.silu(z)))
+
+
+def _activation(x: Tensor, leaky: bool) -> Tensor:
+    return (F.leaky_relu(x, 0.5) if leaky else torch.relu(x)).square()  # leaky: negatives keep a gradient
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -170,36 +280,86 @@ class MLP(nn.Module):
         self.proj = CastedLinear(hidden, cfg.model_dim, zero_init=True)
         self.leaky = cfg.activation == "leaky_relu2"
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.fc(x)  # leaky: negative pre-activations keep a gradient
-        return self.proj((F.leaky_relu(x, 0.5) if self.leaky else torch.relu(x)).square())
+    def forward(self, x: Tensor, aux: list | None = None) -> Tensor:
+        return self.proj(_activation(self.fc(x), self.leaky))
+
+
+class MoE(nn.Module):
+    """Routed experts (each an MLP): a token's output is the gate-weighted sum of its top-k experts.
+
+    Tokens are packed per expert into fixed slots (static shapes for torch.compile), first choices
+    before second, in token order; in training an expert holds capacity·tokens·k/E of them and a
+    token past that skips the expert (the residual carries it). Evaluation gives every expert a slot
+    for every token: nothing is dropped, and a token's output depends on that token alone. The
+    Switch load-balancing loss E·Σ_e f_e·p_e (f: share of first choices, p: mean router probability)
+    goes to ``aux``."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.moe_experts))
+        self.router = nn.Parameter(torch.randn(cfg.moe_experts, cfg.model_dim) * 0.02)
+        self.k, self.capacity, self.leaky = cfg.moe_top_k, cfg.moe_capacity, cfg.activation == "leaky_relu2"
+
+    def forward(self, x: Tensor, aux: list | None = None) -> Tensor:
+        shape, E, k = x.shape, len(self.experts), self.k
+        flat = x.reshape(-1, shape[-1])
+        n = flat.size(0)
+        probs = F.linear(flat.float(), self.router.float()).softmax(-1)  # [n, E]
+        gate, choice = probs.topk(k, dim=-1)  # [n, k]
+        gate = gate / gate.sum(-1, keepdim=True)
+        cap = max(1, min(n, math.ceil(self.capacity * n * k / E))) if self.training else n
+        onehot = F.one_hot(choice, E)  # [n, k, E]
+        pos = (onehot.transpose(0, 1).reshape(k * n, E).cumsum(0) - 1).view(k, n, E).transpose(0, 1)
+        pos = (pos * onehot).sum(-1)  # [n, k]: the token's place in its expert's queue
+        slot = torch.where(pos < cap, choice * cap + pos, E * cap).flatten()  # E*cap: overflow, discarded
+        buf = flat.new_zeros(E * cap + 1, shape[-1]).index_add(0, slot, flat.repeat_interleave(k, 0))
+        w1 = torch.stack([_weight(e.fc) for e in self.experts]).to(x.dtype)  # [E, hidden, dim]
+        w2 = torch.stack([_weight(e.proj) for e in self.experts]).to(x.dtype)  # [E, dim, hidden]
+        h = _activation(torch.bmm(buf[:-1].view(E, cap, -1), w1.mT), self.leaky)
+        out = torch.cat((torch.bmm(h, w2.mT).flatten(0, 1), buf.new_zeros(1, shape[-1])))
+        y = (out[slot].view(n, k, -1) * gate[..., None].to(out.dtype)).sum(1)
+        if aux is not None and self.training:
+            aux.append(E * (onehot[:, 0].float().mean(0) * probs.mean(0)).sum())
+        return y.view(shape)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, ssm: bool = False):
         super().__init__()
         d = cfg.model_dim
-        self.attn = CausalSelfAttention(cfg)
-        self.mlp = MLP(cfg)
+        if ssm:
+            self.ssm = SSM(cfg)
+        else:
+            self.attn = CausalSelfAttention(cfg)
+        self.mlp = MoE(cfg) if cfg.moe_experts else MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         # Per-channel mix of the residual x and the normed embedding x0: rows [x weight, x0 weight].
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
         self.parallel = cfg.parallel_residual
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, scale: float | None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, scale: float | None,
+                aux: list | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         n = rms_norm(x)
-        out = x + self.attn_scale.to(x.dtype) * self.attn(n, cos, sin, scale)
+        mixer = self.attn if hasattr(self, "attn") else self.ssm
+        out = x + self.attn_scale.to(x.dtype) * mixer(n, cos, sin, scale)
         if not self.parallel:
             n = rms_norm(out)
-        return out + self.mlp_scale.to(x.dtype) * self.mlp(n)
+        return out + self.mlp_scale.to(x.dtype) * self.mlp(n, aux)
 
 
 class GPT(nn.Module):
     """Virtual layers follow `cfg.layer_plan()`: a looped block shares all its parameters (scales
-    and mixes too) across passes; the U-Net skip weights are per virtual layer."""
+    and mixes too) across passes; the U-Net skip weights are per virtual layer.
+
+    Early exit: an exit head after virtual layer i (``exit_layers``) is the output head applied to
+    that layer's state (own RMS gain), trained jointly. With ``exit_threshold`` set, evaluation
+    scores each token with the first exit whose top probability reaches it, else the last layer:
+    every distribution a full softmax, each decided from the token's own prefix. An exited token's
+    state stays frozen for the layers above (their keys and values read it), as a depth-skipping
+    decoder would compute; ``exit_counts`` tallies the tokens per exit and at the end."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -209,8 +369,13 @@ class GPT(nn.Module):
         # Factorized: tok_emb V×E, embed_proj lifts E -> model_dim; the output returns through its
         # transpose to E, then to the vocab via tok_emb (tied) or lm_head (V×E).
         self.embed_proj = CastedLinear(e, cfg.model_dim) if cfg.embed_dim else None
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        ssm = set(cfg.layer_set("ssm_layers", cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i in ssm) for i in range(cfg.num_layers))
         self.layer_plan = cfg.layer_plan()
+        self.exits = cfg.layer_set("exit_layers", len(self.layer_plan))
+        self.exit_scales = nn.Parameter(torch.ones(len(self.exits), cfg.model_dim)) if self.exits else None
+        self.exit_threshold: float | None = None
+        self.exit_counts = torch.zeros(len(self.exits) + 1, dtype=torch.long)
         self.num_encoder = len(self.layer_plan) // 2
         n_skip = min(self.num_encoder, len(self.layer_plan) - self.num_encoder)
         self.skip_weights = nn.Parameter(torch.ones(n_skip, cfg.model_dim))
@@ -239,30 +404,71 @@ class GPT(nn.Module):
         freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
         return freqs.cos(), freqs.sin()
 
-    def logits(self, idx: Tensor) -> Tensor:
-        """idx: long[B, T] -> soft-capped float32 logits [B, T, vocab_size]."""
-        x = self.tok_emb(idx)
-        if self.embed_proj is not None:
-            x = self.embed_proj(x)
-        x = x0 = rms_norm(x)
-        cos, sin = self.rope(idx.size(1), idx.device)
-        skips: list[Tensor] = []
-        for i, b in enumerate(self.layer_plan):
-            if i >= self.num_encoder and skips:  # decoder consumes encoder outputs, last first
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = self.blocks[b](x, x0, cos, sin, self.softmax_scale)
-            if i < self.num_encoder:
-                skips.append(x)
-        x = rms_norm(x)
+    def _head(self, x: Tensor) -> Tensor:
+        """Final-norm state [B, T, C] -> soft-capped float32 logits [B, T, vocab_size]."""
         if self.embed_proj is not None:
             x = F.linear(x, _weight(self.embed_proj).to(x.dtype).t())
         head = self.tok_emb if self.lm_head is None else self.lm_head
         logits = F.linear(x, _weight(head).to(x.dtype)).float()
         return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
 
+    def _run(self, idx: Tensor, aux: list | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Logits (the exit rule applied when ``exit_threshold`` is set outside training) and, in
+        training, every exit head's logits; MoE balancing losses append to ``aux``."""
+        x = self.tok_emb(idx)
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
+        x = x0 = rms_norm(x)
+        cos, sin = self.rope(idx.size(1), idx.device)
+        skips: list[Tensor] = []
+        exits: list[Tensor] = []
+        tau = None if self.training else self.exit_threshold
+        done = chosen = None
+        for i, b in enumerate(self.layer_plan):
+            before = x
+            if i >= self.num_encoder and skips:  # decoder consumes encoder outputs, last first
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            x = self.blocks[b](x, x0, cos, sin, self.softmax_scale, aux)
+            if done is not None:
+                x = torch.where(done[..., None], before, x)
+            if i < self.num_encoder:
+                skips.append(x)
+            if i in self.exits and (self.training or tau is not None):
+                e = self.exits.index(i)
+                logits = self._head(rms_norm(x) * self.exit_scales[e].to(x.dtype))
+                if tau is None:
+                    exits.append(logits)
+                elif done is None:
+                    done, chosen = logits.softmax(-1).amax(-1) >= tau, logits
+                    self.exit_counts[e] += int(done.sum())
+                else:
+                    confident = (logits.softmax(-1).amax(-1) >= tau) & ~done
+                    done, chosen = done | confident, torch.where(confident[..., None], logits, chosen)
+                    self.exit_counts[e] += int(confident.sum())
+        logits = self._head(rms_norm(x))
+        if done is not None:
+            self.exit_counts[-1] += int((~done).sum())
+            logits = torch.where(done[..., None], chosen, logits)
+        return logits, exits
+
+    def logits(self, idx: Tensor) -> Tensor:
+        """idx: long[B, T] -> soft-capped float32 logits [B, T, vocab_size]."""
+        return self._run(idx)[0]
+
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
-        """idx, targets: long[B, T] -> logits [B, T, V] if targets is None, else the mean CE."""
-        return self.logits(idx) if targets is None else self.token_losses(idx, targets).mean()
+        """idx, targets: long[B, T] -> logits [B, T, V] if targets is None, else the mean CE (in
+        training plus the exit heads' and the MoE balancing losses, weighted)."""
+        if targets is None:
+            return self.logits(idx)
+        aux: list[Tensor] = []
+        logits, exits = self._run(idx, aux)
+        ce = [F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").mean() for z in (logits, *exits)]
+        loss = ce[0]
+        if exits:
+            loss = loss + self.cfg.exit_loss_weight * sum(ce[1:]) / len(exits)
+        if aux:
+            loss = loss + self.cfg.moe_aux_weight * sum(aux) / len(aux)
+        return loss
 
     def token_losses(self, idx: Tensor, targets: Tensor) -> Tensor:
         """idx, targets: long[B, T] -> float32[B, T] per-token cross-entropy in nats."""
