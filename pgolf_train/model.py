@@ -87,8 +87,8 @@ class GPTConfig:
         ]:
             if not ok:
                 raise ValueError(f"GPTConfig: {msg}")
-        ssm = d * (3 + 2 * self.ssm_expand) * d + d * (2 * self.ssm_state + 1) if self.ssm_layers else 0
-        n = self.num_layers * d * (2 * d + 2 * kv * hd + 2 * hidden * max(self.moe_experts, 1) + ssm)
+        ssm = d * (3 * di + 2 * self.ssm_state + di // self.ssm_head_dim) if self.ssm_layers else 0
+        n = self.num_layers * (d * (2 * d + 2 * kv * hd + 2 * hidden * max(self.moe_experts, 1)) + ssm)
         n += 2 * self.vocab_size * (self.embed_dim or d)
         plan = len(self.layer_plan())
         self.layer_set("exit_layers", plan)
