@@ -9,8 +9,9 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export VOCAB=4096 TOKENIZER=.data/tok/sp4096.model
 source benchmarks/h200_setup.sh
+set +e  # h200_setup.sh sets -e: a failed step below must not end the script before the arm runs
 if [ "${GPU_TESTS:-0}" = 1 ]; then
-  timeout 240 python3 -m pytest tests/train/test_archs_gpu.py -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+  timeout 240 python3 -m pytest tests/train/test_archs_gpu.py -q -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
 fi
 case "$ARM" in
   ssm) sets=(--set ssm_layers=1,3,5,7) ;;

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from pgolf_codec.argtypes import int_range, nonneg_int, positive_float, positive_int
+    from pgolf_codec.argtypes import float_range, int_range, nonneg_int, positive_float, positive_int
 
     from .ttt import FULL_LR, LORA_LR, TTTConfig
 
@@ -57,6 +57,10 @@ def register(sub) -> None:
                    help="windows of seq-len per step of the carried adapter")
     p.add_argument("--ttt-parallel-docs", type=nonneg_int, default=d.parallel_docs,
                    help="phased scopes: documents in flight, in stream order (0: from the stream's lengths)")
+    p.add_argument("--early-exit", type=float_range(0.0, 1.0, lo_open=True), default=None, metavar="TAU",
+                   help="a model with exit heads (exit_layers) scores each token with the first exit whose top "
+                        "probability reaches TAU, else its last layer; reports where the positions left "
+                        "(with --ttt: the scoring forwards only; adaptation trains the last layer's loss)")
     p.add_argument("--time-budget", type=positive_float, default=None,
                    help="seconds for the TTT pass: adaptation stops while the remaining chunks can still be scored within it")
     p.add_argument("--batch-tokens", type=positive_int, default=None,
@@ -132,7 +136,7 @@ def main(args: argparse.Namespace) -> int:
                                 max_tokens=args.max_tokens, seq_len=args.seq_len, stride=args.stride,
                                 truncate=args.truncate, doc_isolated=args.doc_isolated, ttt=ttt,
                                 time_budget=args.time_budget, compile=args.compile,
-                                batch_tokens=args.batch_tokens)
+                                batch_tokens=args.batch_tokens, early_exit=args.early_exit)
         ok = True
     finally:
         if owns_group:
@@ -170,6 +174,12 @@ def format_report(d: dict) -> str:
                      + (f", {t['phases_trained']}/{t['phases']} phases" if "phases" in t else ""))
         if t.get("warmup_s") is not None:
             lines.append(f"warm-up       {t['warmup_s']:.1f} s on synthetic tokens, outside the timer")
+    if d.get("early_exit"):
+        e = d["early_exit"]
+        where = ", ".join(f"layer {x['layer']} {x['share']:.1%}" for x in e["exits"])
+        lines.append(f"early exit    tau {e['threshold']:g}: {where}, final {e['final']['share']:.1%} of "
+                     f"{e['positions']:,} positions; layers skipped {e['layers_skipped_frac']:.1%} "
+                     f"(of {e['virtual_layers']}, an upper bound on compute saved)")
     tps = d.get("tokens_per_second") or 0
     lines += [f"tokens        {d['tokens']:,}   bytes {d['bytes']:,} ({ex.get('byte_source', '?')})",
               f"val_loss      {d['val_loss']:.6f} nats/token",

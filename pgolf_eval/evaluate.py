@@ -4,10 +4,16 @@ bpb is the challenge's definition: per-token cross-entropy in nats, summed in fl
 ln 2 and by the UTF-8 bytes of the scored targets (byte tables of the tokenizer, or a per-token
 byte sidecar). Under ``torchrun`` the windows (or, for TTT, the documents) are split across ranks
 and the sums are combined exactly with one all_reduce.
+
+Early exit (``early_exit=tau``, ``pgolf eval --early-exit TAU``): a model with exit heads scores
+each token with the first exit whose top probability reaches ``tau`` (else its last layer); the
+result's ``early_exit`` entry says where the positions left (:func:`early_exit_summary`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +52,8 @@ class EvalResult:
     docs: dict[str, Any] | None = None
     # per document, in stream order: length, scored tokens, bytes, loss (nats); for paired comparisons
     per_doc: dict[str, list] | None = None
+    # with an exit threshold: where the forwarded positions left the model (early_exit_summary)
+    early_exit: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -98,6 +106,42 @@ def score_plan(model: torch.nn.Module, tokens: np.ndarray, plan: WindowPlan, *, 
     return float(total.item()), count
 
 
+def check_early_exit(model: torch.nn.Module, tau: Any) -> float:
+    """``tau`` as a float, once it is a number in (0, 1] and ``model`` has exit heads; else a ValueError."""
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0.0 < float(tau) <= 1.0:
+        raise ValueError(f"early exit threshold must be a number in (0, 1], got {tau!r}")
+    if not getattr(model, "exits", None) or not hasattr(model, "exit_counts"):
+        cfg = getattr(model, "cfg", None)
+        raise ValueError(f"early exit (--early-exit) needs a model with exit heads; this model has none "
+                         f"(exit_layers={getattr(cfg, 'exit_layers', '')!r})")
+    return float(tau)
+
+
+def early_exit_summary(model: torch.nn.Module, tau: float, device: torch.device) -> dict[str, Any]:
+    """Where the positions the model forwarded left it, from ``model.exit_counts`` summed over ranks.
+
+    ``exits``: per exit head (virtual layer ``layer``, after which it reads the state) the positions
+    that exited there and their share; ``final``: those that reached the last layer. With L virtual
+    layers, ``layers_skipped_frac`` = sum_k count_k * (L - 1 - layer_k) / (positions * L): the share
+    of layer evaluations above the exits. The counts cover every position of every scoring
+    forward: the context of sliding windows and the padding of a batch's shorter windows included,
+    not only the scored targets. And the layers above an exit are not free: the exited positions'
+    frozen states still feed those layers' keys and values for later positions, which a real
+    depth-skipping decoder has to compute (a K/V projection per skipped layer), so
+    ``layers_skipped_frac`` bounds the compute saved, it does not measure it.
+    """
+    counts = [int(round(c)) for c in all_reduce_sums([float(c) for c in model.exit_counts.tolist()], device)]
+    total, n_layers = sum(counts), len(model.layer_plan)
+    share = (lambda c: c / total) if total else (lambda c: 0.0)
+    skipped = sum(c * (n_layers - 1 - layer) for c, layer in zip(counts, model.exits))
+    return {"threshold": tau, "virtual_layers": n_layers, "positions": total,
+            "exits": [{"layer": int(layer), "positions": c, "share": share(c)} for c, layer in zip(counts, model.exits)],
+            "final": {"layer": n_layers - 1, "positions": counts[-1], "share": share(counts[-1])},
+            "layers_skipped_frac": skipped / (total * n_layers) if total else 0.0,
+            "note": "counts: every forwarded position (context and batch padding included); the layers above an exit "
+                      "still owe the frozen state's keys/values, so layers_skipped_frac bounds the compute saved"}
+
+
 def per_target_bytes(tokens: np.ndarray, byte_source: ByteTables | np.ndarray) -> np.ndarray:
     """int64 ``(N - 1,)``: the UTF-8 bytes of each target (target j is ``tokens[j + 1]``).
 
@@ -116,7 +160,8 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
                     seq_len: int, stride: int | None = None, batch_tokens: int | None = None,
                     device: str | torch.device = "cpu", doc_isolated: bool = False, ttt: Any = None,
                     time_budget: float | None = None, truncate: bool = False, bos_id: int = BOS_ID,
-                    compile: bool = False, log: Log | None = stderr_log) -> EvalResult:
+                    compile: bool = False, early_exit: float | None = None,
+                    log: Log | None = stderr_log) -> EvalResult:
     """Evaluate ``model`` on the token stream ``tokens`` (shape ``(N,)``; targets ``tokens[1:]``).
 
     ``stride`` None or ``seq_len`` scores non-overlapping windows; a smaller stride slides.
@@ -126,6 +171,11 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
     ``tables`` may be a per-token byte sidecar instead.
     ``batch_tokens``: forward positions per batch (TTT: documents adapted at once × seq_len);
     None picks :func:`default_batch_tokens` for the device.
+    ``early_exit``: an exit threshold in (0, 1] for a model with exit heads (None: the model's own
+    ``exit_threshold``, normally None, off); set for the pass (the model's own restored after),
+    with ``exit_counts`` reset first, and reported in ``EvalResult.early_exit``. With TTT it applies
+    to the scoring forwards only: adaptation steps train on the last layer's loss (see
+    :mod:`pgolf_eval.ttt`).
     Under an initialized process group each rank must pass the same arguments; the result is global.
     """
     device = torch.device(device)
@@ -137,28 +187,32 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
     n_targets = len(tokens) - 1
     t0 = time.perf_counter()
     model.eval()
+    tau = early_exit if early_exit is not None else getattr(model, "exit_threshold", None)
+    if tau is not None:
+        tau = check_early_exit(model, tau)
     extra: dict[str, Any] = {}
     losses = TargetLosses(n_targets, device)
-    if ttt is not None:
-        from .ttt import run_ttt  # local: TTT pulls in the optimizer machinery only when used
+    with _exit_threshold(model, tau):
+        if ttt is not None:
+            from .ttt import run_ttt  # local: TTT pulls in the optimizer machinery only when used
 
-        if truncate:
-            raise ValueError("--truncate applies to plain/sliding evaluation, not TTT")
-        loss_sum, count, extra["ttt"] = run_ttt(
-            model, tokens, ttt, seq_len=seq_len, device=device, doc_isolated=doc_isolated,
-            time_budget=time_budget, bos_id=bos_id, batch_tokens=batch_tokens, log=log, target_losses=losses)
-        mode, stride = "ttt", ttt.chunk
-        doc_isolated = doc_isolated or ttt.reset == "doc"  # per-document state keeps context in the document
-    else:
-        segments = document_segments(tokens, bos_id) if doc_isolated else None
-        plan = plan_windows(n_targets, seq_len, stride, segments=segments, truncate=truncate)
-        mine = plan.shard(rank, world)
-        scorer = torch.compile(model.token_losses) if compile else None
-        loss_sum, count = score_plan(model, tokens, mine, device=device, batch_tokens=batch_tokens,
-                                     scorer=scorer, log=log, label=f"eval seq_len={seq_len} stride={stride}",
-                                     target_losses=losses)
-        mode = "plain" if stride == seq_len else "sliding"
-        extra["forward_tokens"] = plan.input_tokens
+            if truncate:
+                raise ValueError("--truncate applies to plain/sliding evaluation, not TTT")
+            loss_sum, count, extra["ttt"] = run_ttt(
+                model, tokens, ttt, seq_len=seq_len, device=device, doc_isolated=doc_isolated,
+                time_budget=time_budget, bos_id=bos_id, batch_tokens=batch_tokens, log=log, target_losses=losses)
+            mode, stride = "ttt", ttt.chunk
+            doc_isolated = doc_isolated or ttt.reset == "doc"  # per-document state keeps context in the document
+        else:
+            segments = document_segments(tokens, bos_id) if doc_isolated else None
+            plan = plan_windows(n_targets, seq_len, stride, segments=segments, truncate=truncate)
+            mine = plan.shard(rank, world)
+            scorer = torch.compile(model.token_losses) if compile else None
+            loss_sum, count = score_plan(model, tokens, mine, device=device, batch_tokens=batch_tokens,
+                                         scorer=scorer, log=log, label=f"eval seq_len={seq_len} stride={stride}",
+                                         target_losses=losses)
+            mode = "plain" if stride == seq_len else "sliding"
+            extra["forward_tokens"] = plan.input_tokens
     # the bytes of exactly the targets scored (on any rank), with each document's share
     per_doc = _per_document(tokens, tables, losses, bos_id, device)
     loss_sum, count = all_reduce_sums([loss_sum, float(count)], device)
@@ -170,7 +224,24 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
     return EvalResult(val_loss=loss_sum / count, val_bpb=loss_sum / math.log(2) / n_bytes, tokens=count,
                       bytes=n_bytes, seconds=seconds, mode=mode, seq_len=seq_len, stride=stride,
                       coverage="truncate" if truncate else "full", doc_isolated=doc_isolated,
-                      world_size=world, extra=extra, docs=summarize(per_doc), per_doc=per_doc)
+                      world_size=world, extra=extra, docs=summarize(per_doc), per_doc=per_doc,
+                      early_exit=early_exit_summary(model, tau, device) if tau is not None else None)
+
+
+@contextlib.contextmanager
+def _exit_threshold(model: torch.nn.Module, tau: float | None):
+    """``model.exit_threshold = tau`` with fresh ``exit_counts`` for the block, the model's own after
+    (nothing is touched for ``tau`` None)."""
+    if tau is None:
+        yield
+        return
+    own = model.exit_threshold
+    model.exit_threshold = tau
+    model.exit_counts.zero_()
+    try:
+        yield
+    finally:
+        model.exit_threshold = own
 
 
 def _per_document(tokens: np.ndarray, tables: ByteTables | np.ndarray, losses: TargetLosses, bos_id: int,
@@ -210,7 +281,8 @@ def load_val_stream(data_dir: str | os.PathLike, tokenizer: str | os.PathLike, v
 def evaluate_artifact(path: str | os.PathLike, data_dir: str | os.PathLike, tokenizer: str | os.PathLike,
                       *, device: str = "cpu", trust_code: bool = False, rope_scaling: str | None = None,
                       rope_factor: float | None = None, max_tokens: int | None = None,
-                      seq_len: int | None = None, ttt: Any = None, **kw: Any) -> EvalResult:
+                      seq_len: int | None = None, ttt: Any = None, early_exit: float | None = None,
+                      **kw: Any) -> EvalResult:
     """Load an artifact alone and evaluate it on ``data_dir``'s val shards.
 
     The tokenizer must match the artifact's vocabulary (a hash mismatch is a warning); bytes come
@@ -218,12 +290,19 @@ def evaluate_artifact(path: str | os.PathLike, data_dir: str | os.PathLike, toke
     defaults to the model's training context; ``rope_scaling`` (``ntk``/``yarn``) with
     ``rope_factor`` (default eval / training context) evaluates longer contexts. ``ttt`` is a
     :class:`pgolf_eval.ttt.TTTConfig` or its kind (``"lora"``/``"full"``). ``max_tokens``
-    evaluates a prefix of the stream (quick checks). Other keywords go to :func:`evaluate_tokens`.
+    evaluates a prefix of the stream (quick checks). ``early_exit``: the exit threshold (refused,
+    before any data is read, for a model without exit heads). Other keywords go to
+    :func:`evaluate_tokens`.
     """
     from .loader import apply_rope_scaling, check_tokenizer, model_from_artifact
     from .ttt import TTTConfig
 
     model, art = model_from_artifact(path, device=device, trust_code=trust_code)
+    if early_exit is not None:
+        try:
+            check_early_exit(model, early_exit)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     vocab = check_tokenizer(art.metadata, tokenizer, model_vocab=int(model.cfg.vocab_size))
     seq_len = int(seq_len or model.cfg.seq_len)
     if rope_scaling and rope_scaling != "none":
@@ -231,7 +310,8 @@ def evaluate_artifact(path: str | os.PathLike, data_dir: str | os.PathLike, toke
     tokens, byte_source = load_val_stream(data_dir, tokenizer, vocab, max_tokens)
     if isinstance(ttt, str):  # a kind alone: default settings, the chunk no longer than the context
         ttt = TTTConfig(kind=ttt, chunk=min(TTTConfig.chunk, seq_len))
-    result = evaluate_tokens(model, tokens, byte_source, device=device, seq_len=seq_len, ttt=ttt, **kw)
+    result = evaluate_tokens(model, tokens, byte_source, device=device, seq_len=seq_len, ttt=ttt,
+                             early_exit=early_exit, **kw)
     result.extra.update(artifact=str(Path(path)), artifact_bytes=int(art.info.total_bytes),
                         byte_source="tables" if isinstance(byte_source, ByteTables) else "sidecar",
                         rope_scaling=rope_scaling if rope_scaling and rope_scaling != "none" else None,

@@ -23,6 +23,13 @@ the score does not depend on the number of ranks.
 
 Timing: any warm-up (first CUDA calls, kernel loading) runs on synthetic tokens before the clock
 starts; the scoring cost that the time budget plans with is sampled only after the first steps.
+
+Early exit (a model with exit heads and ``exit_threshold`` set, ``pgolf eval --early-exit``): the
+whole pass runs in eval mode, where the model applies the exit rule to every forward, so the
+threshold is lifted around every adaptation forward (per-chunk steps, phase training, the warm-up's
+training pass): adapters learn from the last layer's loss, and only scoring forwards exit and are
+counted in ``exit_counts`` (the warm-up's synthetic scoring forwards are taken out again). An
+exited token is scored by its exit head, whose state the adapted layers below it still shape.
 """
 from __future__ import annotations
 
@@ -154,7 +161,13 @@ def parse_targets(text: str) -> tuple[str, ...]:
 
 
 def select_targets(model: torch.nn.Module, targets: tuple[str, ...]) -> list[tuple[str, torch.nn.Linear]]:
-    """The linear layers (``CastedLinear``/``nn.Linear``) named by ``targets``, in model order."""
+    """The linear layers (``CastedLinear``/``nn.Linear``) named by ``targets``, in model order.
+
+    LoRA adapts a layer through a hook on its forward, so a selected layer whose forward never runs
+    (an MoE expert, whose weights the MoE module stacks into one batched matmul; an untied
+    ``lm_head``, applied as a weight) would adapt nothing: that is a ValueError naming them, found
+    with one forward of two tokens under counting hooks (on the meta device, where no forward runs:
+    the layers inside a module of class ``MoE``)."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     chosen, used = [], set()
     for name, m in linears:
@@ -167,7 +180,51 @@ def select_targets(model: torch.nn.Module, targets: tuple[str, ...]) -> list[tup
     if unused or not chosen:  # a misspelt target would otherwise be dropped silently
         raise ValueError(f"TTT targets {unused or list(targets)} match no linear layer "
                          f"(have e.g. {[n for n, _ in linears[:6]]})")
+    silent = _never_called(model, chosen)
+    if silent:
+        raise ValueError(f"TTT targets {list(targets)} select {len(silent)} linear layer(s) whose forward never runs, "
+                         f"so LoRA hooks on them would adapt nothing: {silent[:8]}{' ...' if len(silent) > 8 else ''} "
+                         "(an MoE multiplies its experts' weights directly, an untied lm_head is applied as a weight); "
+                         "choose other targets")
     return chosen
+
+
+def _never_called(model: torch.nn.Module, chosen: list[tuple[str, torch.nn.Module]]) -> list[str]:
+    """The names in ``chosen`` whose forward a two-token forward of ``model`` does not call (on the
+    meta device, where nothing runs: those inside a module of class name ``MoE``). The probe leaves
+    no trace: no gradient, ``exit_counts`` restored."""
+    param = next(model.parameters(), None)
+    if param is None or param.device.type == "meta" or not hasattr(model, "logits"):
+        moe = [n + "." for n, m in model.named_modules() if type(m).__name__ == "MoE"]
+        return [name for name, _ in chosen if any(name.startswith(p) for p in moe)]
+    fired: set[str] = set()
+    handles = [m.register_forward_hook(lambda mod, args, out, name=name: fired.add(name)) for name, m in chosen]
+    counts = getattr(model, "exit_counts", None)
+    saved = counts.clone() if isinstance(counts, torch.Tensor) else None
+    try:
+        with torch.inference_mode():
+            model.logits(torch.zeros(1, 2, dtype=torch.long, device=param.device))
+    finally:
+        for h in handles:
+            h.remove()
+        if saved is not None:
+            counts.copy_(saved)
+    return [name for name, _ in chosen if name not in fired]
+
+
+@contextlib.contextmanager
+def exits_off(model: torch.nn.Module):
+    """The block's forwards without the early-exit rule (``exit_threshold`` None), restored after:
+    adaptation trains on the last layer's loss, and is not counted in ``exit_counts``."""
+    tau = getattr(model, "exit_threshold", None)
+    if tau is None:
+        yield
+        return
+    model.exit_threshold = None
+    try:
+        yield
+    finally:
+        model.exit_threshold = tau
 
 
 class LoRABank:
@@ -571,7 +628,7 @@ def _train_phase(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: np.
                 x, y = (t.to(device, non_blocking=True) for t in
                         gather_windows(tokens, starts[share], lengths[share], width))
                 mask = score_mask(lengths[share], np.zeros(len(share), np.int64), width).to(device)
-                with autocast_for(device):
+                with autocast_for(device), exits_off(model):
                     losses = model.token_losses(x, y)
                 (torch.where(mask, losses.float(), 0.0).sum() / n).backward()
                 forwarded += len(share) * width
@@ -599,21 +656,26 @@ def _warmup(model: torch.nn.Module, bank: LoRABank | None, trainable: list[torch
     """Seconds spent running the scoring pass (at the first and the full window width) and, with
     ``train``, one adapting pass on synthetic tokens: first-call costs (CUDA context and kernel
     loading, allocator growth) fall here, before the clock and never on validation tokens.
-    Weights and adapters are left as they were (no optimizer step; gradients cleared)."""
+    Weights and adapters are left as they were (no optimizer step; gradients cleared), and so is
+    ``exit_counts``."""
     t = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
     vocab = _vocab_size(model)
     if bank is not None:
         bank.rows = torch.arange(rows, device=device)
+    counts = getattr(model, "exit_counts", None)
+    saved = counts.clone() if isinstance(counts, torch.Tensor) else None
     for width in sorted({chunk, seq_len}):
         x, y = (torch.randint(0, vocab, (rows, width), generator=gen).to(device) for _ in range(2))
         with torch.inference_mode(), autocast_for(device):
             model.token_losses(x, y)
         if train:
-            with autocast_for(device):
+            with autocast_for(device), exits_off(model):
                 model.token_losses(x, y).float().mean().backward()
             for p in trainable:
                 p.grad = None
+    if saved is not None:  # synthetic tokens: not part of the evaluation's exit tally
+        counts.copy_(saved)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t
@@ -727,7 +789,7 @@ def _adapt(model: torch.nn.Module, opt: Any, bank: LoRABank | None, x: torch.Ten
     weight = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)  # per-document mean: lanes independent
     for _ in range(cfg.epochs):
         opt.zero_grad(set_to_none=True)
-        with autocast_for(device):
+        with autocast_for(device), exits_off(model):
             losses = model.token_losses(x, y)
         (losses.float() * weight).sum().backward()
         opt.step()

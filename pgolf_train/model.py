@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 import torch
 import torch.nn.functional as F
@@ -105,9 +104,10 @@ class GPTConfig:
         text = getattr(self, name).replace(" ", "")
         if text == "all":
             return list(range(n))
-        if not re.fullmatch(r"(\d{1,6}(,\d{1,6})*)?", text):
+        parts = text.split(",") if text else []
+        if not all(t.isascii() and t.isdigit() and len(t) <= 6 for t in parts):
             raise ValueError(f"GPTConfig.{name}={text!r} must be 'all' or comma-separated layer indices")
-        idx = sorted({int(t) for t in text.split(",") if t})
+        idx = sorted({int(t) for t in parts})
         if idx and idx[-1] >= n:
             raise ValueError(f"GPTConfig.{name}: layer {idx[-1]} is out of range (have {n})")
         return idx
@@ -223,7 +223,9 @@ def _ssd_chunks(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: i
     S = torch.einsum("bcsh,bcshp,bcsn->bchpn", torch.exp(a[:, :, -1:] - a), xdt, B)
     g = a[:, :, -1].cumsum(1)  # [b, n, H]: log decay from the start through the end of chunk c
     before = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)
-    carry = torch.exp(((g - a[:, :, -1])[:, :, None] - g[:, None]).masked_fill(~before[:, :, None], -math.inf))
+    # ... through the end of chunk c - 1, as g's shifted prefix (g - a[:, :, -1] would round in chunk c's later steps)
+    g0 = F.pad(g[:, :-1], (0, 0, 1, 0))
+    carry = torch.exp((g0[:, :, None] - g[:, None]).masked_fill(~before[:, :, None], -math.inf))
     R = torch.einsum("bcdh,bdhpn->bchpn", carry, S)
     y = y + torch.einsum("bctn,bchpn->bcthp", C, R) * torch.exp(a)[..., None]
     return y.reshape(b, n * chunk, H, P)[:, :T]
@@ -287,12 +289,13 @@ class MLP(nn.Module):
 class MoE(nn.Module):
     """Routed experts (each an MLP): a token's output is the gate-weighted sum of its top-k experts.
 
-    Tokens are packed per expert into fixed slots (static shapes for torch.compile), first choices
-    before second, in token order; in training an expert holds capacity·tokens·k/E of them and a
-    token past that skips the expert (the residual carries it). Evaluation gives every expert a slot
-    for every token: nothing is dropped, and a token's output depends on that token alone. The
-    Switch load-balancing loss E·Σ_e f_e·p_e (f: share of first choices, p: mean router probability)
-    goes to ``aux``."""
+    Gates: top-1 scales by the router probability (Switch), top-k>1 renormalizes over the k.
+    Tokens are packed per expert into fixed slots (static shapes for torch.compile) in token order,
+    a token's k choices together (so a later token never takes an earlier one's slot: causal); in
+    training an expert holds capacity·tokens·k/E of them and a token past that skips the expert (the
+    residual carries it). Evaluation gives every expert a slot for every token: nothing is dropped,
+    and a token's output depends on that token alone. The Switch load-balancing loss E·Σ_e f_e·p_e
+    (f: share of first choices, p: mean router probability) goes to ``aux``."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -306,10 +309,11 @@ class MoE(nn.Module):
         n = flat.size(0)
         probs = F.linear(flat.float(), self.router.float()).softmax(-1)  # [n, E]
         gate, choice = probs.topk(k, dim=-1)  # [n, k]
-        gate = gate / gate.sum(-1, keepdim=True)
+        if k > 1:  # top-1 keeps the router probability as its gate: the router's only task gradient
+            gate = gate / gate.sum(-1, keepdim=True)
         cap = max(1, min(n, math.ceil(self.capacity * n * k / E))) if self.training else n
         onehot = F.one_hot(choice, E)  # [n, k, E]
-        pos = (onehot.transpose(0, 1).reshape(k * n, E).cumsum(0) - 1).view(k, n, E).transpose(0, 1)
+        pos = (onehot.reshape(n * k, E).cumsum(0) - 1).view(n, k, E)
         pos = (pos * onehot).sum(-1)  # [n, k]: the token's place in its expert's queue
         slot = torch.where(pos < cap, choice * cap + pos, E * cap).flatten()  # E*cap: overflow, discarded
         buf = flat.new_zeros(E * cap + 1, shape[-1]).index_add(0, slot, flat.repeat_interleave(k, 0))
