@@ -43,7 +43,8 @@ def compile_model(model: nn.Module, exact_casts: bool = True) -> nn.Module:
 def build_optimizers(cfg: TrainConfig, model: GPT, device: torch.device) -> tuple[list[torch.optim.Optimizer], Muon]:
     """Adam for the embedding/head/scalars and Muon for the block matrices, as the baseline splits them.
 
-    Every param group carries ``base_lr``; the loop sets ``lr = base_lr * lr_mul``.
+    Every param group carries ``base_lr``; the loop sets ``lr = base_lr * lr_mul``. Muon's group also
+    carries ``base_weight_decay``; the loop sets ``weight_decay = base_weight_decay * wd_mul``.
     """
     groups = split_params(model)
     fused = device.type == "cuda"  # fused Adam: one kernel per step instead of one per tensor
@@ -57,9 +58,10 @@ def build_optimizers(cfg: TrainConfig, model: GPT, device: torch.device) -> tupl
     adam = torch.optim.Adam([g for g in adam_groups if g["params"]], **adam_kw)
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum_warmup_start,
                 backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_weight_decay,
-                row_normalize=cfg.muon_row_normalize)
+                row_normalize=cfg.muon_row_normalize, ns_coeffs=cfg.muon_ns_coeffs)
     for g in muon.param_groups:
         g["base_lr"] = cfg.matrix_lr
+        g["base_weight_decay"] = cfg.muon_weight_decay  # set_schedule: weight_decay = base · wd multiplier
     return [adam, muon], muon
 
 

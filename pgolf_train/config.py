@@ -65,7 +65,9 @@ class TrainFields:
     muon_momentum_warmup_start: float = 0.85  # Muon momentum at step 0
     muon_momentum_warmup_steps: int = 500  # steps of linear momentum warm-up
     muon_backend_steps: int = 5  # Newton-Schulz iterations
-    muon_weight_decay: float = 0.0  # decoupled weight decay of the Muon matrices (p <- p * (1 - lr * wd))
+    muon_ns_coeffs: str = "quintic"  # Newton-Schulz coefficients: "quintic" (one fixed quintic) or "polar_express" (per-iteration minimax, Amsel et al. 2025)
+    muon_weight_decay: float = 0.0  # decoupled weight decay of the Muon matrices (p <- p * (1 - lr * wd), lr the scheduled one)
+    muon_wd_schedule: str = "constant"  # wd over the run: "constant", "lr" (wd * the LR multiplier: decay ~ mult^2) or "linear_to_zero" (wd * (1 - budget fraction))
     muon_row_normalize: bool = False  # normalize each row of the orthogonalized update to unit RMS
     beta1: float = 0.9  # Adam beta1
     beta2: float = 0.95  # Adam beta2
@@ -347,6 +349,9 @@ def validate(cfg: "TrainConfig") -> None:
     for k in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"):
         need(0.0 <= getattr(cfg, k) < 1.0, k, "must be in [0, 1)")
     need(cfg.muon_backend_steps >= 1, "muon_backend_steps", "must be >= 1")
+    need(cfg.muon_ns_coeffs in ("quintic", "polar_express"), "muon_ns_coeffs", "must be 'quintic' or 'polar_express'")
+    need(cfg.muon_wd_schedule in ("constant", "lr", "linear_to_zero"), "muon_wd_schedule",
+         "must be 'constant', 'lr' or 'linear_to_zero'")
     need(cfg.device in ("auto", "cuda", "cpu"), "device", "must be 'auto', 'cuda' or 'cpu'")
     need(cfg.train_log_every >= 1, "train_log_every", "must be >= 1")
     need(cfg.val_loss_every >= 0, "val_loss_every", "must be >= 0 (0 = only at the end)")

@@ -1,6 +1,7 @@
 """GPT for parameter golf: the challenge baseline (U-Net skips, GQA, QK-norm, relu², tied embeddings,
-softcap) plus switches: state-space mixer layers, a routed mixture-of-experts MLP, early-exit heads.
-Self-contained (torch only): this file ships inside the artifact."""
+softcap) plus switches: state-space mixer layers, a routed mixture-of-experts MLP, early-exit heads, and the
+field's tricks (XSA, SmearGate, BigramHash, attention output gates, LN scale, gated skips, document
+masking). Self-contained (torch only): this file ships inside the artifact."""
 from __future__ import annotations
 
 import dataclasses
@@ -57,6 +58,15 @@ class GPTConfig:
     moe_aux_weight: float = _f(0.01, 0.0, 1e3)  # load-balancing loss weight
     exit_layers: str = _f("", "layers")  # virtual layers with an exit head after them: "2,5"
     exit_loss_weight: float = _f(0.3, 0.0, 1e3)  # training loss += weight * mean exit cross-entropy
+    bos_id: int = _f(1, 0, 1 << 18)  # the token that starts every document (pgolf_train.shards.BOS_ID)
+    xsa_layers: str = _f("", "layers")  # blocks with exclusive self-attention (SSM blocks: ignored)
+    smear_gate: bool = _f(False)  # x_t += sigmoid(g) * x_{t-1} after the embedding, never into a BOS
+    bigram_buckets: int = _f(0, 0, 1 << 22)  # hashed (previous, current) token embedding rows (0 = off)
+    bigram_dim: int = _f(0, 0, 16384)  # its width (0 = model_dim; else projected up)
+    attn_out_gate: bool = _f(False)  # each head's output × sigmoid(W_g x), input-dependent
+    ln_scale: bool = _f(False)  # block input norms × 1/sqrt(virtual layer + 1)
+    skip_gate: bool = _f(False)  # U-Net skips as lerp(x, w·skip, sigmoid(g)) per channel
+    doc_attention: bool = _f(False)  # attend only within the own document (from its BOS on)
 
     def __post_init__(self) -> None:
         # A config from an artifact is untrusted: check it all before anything is allocated.
@@ -71,6 +81,7 @@ class GPTConfig:
             if not (v in ok if kind is str else kind is bool or ok[0] <= v <= ok[1]):
                 raise ValueError(f"GPTConfig.{f.name}={v!r} is not in {ok}")
         self.layer_set("ssm_layers", self.num_layers)  # raises on a malformed or out-of-range list
+        self.layer_set("xsa_layers", self.num_layers)
         d, h, kv, hd = self.model_dim, self.num_heads, self.num_kv_heads, self.model_dim // self.num_heads
         hidden, rd, di = int(self.mlp_mult * d), self.rope_dims or hd, int(self.ssm_expand * d)
         for ok, msg in [
@@ -81,6 +92,7 @@ class GPTConfig:
             (self.loop_start <= self.loop_end <= self.num_layers, "need loop_start <= loop_end <= num_layers"),
             (self.loop_times == 1 or self.loop_end > self.loop_start, "loop_times > 1 needs loop_end > loop_start"),
             (self.moe_top_k <= max(self.moe_experts, 1), f"moe_top_k={self.moe_top_k} exceeds moe_experts"),
+            (self.bos_id < self.vocab_size, f"bos_id={self.bos_id} must be below vocab_size"),
             (not self.ssm_layers or di >= 1 and di % self.ssm_head_dim == 0,
              f"ssm_head_dim={self.ssm_head_dim} must divide the SSM inner width int(ssm_expand * model_dim)"),
         ]:
@@ -88,7 +100,7 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig: {msg}")
         ssm = d * (3 * di + 2 * self.ssm_state + di // self.ssm_head_dim) if self.ssm_layers else 0
         n = self.num_layers * (d * (2 * d + 2 * kv * hd + 2 * hidden * max(self.moe_experts, 1)) + ssm)
-        n += 2 * self.vocab_size * (self.embed_dim or d)
+        n += 2 * self.vocab_size * (self.embed_dim or d) + self.bigram_buckets * (self.bigram_dim or d) + self.bigram_dim * d
         plan = len(self.layer_plan())
         self.layer_set("exit_layers", plan)
         if n + plan * d > 1 << 30:  # 4 GiB of fp32: far beyond a 16 MB artifact
@@ -174,8 +186,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
+def doc_mask(idx: Tensor, bos: int) -> Tensor:
+    """Causal attention within documents (each starts at a BOS; tokens before the first one are a
+    document too), as SDPA's bool mask [B, 1, T, T]. RoPE positions stay global: its scores depend
+    on q - k only, as if restarted at every BOS. (FlexAttention's block mask, built inside the
+    compiled model, put logits 0.12 off eager on the H200 with torch 2.11, so it is not used.)"""
+    doc, T = (idx == bos).cumsum(1), idx.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    return (doc[:, None, :, None] == doc[:, None, None, :]) & causal
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, xsa: bool = False):
         super().__init__()
         d, self.h, self.kv = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads
         self.hd = d // self.h
@@ -185,16 +207,26 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(d, d, zero_init=True)
         # QK-norm fixes the logit scale; a learned per-head gain lets each head pick its sharpness.
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.xsa = xsa
+        # Gated attention (Qiu et al. 2025), per head. Zero init: gate 0.5, its steepest point, free to
+        # open or close; the halving only rescales a path that the zero-init proj starts at nothing.
+        self.gate_w = nn.Parameter(torch.zeros(self.h, d)) if cfg.attn_out_gate else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, scale: float | None) -> Tensor:
-        """x: [B, T, C] -> [B, T, C]."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, scale: float | None, mask=None) -> Tensor:
+        """x: [B, T, C] -> [B, T, C]; mask: None (causal) or a :func:`doc_mask`."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.h, self.hd).transpose(1, 2)
         k = self.c_k(x).view(B, T, self.kv, self.hd).transpose(1, 2)
         v = self.c_v(x).view(B, T, self.kv, self.hd).transpose(1, 2)
         q = apply_rope(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[:, None, None]
         k = apply_rope(rms_norm(k), cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           enable_gqa=True)
+        if self.xsa:  # exclusive: drop each head's component along its own token's value (query head -> kv head)
+            yg, vn = y.reshape(B, self.kv, -1, T, self.hd), F.normalize(v, dim=-1)[:, :, None]
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(y.shape)
+        if self.gate_w is not None:
+            y = y * torch.sigmoid(F.linear(x, self.gate_w.to(x.dtype))).transpose(1, 2)[..., None]
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -252,8 +284,9 @@ class SSM(nn.Module):
         self.D = nn.Parameter(torch.ones(self.H))
         self.out_proj = CastedLinear(self.di, d, zero_init=True)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, scale: float | None) -> Tensor:
-        """x: [B, T, C] -> [B, T, C] (cos, sin, scale: unused, attention's signature)."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, scale: float | None, mask=None) -> Tensor:
+        """x: [B, T, C] -> [B, T, C] (cos, sin, scale, mask: unused, attention's signature; the
+        state crosses BOS even under doc_attention)."""
         b, T, _ = x.shape
         u, z = self.in_proj(x).split(self.di, dim=-1)
         bc, dt = self.bc_proj(x).split([2 * self.N, self.H], dim=-1)
@@ -328,13 +361,13 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, ssm: bool = False):
+    def __init__(self, cfg: GPTConfig, ssm: bool = False, xsa: bool = False):
         super().__init__()
         d = cfg.model_dim
         if ssm:
             self.ssm = SSM(cfg)
         else:
-            self.attn = CausalSelfAttention(cfg)
+            self.attn = CausalSelfAttention(cfg, xsa)
         self.mlp = MoE(cfg) if cfg.moe_experts else MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
@@ -343,14 +376,16 @@ class Block(nn.Module):
         self.parallel = cfg.parallel_residual
 
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, scale: float | None,
-                aux: list | None = None) -> Tensor:
+                aux: list | None = None, mask=None, ln: float = 1.0) -> Tensor:
+        """ln: the factor on both normed inputs (the mixer's and the MLP's), ln_scale's 1/sqrt(layer + 1)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        n = rms_norm(x)
+        norm = (lambda t: rms_norm(t) * ln) if ln != 1.0 else rms_norm
+        n = norm(x)
         mixer = self.attn if hasattr(self, "attn") else self.ssm
-        out = x + self.attn_scale.to(x.dtype) * mixer(n, cos, sin, scale)
+        out = x + self.attn_scale.to(x.dtype) * mixer(n, cos, sin, scale, mask)
         if not self.parallel:
-            n = rms_norm(out)
+            n = norm(out)
         return out + self.mlp_scale.to(x.dtype) * self.mlp(n, aux)
 
 
@@ -373,8 +408,8 @@ class GPT(nn.Module):
         # Factorized: tok_emb V×E, embed_proj lifts E -> model_dim; the output returns through its
         # transpose to E, then to the vocab via tok_emb (tied) or lm_head (V×E).
         self.embed_proj = CastedLinear(e, cfg.model_dim) if cfg.embed_dim else None
-        ssm = set(cfg.layer_set("ssm_layers", cfg.num_layers))
-        self.blocks = nn.ModuleList(Block(cfg, i in ssm) for i in range(cfg.num_layers))
+        ssm, xsa = (set(cfg.layer_set(k, cfg.num_layers)) for k in ("ssm_layers", "xsa_layers"))
+        self.blocks = nn.ModuleList(Block(cfg, i in ssm, i in xsa) for i in range(cfg.num_layers))
         self.layer_plan = cfg.layer_plan()
         self.exits = cfg.layer_set("exit_layers", len(self.layer_plan))
         self.exit_scales = nn.Parameter(torch.ones(len(self.exits), cfg.model_dim)) if self.exits else None
@@ -386,6 +421,18 @@ class GPT(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(e, cfg.vocab_size, zero_init=True)
         if cfg.tie_embeddings:  # small: tied output logits start near uniform
             nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        # The techniques' parameters come last: switching one on leaves every other init as it was.
+        # Gate 0 (an even mix): with the blocks the identity at init the logits equal the additive skip's.
+        self.skip_gates = nn.Parameter(torch.zeros(n_skip, cfg.model_dim)) if cfg.skip_gate else None
+        # Gate logit -3 (sigmoid 0.047): starts near the plain embedding, yet the gate has a gradient.
+        self.smear_gate = nn.Parameter(torch.full((cfg.model_dim,), -3.0)) if cfg.smear_gate else None
+        # BigramHash: a row per hashed (previous, current) pair, added to the token embedding. Zero
+        # rows start the model as without it; the projection (random init) gives them a gradient.
+        b = cfg.bigram_dim or cfg.model_dim
+        self.bigram = CastedEmbedding(cfg.bigram_buckets, b) if cfg.bigram_buckets else None
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.weight)
+        self.bigram_proj = CastedLinear(b, cfg.model_dim) if self.bigram is not None and b != cfg.model_dim else None
         self.set_rope_scaling(cfg.rope_scaling, cfg.rope_factor)
 
     def set_rope_scaling(self, kind: str, factor: float) -> None:
@@ -416,13 +463,28 @@ class GPT(nn.Module):
         logits = F.linear(x, _weight(head).to(x.dtype)).float()
         return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
 
+    def bigram_hash(self, idx: Tensor) -> Tensor:
+        """Bucket of each (previous, current) pair: (prev·1000003 + cur) mod bigram_buckets, with
+        prev = bos_id at position 0 and at every BOS: a document's first pair is (BOS, BOS) wherever it lies."""
+        bos = self.cfg.bos_id
+        prev = F.pad(idx[:, :-1], (1, 0), value=bos).masked_fill(idx == bos, bos)
+        return (prev * 1000003 + idx) % self.cfg.bigram_buckets
+
     def _run(self, idx: Tensor, aux: list | None = None) -> tuple[Tensor, list[Tensor]]:
         """Logits (the exit rule applied when ``exit_threshold`` is set outside training) and, in
         training, every exit head's logits; MoE balancing losses append to ``aux``."""
+        c = self.cfg
         x = self.tok_emb(idx)
         if self.embed_proj is not None:
             x = self.embed_proj(x)
+        if self.bigram is not None:
+            h = self.bigram(self.bigram_hash(idx))
+            x = x + (h if self.bigram_proj is None else self.bigram_proj(h))
         x = x0 = rms_norm(x)
+        if self.smear_gate is not None:  # position 0 and every BOS take nothing from their predecessor
+            prev = F.pad(x[:, :-1], (0, 0, 1, 0)).masked_fill((idx == c.bos_id)[..., None], 0)
+            x = x0 = x + torch.sigmoid(self.smear_gate).to(x.dtype) * prev
+        mask = doc_mask(idx, c.bos_id) if c.doc_attention else None
         cos, sin = self.rope(idx.size(1), idx.device)
         skips: list[Tensor] = []
         exits: list[Tensor] = []
@@ -431,8 +493,11 @@ class GPT(nn.Module):
         for i, b in enumerate(self.layer_plan):
             before = x
             if i >= self.num_encoder and skips:  # decoder consumes encoder outputs, last first
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = self.blocks[b](x, x0, cos, sin, self.softmax_scale, aux)
+                j = i - self.num_encoder
+                s = self.skip_weights[j].to(x.dtype) * skips.pop()
+                x = x + s if self.skip_gates is None else torch.lerp(x, s, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+            ln = 1 / math.sqrt(i + 1) if c.ln_scale else 1.0
+            x = self.blocks[b](x, x0, cos, sin, self.softmax_scale, aux, mask, ln)
             if done is not None:
                 x = torch.where(done[..., None], before, x)
             if i < self.num_encoder:

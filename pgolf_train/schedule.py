@@ -1,5 +1,6 @@
 """The schedules of a run, by elapsed training time (or step without a clock): the LR multiplier
-(warm-up, warm-down), Muon's momentum warm-up, the budget fraction that switches EMA and QAT on."""
+(warm-up, warm-down), Muon's momentum warm-up and weight-decay taper, the budget fraction that
+switches EMA and QAT on."""
 from __future__ import annotations
 
 import math
@@ -42,6 +43,21 @@ def muon_momentum(cfg: TrainConfig, step: int) -> float:
     return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
 
 
+def muon_wd_multiplier(cfg: TrainConfig, lr_mul: float, frac: float) -> float:
+    """Factor on ``muon_weight_decay`` this step, by ``muon_wd_schedule``; ``lr_mul`` is this step's
+    LR multiplier, ``frac`` its :func:`budget_fraction`.
+
+    The decay is decoupled and already lr-coupled, ``p ← p·(1 − lr·wd)`` with the *scheduled* lr,
+    so "constant" (1) already shrinks the per-step decay with the warm-down, linearly in the LR
+    multiplier. "lr" multiplies wd by it once more (per-step factor ``1 − base_lr·wd·mult²``);
+    "linear_to_zero" takes wd linearly to 0 over the budget (``1 − frac``), as nanochat does."""
+    if cfg.muon_wd_schedule == "lr":
+        return lr_mul
+    if cfg.muon_wd_schedule == "linear_to_zero":
+        return min(max(1.0 - frac, 0.0), 1.0)
+    return 1.0
+
+
 def budget_fraction(cfg: TrainConfig, step: int, elapsed_ms: float) -> float:
     """How far the run is, in [0, 1]: by the clock with a budget, else by steps."""
     if cfg.max_wallclock_seconds > 0:
@@ -49,9 +65,14 @@ def budget_fraction(cfg: TrainConfig, step: int, elapsed_ms: float) -> float:
     return step / max(cfg.iterations, 1)
 
 
-def set_schedule(optimizers: list[torch.optim.Optimizer], muon: Muon, lr_mul: float, momentum: float) -> None:
+def set_schedule(optimizers: list[torch.optim.Optimizer], muon: Muon, lr_mul: float, momentum: float,
+                 wd_mul: float = 1.0) -> None:
+    """lr = base_lr·lr_mul in every group; Muon's momentum, and its weight_decay = base_weight_decay·wd_mul
+    in groups that carry ``base_weight_decay`` (:func:`pgolf_train.build.build_optimizers` sets it)."""
     for opt in optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_mul
     for g in muon.param_groups:
         g["momentum"] = momentum
+        if "base_weight_decay" in g:
+            g["weight_decay"] = g["base_weight_decay"] * wd_mul

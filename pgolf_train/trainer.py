@@ -44,7 +44,8 @@ from pgolf_train.checkpoint import (CHECKPOINT_VERSION, PREVIOUS_RUN, RESUME_MUT
 from pgolf_train.distributed import (DistInfo, dist_world, init_distributed, leave_group,  # noqa: F401
                                      resolve_grad_accum, synchronize)
 from pgolf_train.runlog import RunLog, _atomic_write_text, code_hash, device_name, git_commit, package_versions  # noqa: F401
-from pgolf_train.schedule import budget_fraction, lr_multiplier, muon_momentum, set_schedule  # noqa: F401
+from pgolf_train.schedule import (budget_fraction, lr_multiplier, muon_momentum, muon_wd_multiplier,  # noqa: F401
+                                  set_schedule)
 
 ARTIFACT_LIMIT = 16_000_000
 
@@ -220,7 +221,9 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
             warm_qat = qat_on or cfg.qat_start == 0.0 or (qat_later and i >= cfg.compile_warmup_steps // 2)
             if warm_qat != qat_enabled(base_model):
                 set_qat(base_model, recipe, warm_qat)
-            set_schedule(optimizers, muon, lr_multiplier(cfg, step, training_ms), muon_momentum(cfg, step))
+            warm_mul = lr_multiplier(cfg, step, training_ms)
+            set_schedule(optimizers, muon, warm_mul, muon_momentum(cfg, step),
+                         muon_wd_multiplier(cfg, warm_mul, budget_fraction(cfg, step, training_ms)))
             train_step(model, optimizers, warm_loader, cfg, grad_accum, di.distributed, device, params, distiller)
         synchronize(device)
         base_model.load_state_dict(saved_model)
@@ -312,7 +315,8 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
             log(f"step:{step} EMA on: decay {cfg.ema_decay}, warmed up as min(decay, (1+t)/(10+t))")
 
         mul = lr_multiplier(cfg, step, elapsed_ms)
-        set_schedule(optimizers, muon, mul, muon_momentum(cfg, step))
+        set_schedule(optimizers, muon, mul, muon_momentum(cfg, step),
+                     muon_wd_multiplier(cfg, mul, budget_fraction(cfg, step, elapsed_ms)))
         if distiller is not None:
             distiller.set_progress(budget_fraction(cfg, step, elapsed_ms))
         loss = train_step(model, optimizers, loader, cfg, grad_accum, di.distributed, device, params, distiller)
