@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from pgolf_train.model import GPT, GPTConfig, doc_mask, rms_norm
 from pgolf_train.muon import split_params
 
+from .arch_helpers import assert_compiled_matches_eager, check_trained_and_scored, train_export_and_eval
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, seq_len=16)
@@ -427,20 +429,10 @@ def test_config_roundtrip():
 def test_compile_fullgraph_all_switches_matches_eager():
     """Forward and backward captured whole (fullgraph: a break raises), the aot_eager backend (the
     graph inductor would get), the SDPA document mask included."""
-    torch._dynamo.reset()
     m = randomized(tiny(**ALL)).train()
     x = docs_batch()
     y = x.roll(-1, 1)
-    compiled = torch.compile(m, fullgraph=True, dynamic=False, backend="aot_eager")
-    loss = compiled(x, y)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    ref = m(x, y)
-    ref.backward()
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-    for n, p in m.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    _, compiled = assert_compiled_matches_eager(m, x, y)
     with torch.no_grad():
         torch.testing.assert_close(compiled.eval()(x), m.eval()(x), rtol=1e-5, atol=1e-5)
 
@@ -450,14 +442,9 @@ def test_compile_fullgraph_all_switches_matches_eager():
 def test_all_switches_train_export_and_evaluate(tiny_data, sp1024, tmp_path, capsys):
     from pgolf_codec.container import read_artifact
 
-    from .test_ssm import train_export_and_eval
-
     sets = ['xsa_layers="all"', "smear_gate=true", "bigram_buckets=512", "bigram_dim=32", "attn_out_gate=true",
             "ln_scale=true", "skip_gate=true", "doc_attention=true"]
     summary, ev, direct = train_export_and_eval(tiny_data, sp1024, tmp_path / "run", sets, capsys)
-    assert summary["steps"] == 3 and summary["fits"]
-    assert math.isfinite(summary["val_bpb"]) and abs(summary["val_bpb"] - summary["val_bpb_prequant"]) < 0.05
-    assert ev["val_bpb"] == pytest.approx(summary["val_bpb"], rel=1e-6)
-    assert ev["val_bpb"] == pytest.approx(direct, rel=1e-5)
+    check_trained_and_scored(summary, ev, direct)
     tensors = read_artifact(tmp_path / "run" / "model.pgolf").tensors
     assert {"bigram.weight", "bigram_proj.weight", "smear_gate", "skip_gates", "blocks.0.attn.gate_w"} <= set(tensors)
