@@ -2,7 +2,7 @@
 
 A coded blob carries its own model; the caller supplies only what the container already
 knows (``n`` symbols, the ``alphabet``, and the ``rows x row_len`` view of the tensor).
-Three models, the encoder keeps whichever blob is smaller:
+Four models, the encoder keeps whichever blob is smaller:
 
 * **static** (kind 0): one frequency table for the whole tensor, stored as varints over
   the used code range ``[lo, hi]``.
@@ -20,6 +20,13 @@ Three models, the encoder keeps whichever blob is smaller:
   mean. Symbols are coded column by column, the columns grouped by table, so the row kernels
   run unchanged (one run of ``rows`` symbols per column), the decoder loads each table once,
   and one gather + transpose restores row-major order.
+* **rowref** (kind 3, format 1.2): kind 1's per-row widths, but each symbol's center is
+  predicted from the code above it: ``center = z + ((ρ8_r·(above - z) + 4) >> 3)`` with one
+  byte ``ρ8_r`` in 0..8 per row (ρ = ρ8/8; row 0: no reference, ρ8 = 0), ``>>`` a floor shift.
+  The coded symbol is the residual ``code - center + (hi - lo)`` in ``0..2(hi - lo)``, so one
+  table per width serves every center (the parametric family over the residual range, centered
+  on its middle); a decoded code outside ``[lo, hi]`` is a corrupt blob. For embeddings, whose
+  rows (rarely seen tokens) repeat the row before.
 
 Determinism of the parametric tables (encoder and decoder may be different machines): they
 are built with IEEE-754 float64 ``+ - * /`` only, in a fixed order (powers by a fixed
@@ -31,12 +38,14 @@ integers.
 
 Blob layout (little-endian; normative text in ``spec/FORMAT.md``, "Coder 4: rANS")::
 
-    u8 kind (0 static, 1 parametric, 2 column) | u8 P (probability bits, 8..16)
+    u8 kind (0 static, 1 parametric, 2 column, 3 rowref) | u8 P (probability bits, 8..16)
     | u8 K (lanes, 1..32) | u8 lo | u8 hi                  -- used code range
     static:     varint freq[hi - lo + 1]                   -- sums to 2^P
     parametric: u16 center2 (2 x center) | u8 m | varint len | static blob of row widths j
     column:     u16 center2 | u8 m | varint len | static blob of column widths j
                 | varint len | static blob of zig-zag column center offsets (half codes)
+    rowref:     u8 z (center code) | u8 m | varint len | static blob of row widths j
+                | varint len | static blob of row predictions ρ8 (0..8; row 0: 0)
     | u32 state[K] | u16 word[...]                         -- to the end of the blob
 
 Symbol ``i`` in coding order (row-major; kind 2: column by column) belongs to lane
@@ -53,12 +62,22 @@ import numpy as np
 from pgolf_codec.errors import BadPayload
 from pgolf_codec.jit import njit
 
-__all__ = ["RansCoder", "encode", "decode", "entropy_bits", "STATIC", "PARAMETRIC", "COLUMN"]
+__all__ = ["RansCoder", "encode", "decode", "entropy_bits", "STATIC", "PARAMETRIC", "COLUMN", "ROWREF"]
 
 STATIC = 0
 PARAMETRIC = 1
 COLUMN = 2
-MODEL_NAMES = {STATIC: "static", PARAMETRIC: "row", COLUMN: "column"}   # kind byte -> name (inspect)
+ROWREF = 3
+MODEL_NAMES = {STATIC: "static", PARAMETRIC: "row", COLUMN: "column",
+               ROWREF: "rowref"}   # kind byte -> name (inspect)
+MODELS = ("auto", "static", "parametric", "column", "rowref")
+_RHO_STEPS = 8        # kind 3: ρ = ρ8/8, ρ8 in 0..8, one byte per row
+# "auto" fits the rowref model only when a Gaussian estimate of what the prediction from the row
+# above saves, per row (L/2·log2 of its mean squares without and with it), sums to this many bits
+# per row: the ρ byte costs ~1-3 bits and the wider residual tables ~0.01 bit per symbol. Measured
+# on a trained h200 artifact: tok_emb 47 bits/row, every block matrix < 2.5 (forced, rowref codes
+# those ~0.1 % larger than kind 1).
+_ROWREF_MIN_GAIN = 8.0
 MAX_COLUMN_TABLES = 256   # distinct (width, offset) pairs in a kind-2 blob: bounds decoder memory
 _L = 1 << 16          # lower bound of a state; 16-bit renormalization keeps states < 2^32
 _PROB_BITS = 15       # frequency tables sum to 2^15: tails down to 3e-5 are still representable
@@ -155,6 +174,55 @@ def _decode_kernel(words, n_words, states0, row_model, row_len, sym_tab, freq, c
                 lane = 0
     if pos > n_words:
         return -1
+    for k in range(lanes):
+        if x[k] != _L:
+            return -2
+    if pos != n_words:
+        return -3
+    return 0
+
+
+@njit(nogil=True)
+def _decode_rowref_kernel(words, n_words, states0, row_model, rho, row_len, sym_tab, freq, cum,
+                          prob_bits, z, lo, hi, out):  # pragma: no cover
+    """Kind 3: decode ``out.size`` codes row-major; the symbol is the residual against the center
+    ``z + ((rho[r]·(above - z) + 4) >> 3)`` (``above``: the decoded code one row up; row 0: z),
+    offset by ``A - 1``. Errors as :func:`_decode_kernel`, and -4: a code outside [lo, hi]
+    (the code is clamped so decoding stays in bounds, and the error is reported at the end).
+    """
+    lanes = states0.size
+    x = states0.copy()
+    mask = (1 << prob_bits) - 1
+    off = z - (hi - lo)              # code = s + center - (A - 1)
+    pos = 0
+    lane = 0
+    i = 0
+    bad = False
+    for r in range(row_model.size):
+        j = row_model[r]
+        k = np.int64(rho[r])
+        for col in range(row_len):
+            a = np.int64(out[i - row_len]) if r > 0 else np.int64(z)
+            v = x[lane]
+            slot = v & mask
+            s = sym_tab[j, slot]
+            v = freq[j, s] * (v >> prob_bits) + slot - cum[j, s]
+            w = np.int64(words[min(pos, n_words)])
+            need = v < _L
+            v = ((v << 16) | w) if need else v
+            pos += need
+            x[lane] = v
+            code = np.int64(s) + off + ((k * (a - z) + 4) >> 3)
+            bad |= (code < lo) | (code > hi)
+            out[i] = min(max(code, lo), hi)
+            i += 1
+            lane += 1
+            if lane == lanes:
+                lane = 0
+    if pos > n_words:
+        return -1
+    if bad:
+        return -4
     for k in range(lanes):
         if x[k] != _L:
             return -2
@@ -301,11 +369,12 @@ def _param_freqs(js: np.ndarray, m: int, lo: int, hi: int, center2: int | np.nda
 
 
 def _tables(freq: np.ndarray, prob_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulative starts ``int64[J, A]`` and the slot → symbol table ``uint8[J, 2^P]``."""
+    """Cumulative starts ``int64[J, A]`` and the slot → symbol table ``uint8[J, 2^P]`` (uint16 if A > 256)."""
     cum = np.zeros_like(freq)
     np.cumsum(freq[:, :-1], axis=1, out=cum[:, 1:])
     A = freq.shape[1]
-    sym = np.repeat(np.tile(np.arange(A, dtype=np.uint8), freq.shape[0]), freq.ravel())
+    dtype = np.uint8 if A <= 256 else np.uint16      # kind 3's residual tables: up to 511 symbols
+    sym = np.repeat(np.tile(np.arange(A, dtype=dtype), freq.shape[0]), freq.ravel())
     return cum, sym.reshape(freq.shape[0], 1 << prob_bits)
 
 
@@ -558,6 +627,84 @@ def _encode_column(sym: np.ndarray, alphabet: int, rows: int, row_len: int, prob
     return _pack(head, states, words)
 
 
+def _rowref_predict(x: np.ndarray, z: int) -> tuple[np.ndarray, float]:
+    """Kind 3's ρ8 per row (row 0: 0) by least squares on ``x - z`` against the rounded prediction
+    from the row above, and the Gaussian estimate of the bits it saves,
+    ``Σ_i L/2 · log2((msd_i(ρ=0) + 1/12) / (msd_i(ρ) + 1/12))``. ``x``: int64 ``(rows, L)``."""
+    rows, row_len = x.shape
+    rho = np.zeros(rows, np.uint8)
+    if rows < 2 or row_len == 0:
+        return rho, 0.0
+    d = x - z
+    prev, cur = d[:-1], d[1:]
+    msd = np.stack([(((cur - ((k * prev + 4) >> 3)) ** 2).mean(axis=1))
+                    for k in range(_RHO_STEPS + 1)])                  # (9, rows - 1)
+    pick = np.argmin(msd, axis=0)             # ties → the smaller ρ
+    rho[1:] = pick
+    best = msd[pick, np.arange(rows - 1)]
+    gain = 0.5 * row_len * float(np.log2((msd[0] + 1.0 / 12) / (best + 1.0 / 12)).sum())
+    return rho, gain
+
+
+def _rowref_residuals(x: np.ndarray, z: int, rho: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Kind 3's coded symbols ``code - center + (hi - lo)``, int64 ``(rows, L)`` in ``0..2(hi-lo)``."""
+    above = np.empty_like(x)
+    above[0] = z
+    above[1:] = x[:-1]
+    center = z + ((rho.astype(np.int64)[:, None] * (above - z) + 4) >> 3)
+    return x - center + (hi - lo)
+
+
+def _rowref_freqs(js: np.ndarray, m: int, lo: int, hi: int, prob_bits: int) -> np.ndarray:
+    """Kind 3's residual tables: the parametric tables over ``0..2(hi-lo)`` centered on ``hi - lo``."""
+    D = int(hi) - int(lo)
+    return _param_freqs(js, int(m), 0, 2 * D, 2 * D, prob_bits)
+
+
+def _encode_rowref(sym: np.ndarray, alphabet: int, rows: int, row_len: int, prob_bits: int,
+                   lanes: int, center2: int, rho: np.ndarray | None = None) -> bytes | None:
+    """Kind-3 blob (per-row widths, centers predicted from the row above), None if ``2^P`` is
+    too small for the residual tables (``2(hi - lo) + 1`` symbols)."""
+    lo, hi = int(sym.min()), int(sym.max())
+    A2 = 2 * (hi - lo) + 1
+    if A2 > 1 << prob_bits:
+        return None
+    z = min(max(center2 // 2, lo), hi)
+    x = sym.reshape(rows, row_len).astype(np.int64)
+    if rho is None:
+        rho, _ = _rowref_predict(x, z)
+    u = _rowref_residuals(x, z, rho, lo, hi)
+    hist = np.bincount((np.arange(rows).repeat(row_len) * A2 + u.ravel()),
+                       minlength=rows * A2).reshape(rows, A2).astype(np.float64)
+    # Widths near the residuals' spread, as in _fit_parametric.
+    d = np.arange(A2, dtype=np.float64) - (hi - lo)
+    msd = (hist @ (d * d)) / max(row_len, 1)
+    lo_j = max(0, int(np.floor(8 * np.log2(max(msd.min(), 1e-3) / 64))) + _WIDTH_OFFSET)
+    hi_j = min(255, int(np.ceil(8 * np.log2(max(msd.max(), 1e-3) * 4))) + _WIDTH_OFFSET)
+    js = np.arange(lo_j, max(hi_j, lo_j) + 1)
+    best = None
+    for m in _SHAPES:
+        cost = hist @ (prob_bits - np.log2(_rowref_freqs(js, m, lo, hi, prob_bits))).T
+        pick = np.argmin(cost, axis=1)
+        bits = float(cost[np.arange(rows), pick].sum())
+        if best is None or bits < best[0]:
+            best = (bits, m, js[pick].astype(np.uint8))
+    _, m, jrow = best
+    used, row_model = np.unique(jrow, return_inverse=True)
+    freq = _rowref_freqs(used, m, lo, hi, prob_bits)
+    widths = _encode_static(jrow, 256, prob_bits, lanes=1)
+    rhos = _encode_static(rho.astype(np.uint8), 256, prob_bits, lanes=1)
+    head = (bytes([ROWREF, prob_bits, lanes, lo, hi, z, m]) + _varint(len(widths)) + widths
+            + _varint(len(rhos)) + rhos)
+    cum, _ = _tables(freq, prob_bits)
+    out = np.empty(sym.size + 1, dtype=np.uint16)
+    states, pos = _encode_kernel(u.ravel().astype(np.uint16), row_model.astype(np.int32), row_len,
+                                 freq, cum, prob_bits, lanes, out)
+    if pos < 0:
+        raise ValueError("rANS model gives a coded symbol zero frequency")
+    return _pack(head, states, out[pos:])
+
+
 def default_center2(alphabet: int) -> int:
     """Twice the symmetric code center: 2^(b-1)-1 for int b >= 2, 1 for ternary, 0.5 for b = 1."""
     if alphabet == 3:
@@ -572,10 +719,11 @@ def encode(data: np.ndarray, alphabet: int, rows: int = 1, row_len: int | None =
            center2: int | None = None) -> bytes:
     """rANS-code ``data`` (codes ``0..alphabet-1``, ``rows * row_len`` of them, row-major).
 
-    ``model``: ``"static"``, ``"parametric"``, ``"column"`` or ``"auto"`` (encode all three,
-    column only when ``rows >= 32``, ``row_len > 1``, :func:`_column_gain_bits` promises at
-    least ``_COLUMN_MIN_GAIN`` bits per column and its coarse fit is not clearly worse;
-    keep the smallest blob). ``center2``
+    ``model``: ``"static"``, ``"parametric"``, ``"column"``, ``"rowref"`` or ``"auto"`` (encode
+    all four, column only when ``rows >= 32``, ``row_len > 1``, :func:`_column_gain_bits` promises
+    at least ``_COLUMN_MIN_GAIN`` bits per column and its coarse fit is not clearly worse, rowref
+    only when :func:`_rowref_predict` promises at least ``_ROWREF_MIN_GAIN`` bits per row; keep
+    the smallest blob, ties to the lowest kind). ``center2``
     is twice the code the parametric models are centered on (default: the symmetric code
     center of ``alphabet``). ``prob_bits`` bounds the table precision (static may use less,
     column uses at most 14). Returns the self-describing blob. The column fit holds a
@@ -595,7 +743,7 @@ def encode(data: np.ndarray, alphabet: int, rows: int = 1, row_len: int | None =
         raise ValueError(f"rows*row_len = {rows}*{row_len} != {sym.size} symbols")
     if not 1 <= lanes <= _MAX_LANES or not _MIN_PROB_BITS <= prob_bits <= _MAX_PROB_BITS:
         raise ValueError("lanes must be 1..32 and prob_bits 8..16")
-    if model not in ("auto", "static", "parametric", "column"):
+    if model not in MODELS:
         raise ValueError(f"unknown rANS model {model!r}")
     c2 = default_center2(alphabet) if center2 is None else int(center2)
     if not 0 <= c2 <= 2 * (alphabet - 1):
@@ -613,6 +761,18 @@ def encode(data: np.ndarray, alphabet: int, rows: int = 1, row_len: int | None =
         col = _encode_column(sym, alphabet, rows, row_len, prob_bits, lanes, c2,
                              beat=min(len(b) for b in blobs))
         blobs += [col] if col is not None else []
+    if sym.size and model == "rowref":
+        ref = _encode_rowref(sym, alphabet, rows, row_len, prob_bits, lanes, c2)
+        if ref is None:
+            raise ValueError("rowref needs 2^prob_bits >= 2·(max - min code) + 1")
+        blobs.append(ref)
+    elif sym.size and model == "auto" and rows >= 2:
+        lo, hi = int(sym.min()), int(sym.max())
+        z = min(max(c2 // 2, lo), hi)
+        rho, gain = _rowref_predict(sym.reshape(rows, row_len).astype(np.int64), z)
+        if gain >= _ROWREF_MIN_GAIN * rows:
+            ref = _encode_rowref(sym, alphabet, rows, row_len, prob_bits, lanes, c2, rho)
+            blobs += [ref] if ref is not None else []
     return min(blobs, key=len)
 
 
@@ -642,7 +802,7 @@ def _read_side(blob: bytes, r: _Reader, count: int, what: str) -> np.ndarray:
 def _decode_at(blob: bytes, r: _Reader, n: int, alphabet: int, rows: int,
                row_len: int, *, nested: bool = False) -> np.ndarray:
     kind, prob_bits, lanes, lo, hi = r.take(5, "header")
-    if kind not in (STATIC, PARAMETRIC, COLUMN) or (nested and kind != STATIC):
+    if kind not in MODEL_NAMES or (nested and kind != STATIC):
         raise BadPayload(f"rANS: unknown model kind {kind}")
     if not _MIN_PROB_BITS <= prob_bits <= _MAX_PROB_BITS:
         raise BadPayload(f"rANS: probability bits {prob_bits} outside 8..16")
@@ -655,6 +815,19 @@ def _decode_at(blob: bytes, r: _Reader, n: int, alphabet: int, rows: int,
         freq = _read_static_freq(r, lo, hi, prob_bits)[None, :]
         row_model = np.zeros(1, np.int32)
         row_len_k = n
+    elif kind == ROWREF:
+        z = r.u8("center")
+        m = r.u8("shape")
+        if not lo <= z <= hi or m == 0:
+            raise BadPayload("rANS: bad rowref center or shape")
+        if 2 * (hi - lo) + 1 > 1 << prob_bits:
+            raise BadPayload("rANS: rowref residual tables do not fit 2^P")
+        used, row_model = np.unique(_read_side(blob, r, rows, "row widths"), return_inverse=True)
+        rho = _read_side(blob, r, rows, "row predictions")
+        if rows and (int(rho.max()) > _RHO_STEPS or rho[0] != 0):
+            raise BadPayload("rANS: a row prediction is above 8 (or row 0 has one)")
+        freq = _rowref_freqs(used, m, lo, hi, prob_bits)
+        row_len_k = row_len
     else:
         center2 = int.from_bytes(r.take(2, "center"), "little")
         m = r.u8("shape")
@@ -686,13 +859,18 @@ def _decode_at(blob: bytes, r: _Reader, n: int, alphabet: int, rows: int,
     r.pos += rest
     cum, sym_tab = _tables(freq, prob_bits)
     out = np.empty(n, dtype=np.uint8)
-    err = _decode_kernel(words, rest // 2, states, row_model.astype(np.int32), row_len_k,
-                         sym_tab, freq, cum, prob_bits, out)
+    if kind == ROWREF:
+        err = _decode_rowref_kernel(words, rest // 2, states, row_model.astype(np.int32), rho,
+                                    row_len_k, sym_tab, freq, cum, prob_bits, z, lo, hi, out)
+    else:
+        err = _decode_kernel(words, rest // 2, states, row_model.astype(np.int32), row_len_k,
+                             sym_tab, freq, cum, prob_bits, out)
     if err:
         raise BadPayload({-1: "rANS: word stream truncated",
                            -2: "rANS: final states do not match (corrupt stream)",
-                           -3: "rANS: trailing words after the stream"}[err])
-    if lo:
+                           -3: "rANS: trailing words after the stream",
+                           -4: "rANS: a rowref code lies outside [lo, hi]"}[err])
+    if lo and kind != ROWREF:
         out += np.uint8(lo)
     if kind == COLUMN:                    # column runs in coding order → row-major
         runs, out = out.reshape(row_len, rows), np.empty((rows, row_len), np.uint8)
