@@ -10,6 +10,25 @@ import pytest
 import torch
 
 
+def randomized(cfg, seed: int = 0):
+    """A GPT of ``cfg`` with every weight perturbed (the zero-init projections too), so every path carries signal."""
+    from pgolf_train.model import GPT
+
+    torch.manual_seed(seed)
+    m = GPT(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return m
+
+
+def batch(cfg, B: int = 2, T: int = 12, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random inputs and next-token targets, long ``(B, T)`` each."""
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
+    return tok[:, :-1], tok[:, 1:]
+
+
 def assert_compiled_matches_eager(m: torch.nn.Module, x: torch.Tensor,
                                   y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
     """Forward and backward of ``m(x, y)`` captured whole (fullgraph: a break raises) with the

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from pgolf_train.model import GPT, GPTConfig, rms_norm
 from pgolf_train.muon import split_params
 
-from .arch_helpers import assert_compiled_matches_eager, check_trained_and_scored, train_export_and_eval
+from .arch_helpers import (assert_compiled_matches_eager, batch, check_trained_and_scored, randomized,
+                           train_export_and_eval)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,22 +27,6 @@ TINY = dict(vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads
 
 def tiny(**kw) -> GPTConfig:
     return GPTConfig(**{**TINY, "exit_layers": "1,2", **kw})
-
-
-def randomized(cfg: GPTConfig, seed: int = 0) -> GPT:
-    """Every weight perturbed (the zero-init projections too), so every path carries signal."""
-    torch.manual_seed(seed)
-    m = GPT(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return m
-
-
-def batch(cfg: GPTConfig, B: int = 2, T: int = 12, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    tok = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
-    return tok[:, :-1], tok[:, 1:]
 
 
 def scored(m: GPT, x: torch.Tensor, tau: float | None) -> tuple[torch.Tensor, list[int]]:

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 import pgolf_train.model as model_mod
 from pgolf_train.model import GPT, CastedEmbedding, CastedLinear, GPTConfig, apply_rope
 
+from .arch_helpers import batch, randomized
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -24,22 +26,6 @@ TINY = dict(vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads
 
 def tiny(**kw) -> GPTConfig:
     return GPTConfig(**{**TINY, **kw})
-
-
-def randomized(cfg: GPTConfig, seed: int = 0) -> GPT:
-    """A model whose zero-initialized projections are filled, so every path carries signal."""
-    torch.manual_seed(seed)
-    m = GPT(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return m
-
-
-def batch(cfg: GPTConfig, B: int = 2, T: int = 12, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    tok = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
-    return tok[:, :-1], tok[:, 1:]
 
 
 def block_params(cfg: GPTConfig) -> int:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from pgolf_train.model import GPT, MLP, GPTConfig, MoE
 from pgolf_train.muon import Muon, split_params
 
-from .arch_helpers import assert_compiled_matches_eager, check_trained_and_scored, train_export_and_eval
+from .arch_helpers import (assert_compiled_matches_eager, batch, check_trained_and_scored, randomized,
+                           train_export_and_eval)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,22 +26,6 @@ E = 4
 
 def tiny(**kw) -> GPTConfig:
     return GPTConfig(**{**TINY, "moe_experts": E, **kw})
-
-
-def randomized(cfg: GPTConfig, seed: int = 0) -> GPT:
-    """Every weight perturbed (the zero-init expert projections too), so every path carries signal."""
-    torch.manual_seed(seed)
-    m = GPT(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return m
-
-
-def batch(cfg: GPTConfig, B: int = 2, T: int = 12, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    tok = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
-    return tok[:, :-1], tok[:, 1:]
 
 
 U = torch.ones(32) / 32 ** 0.5  # a direction every test input leans along

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pgolf_train.model import GPT, GPTConfig, doc_mask, rms_norm
 from pgolf_train.muon import split_params
 
-from .arch_helpers import assert_compiled_matches_eager, check_trained_and_scored, train_export_and_eval
+from .arch_helpers import assert_compiled_matches_eager, check_trained_and_scored, randomized, train_export_and_eval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,16 +43,6 @@ NEW_PARAMS = {  # switch -> parameters it adds
 
 def tiny(**kw) -> GPTConfig:
     return GPTConfig(**{**TINY, **kw})
-
-
-def randomized(cfg: GPTConfig, seed: int = 0) -> GPT:
-    """Every weight perturbed (the zero-init ones too), so every path carries signal."""
-    torch.manual_seed(seed)
-    m = GPT(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return m
 
 
 def docs_batch(B: int = 2, T: int = 16, seed: int = 1, starts=(0, 5, 11)) -> torch.Tensor:
