@@ -14,6 +14,8 @@ from pgolf_train.calibrate import calibrate, collect_hessians, generate_batches
 from pgolf_train.model import GPT, GPTConfig, CastedLinear
 from pgolf_train.shards import BOS_ID, write_shard
 
+from .train_fixtures import fit_on_shard
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -35,18 +37,9 @@ def data_dir(tmp_path_factory, sp1024: Path, fineweb_docs: Path) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir: Path) -> Path:
     """A tiny model trained for a few seconds, saved as a .pt state dict with its config next to it."""
-    from pgolf_train.shards import read_shard
     torch.manual_seed(0)
     model = GPT(GPTConfig(**CFG))
-    toks = torch.from_numpy(read_shard(data_dir / "fineweb_train_000000.bin").astype(np.int64))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(25):
-        i = torch.randint(0, len(toks) - 65, (8,))
-        batch = torch.stack([toks[j:j + 65] for j in i])
-        loss = model(batch[:, :-1], batch[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_on_shard(model, data_dir, steps=25)
     d = tmp_path_factory.mktemp("ckpt")
     torch.save(model.state_dict(), d / "model.pt")
     (d / "train_summary.json").write_text(json.dumps({"config": {**CFG, "lr": 0.1}}))

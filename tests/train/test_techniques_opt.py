@@ -6,7 +6,6 @@ import importlib.util
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,6 +13,8 @@ from pgolf_train.build import build_model, build_optimizers
 from pgolf_train.config import ConfigError, make_config
 from pgolf_train.muon import POLAR_EXPRESS_COEFFS, Muon, ns_schedule
 from pgolf_train.schedule import budget_fraction, lr_multiplier, muon_momentum, muon_wd_multiplier, set_schedule
+
+from .train_fixtures import fit_on_shard
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -180,19 +181,9 @@ def test_gptq_int7_tied_embedding_beats_round_to_nearest(tiny_data: Path) -> Non
     from pgolf_codec.schemes import QuantSpec, dequantize, quantize
     from pgolf_train.calibrate import collect_hessians, shard_batches
     from pgolf_train.model import GPT, GPTConfig
-    from pgolf_train.shards import read_shard
-
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, seq_len=64))
-    toks = torch.from_numpy(read_shard(tiny_data / "fineweb_train_000000.bin").astype(np.int64))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(20):
-        i = torch.randint(0, len(toks) - 65, (8,))
-        batch = torch.stack([toks[j:j + 65] for j in i])
-        loss = model(batch[:, :-1], batch[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_on_shard(model, tiny_data, steps=20)
     cal = collect_hessians(model, shard_batches(tiny_data, seq_len=64, batch_size=8, vocab_size=1024), max_tokens=4096)
     held = collect_hessians(model, shard_batches(tiny_data, seq_len=64, batch_size=8, split="val", vocab_size=1024),
                             max_tokens=4096)

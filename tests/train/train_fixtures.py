@@ -59,3 +59,21 @@ def train_command(argv: list[str]) -> int:
     from pgolf.cli import main
 
     return main(["train", *argv])
+
+
+def fit_on_shard(model, data_dir: Path, steps: int, seq_len: int = 64, batch_size: int = 8) -> None:
+    """``steps`` Adam steps (lr 1e-2) of ``model`` on random windows of the train shard: a tiny
+    trained model whose weights are no longer the init (the caller seeds torch)."""
+    import torch
+
+    from pgolf_train.shards import read_shard
+
+    toks = torch.from_numpy(read_shard(Path(data_dir) / "fineweb_train_000000.bin").astype(np.int64))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        i = torch.randint(0, len(toks) - seq_len - 1, (batch_size,))
+        batch = torch.stack([toks[j:j + seq_len + 1] for j in i])
+        loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
