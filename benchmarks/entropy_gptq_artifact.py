@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="data folder: calibration from its train shards, the loss check on its val shard")
     ap.add_argument("--out", type=Path, default=Path(".data/gptq6/model_int6_gptq.pgolf"))
     ap.add_argument("--bits", type=int, default=6)
-    ap.add_argument("--clips", default="4,5,6,7,8,10,12.5", help="k of the k·σ clips tried per tensor")
+    ap.add_argument("--clips", default="2.5,3,3.5,4,5,6,8,12.5", help="k of the k·σ clips tried per tensor")
     ap.add_argument("--calib-tokens", type=int, default=131072)
     ap.add_argument("--calib-seq-len", type=int, default=1024)
     ap.add_argument("--calib-batch", type=int, default=4)
