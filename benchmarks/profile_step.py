@@ -1,45 +1,242 @@
-"""Where a training step's GPU time goes: a torch.profiler table of the baseline step.
+"""Where a training step's GPU time goes, per config: phases, kernel categories, idle, top kernels.
 
-    python benchmarks/profile_step.py --data DIR [--config baseline] [--steps 3]
+    python benchmarks/profile_step.py --data DIR [--configs h200,baseline] [--set KEY=VALUE ...]
+        [--steps 10] [--profile-steps 3] [--out FILE]
+
+For each config it builds the trainer's model, optimizers and compiled graph (``--set`` applies to
+all, e.g. ``fused=ce`` or ``sdpa_backend=cudnn``), warms up, then:
+
+- phases: CUDA events around forward, backward, each optimizer's step and zero_grad over
+  ``--steps`` steps (the trainer's step, split where it splits): GPU-timeline milliseconds per
+  step, so a phase whose kernels wait on the CPU's launches shows that wait;
+- kernels: a torch.profiler trace of ``--profile-steps`` steps; every kernel is put in one category
+  by its name (matmul, attention, the compiled graph's fused Triton kernels = norms, elementwise,
+  loss; Newton–Schulz is inside Muon's phase, ...) and attributed to the phase it ran in; ``idle``
+  is the step's wall time with no kernel running;
+- the attention kernels that ran (which SDPA backend torch picked).
+
+Writes ``benchmarks/results/profile_step.json`` (``--out``): ms per step, tokens/s, MFU (as
+``train_bench``), and per config the tables above.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
+from pgolf_train.build import autocast_ctx
 from pgolf_train.config import load_config
 from pgolf_train.loader import DistributedTokenLoader
 from pgolf_train.trainer import (build_model, build_optimizers, compile_model, resolve_grad_accum, set_schedule,
-                                 synchronize, train_step)
+                                 synchronize)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_json  # noqa: E402
+from train_bench import PEAK_FLOPS, flops_per_token  # noqa: E402
+
+# First match wins; names are CUDA kernel names as the profiler records them.
+CATEGORIES = (
+    ("attention", r"flash|fmha|attention|sdpa|cudnn_generated|cudnn.*(fprop|dgrad|bprop)|_attn"),
+    ("matmul", r"gemm|cutlass|xmma|nvjet|sm90_|sm80_|cublas|matmul|wgmma"),
+    ("optimizer_fused", r"fused_adam|FusedAdam|multi_tensor|foreach"),
+    ("compiled_triton", r"^triton_"),
+    ("reduction", r"reduce_kernel|Reduce"),
+    ("copy_cast", r"copy|Memcpy|Memset|cat_|CatArray|fill|elementwise_kernel|vectorized_elementwise|unrolled_elementwise"),
+    ("other", r"."),
+)
+PHASES = ("forward", "backward", "clip", "optimizer.adam", "optimizer.muon", "zero_grad")
 
 
-def main() -> None:
+def category(name: str) -> str:
+    for cat, pat in CATEGORIES:
+        if re.search(pat, name, re.IGNORECASE):
+            return cat
+    return "other"
+
+
+def step_phased(model, optimizers, loader, cfg, accum, device, params, events=None):
+    """The trainer's ``train_step`` (one process) with a CUDA event and a profiler range per phase."""
+    def mark(name):
+        if events is not None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            events.append((name, ev))
+
+    mark("start")
+    for _ in range(accum):
+        x, y = loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, accum)
+        with record_function("pgolf.forward"), autocast_ctx(cfg, device):
+            loss = model(x, y)
+        mark("forward")
+        with record_function("pgolf.backward"):
+            (loss / accum).backward()
+        mark("backward")
+    with record_function("pgolf.clip"):
+        if cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+    mark("clip")
+    for opt, name in zip(optimizers, ("optimizer.adam", "optimizer.muon")):
+        with record_function("pgolf." + name):
+            opt.step()
+        mark(name)
+    with record_function("pgolf.zero_grad"):
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+    mark("zero_grad")
+    return loss
+
+
+def phase_ms(events) -> dict[str, float]:
+    out = {p: 0.0 for p in PHASES}
+    for (_, a), (name, b) in zip(events, events[1:]):
+        if name != "start":
+            out[name] += a.elapsed_time(b)
+    return out
+
+
+def trace_tables(trace: dict, steps: int) -> dict:
+    """Kernel time per category and per phase (ms per step), idle time, the top kernels."""
+    evs = trace["traceEvents"]
+    kernels = [e for e in evs if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    ranges = [e for e in evs if e.get("cat") == "gpu_user_annotation" and str(e.get("name", "")).startswith("pgolf.")]
+    if not kernels:
+        return {"error": "no kernels in the trace"}
+    kernels.sort(key=lambda e: e["ts"])
+    start = min(e["ts"] for e in kernels)
+    end = max(e["ts"] + e["dur"] for e in kernels)
+    busy, cur_s, cur_e = 0.0, None, None
+    for e in kernels:  # union of kernel intervals (one stream, but be safe)
+        s, t = e["ts"], e["ts"] + e["dur"]
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = s, t
+        else:
+            cur_e = max(cur_e, t)
+    busy += cur_e - cur_s
+    by_cat: dict[str, float] = {}
+    by_phase: dict[str, dict[str, float]] = {}
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        cat = category(e["name"])
+        by_cat[cat] = by_cat.get(cat, 0.0) + e["dur"]
+        phase = next((r["name"][6:] for r in ranges if r["ts"] <= e["ts"] < r["ts"] + r["dur"]), "unattributed")
+        by_phase.setdefault(phase, {})[cat] = by_phase.setdefault(phase, {}).get(cat, 0.0) + e["dur"]
+        rec = by_name.setdefault(e["name"], [0.0, 0, cat])
+        rec[0] += e["dur"]
+        rec[1] += 1
+    per = 1000.0 * steps  # µs in the trace -> ms per step
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
+    return {
+        "window_ms_per_step": (end - start) / per,
+        "kernel_ms_per_step": busy / per,
+        "idle_ms_per_step": (end - start - busy) / per,
+        "kernels_per_step": len(kernels) / steps,
+        "by_category_ms": {k: v / per for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+        "by_phase_ms": {p: {k: v / per for k, v in sorted(c.items(), key=lambda kv: -kv[1])}
+                        for p, c in by_phase.items()},
+        "top_kernels": [{"name": n[:160], "category": c, "ms_per_step": t / per, "calls_per_step": k / steps}
+                        for n, (t, k, c) in top],
+        "attention_kernels": sorted({n[:160] for n, (_, _, c) in by_name.items() if c == "attention"}),
+    }
+
+
+def profile_config(config: str, overrides: list[str], data: str, steps: int, prof_steps: int, warmup: int) -> dict:
+    from pgolf_train.fused import apply_fusions, sdpa_context
+
+    cfg = load_config(config, overrides + ["compile_warmup_steps=0"])
+    device = torch.device("cuda", 0)
+    accum = resolve_grad_accum(cfg, 1)
+    model = build_model(cfg, device)
+    apply_fusions(model, cfg.fused)
+    compiled = compile_model(model)
+    optimizers, muon = build_optimizers(cfg, model, device)
+    loader = DistributedTokenLoader(data, 0, 1, device, cfg.vocab_size)
+    params = list(model.parameters())
+    set_schedule(optimizers, muon, 1.0, cfg.muon_momentum)
+    with sdpa_context(cfg.sdpa_backend):
+        t = time.perf_counter()
+        for _ in range(warmup):
+            step_phased(compiled, optimizers, loader, cfg, accum, device, params)
+        synchronize(device)
+        warm_s = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(steps):
+            step_phased(compiled, optimizers, loader, cfg, accum, device, params)
+        synchronize(device)
+        ms = 1000 * (time.perf_counter() - t) / steps
+        events: list = []
+        for _ in range(steps):
+            step_phased(compiled, optimizers, loader, cfg, accum, device, params, events)
+        synchronize(device)
+        phases = {k: v / steps for k, v in phase_ms(events).items()}
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(prof_steps):
+                step_phased(compiled, optimizers, loader, cfg, accum, device, params)
+            synchronize(device)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        tables = trace_tables(json.loads(path.read_text()), prof_steps)
+    tok_s = cfg.train_batch_tokens / (ms / 1000)
+    return {"config": config, "overrides": overrides, "ms_per_step": ms, "tokens_per_s": tok_s,
+            "mfu": flops_per_token(cfg) * tok_s / PEAK_FLOPS, "warmup_s": warm_s, "grad_accum": accum,
+            "tokens_per_step": cfg.train_batch_tokens, "params": sum(p.numel() for p in params),
+            "phases_ms": phases, "peak_mem_mib": torch.cuda.max_memory_allocated() // 2**20, **tables}
+
+
+def print_profile(r: dict) -> None:
+    print(f"== {r['config']} {' '.join(r['overrides'])}: {r['ms_per_step']:.1f} ms/step "
+          f"{r['tokens_per_s'] / 1e6:.2f} M tok/s MFU {100 * r['mfu']:.1f}%  (warm-up {r['warmup_s']:.0f}s)")
+    print("  phases (GPU timeline, ms/step): " + "  ".join(f"{k} {v:.2f}" for k, v in r["phases_ms"].items()))
+    if "by_category_ms" in r:
+        print(f"  kernels {r['kernel_ms_per_step']:.2f} ms + idle {r['idle_ms_per_step']:.2f} ms per step, "
+              f"{r['kernels_per_step']:.0f} kernels/step")
+        print("  by category: " + "  ".join(f"{k} {v:.2f}" for k, v in r["by_category_ms"].items()))
+        for p, cats in r["by_phase_ms"].items():
+            print(f"    {p:16s} " + "  ".join(f"{k} {v:.2f}" for k, v in cats.items()))
+        print("  attention kernels: " + "; ".join(r["attention_kernels"]))
+        for k in r["top_kernels"][:12]:
+            print(f"    {k['ms_per_step']:7.2f} ms  x{k['calls_per_step']:<5.0f} {k['category']:15s} {k['name'][:90]}")
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
-    ap.add_argument("--config", default="baseline")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--configs", default="h200,baseline")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "profile_step.json")
     args = ap.parse_args()
-    cfg = load_config(args.config, ["compile_warmup_steps=0"])
-    device = torch.device("cuda", 0)
+    if not torch.cuda.is_available():
+        print("profile_step needs a CUDA GPU", file=sys.stderr)
+        return 2
     torch.backends.cuda.matmul.allow_tf32 = True
-    model = build_model(cfg, device)
-    compiled = compile_model(model)  # as the trainer compiles
-    optimizers, muon = build_optimizers(cfg, model, device)
-    loader = DistributedTokenLoader(args.data, 0, 1, device, cfg.vocab_size)
-    params = list(model.parameters())
-    accum = resolve_grad_accum(cfg, 1)
-    set_schedule(optimizers, muon, 1.0, cfg.muon_momentum)
-    for _ in range(4):
-        train_step(compiled, optimizers, loader, cfg, accum, False, device, params)
-    synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
-            train_step(compiled, optimizers, loader, cfg, accum, False, device, params)
-        synchronize(device)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    torch.backends.cudnn.allow_tf32 = True
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    rows = []
+    for config in args.configs.split(","):
+        torch._dynamo.reset()
+        torch.cuda.reset_peak_memory_stats()
+        r = profile_config(config, args.set, args.data, args.steps, args.profile_steps, args.warmup)
+        rows.append(r)
+        print_profile(r)
+        write_json(args.out, {"command": " ".join([sys.executable, *sys.argv]),
+                              "date": datetime.datetime.now().isoformat(), "device": torch.cuda.get_device_name(0),
+                              "torch": torch.__version__, "git_head": commit, "peak_bf16_flops": PEAK_FLOPS,
+                              "categories": {c: p for c, p in CATEGORIES}, "rows": rows})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,6 +28,7 @@ VERBATIM = frozenset({"pgolf_train.model"})
 # Modules a config can do without, and the condition under which it needs them.
 OPTIONAL: dict[str, Callable[[Any], bool]] = {
     "pgolf_train.distill": lambda cfg: cfg.distill_teacher_frac > 0,
+    "pgolf_train.fused": lambda cfg: bool(cfg.fused.strip() or cfg.sdpa_backend),
 }
 
 

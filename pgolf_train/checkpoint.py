@@ -30,7 +30,8 @@ PREVIOUS_RUN = ".previous-run"  # where --force keeps the replaced run's files u
 RESUME_MUTABLE = {"train_log_every", "val_loss_every", "val_batch_tokens", "val_max_tokens", "checkpoint_every_s",
                   "checkpoint_every_steps", "device", "val_docs", "eval_seq_len", "eval_stride", "eval_ttt",
                   "eval_ttt_rank", "eval_ttt_lr", "eval_ttt_epochs", "eval_ttt_chunk", "eval_ttt_targets",
-                  "eval_ttt_from_start", "eval_time_budget", "quantize_budget", "quantize_tolerance"}
+                  "eval_ttt_from_start", "eval_time_budget", "quantize_budget", "quantize_tolerance",
+                  "fused", "sdpa_backend"}  # how the step computes, not what it computes
 
 
 def _to_cpu(obj: Any) -> Any:

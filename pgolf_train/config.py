@@ -29,6 +29,11 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASELINE_RECIPE = "*.weight=int8:percentile=99.99984;*=fp32"
 
 
+# The trainer's fused kernels (pgolf_train/fused.py) and the attention backends it can pin.
+FUSIONS = ("ce",)
+SDPA_BACKENDS = ("", "flash", "cudnn", "efficient", "math")  # "" = torch's choice
+
+
 class ConfigError(ValueError):
     """A configuration file or override is wrong; the message names the key and the rule."""
 
@@ -78,6 +83,8 @@ class TrainFields:
     compile: bool = True  # torch.compile the model (fullgraph, static shapes)
     bf16: bool = True  # bf16 autocast for the forward pass (only on CUDA)
     device: str = "auto"  # "auto" (cuda if available), "cuda" or "cpu"
+    fused: str = ""  # the trainer's fused kernels, comma-separated (pgolf_train/fused.py): "ce" = head + softcap + CE in row chunks
+    sdpa_backend: str = ""  # attention kernel in training: "" (torch's choice), "flash", "cudnn", "efficient" or "math"
 
     # --- logging, validation, checkpoints ---------------------------------------------------
     train_log_every: int = 200  # print/log a progress line every N steps (and the first 10)
@@ -353,6 +360,10 @@ def validate(cfg: "TrainConfig") -> None:
     need(cfg.muon_wd_schedule in ("constant", "lr", "linear_to_zero"), "muon_wd_schedule",
          "must be 'constant', 'lr' or 'linear_to_zero'")
     need(cfg.device in ("auto", "cuda", "cpu"), "device", "must be 'auto', 'cuda' or 'cpu'")
+    need(all(f.strip() in FUSIONS for f in cfg.fused.split(",") if f.strip()), "fused",
+         f"must be a comma-separated list of {', '.join(FUSIONS)} ('' = none)")
+    need(cfg.sdpa_backend in SDPA_BACKENDS, "sdpa_backend",
+         "must be '' (torch's choice), " + ", ".join(repr(b) for b in SDPA_BACKENDS[1:]))
     need(cfg.train_log_every >= 1, "train_log_every", "must be >= 1")
     need(cfg.val_loss_every >= 0, "val_loss_every", "must be >= 0 (0 = only at the end)")
     need(cfg.val_batch_tokens >= cfg.train_seq_len, "val_batch_tokens", "must be at least one sequence")

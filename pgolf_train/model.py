@@ -414,6 +414,7 @@ class GPT(nn.Module):
         self.exits = cfg.layer_set("exit_layers", len(self.layer_plan))
         self.exit_scales = nn.Parameter(torch.ones(len(self.exits), cfg.model_dim)) if self.exits else None
         self.exit_threshold: float | None = None
+        self.head_loss = None  # (features, head weight, targets, softcap) -> mean CE in training: a trainer's fused kernel
         self.exit_counts = torch.zeros(len(self.exits) + 1, dtype=torch.long)
         self.num_encoder = len(self.layer_plan) // 2
         n_skip = min(self.num_encoder, len(self.layer_plan) - self.num_encoder)
@@ -455,12 +456,17 @@ class GPT(nn.Module):
         freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)
         return freqs.cos(), freqs.sin()
 
+    def _features(self, x: Tensor) -> Tensor:
+        """Final-norm state [B, T, C] -> the head's input [B, T, E] (E = C unless factorized)."""
+        return x if self.embed_proj is None else F.linear(x, _weight(self.embed_proj).to(x.dtype).t())
+
+    def _head_weight(self) -> Tensor:
+        return _weight(self.tok_emb if self.lm_head is None else self.lm_head)
+
     def _head(self, x: Tensor) -> Tensor:
         """Final-norm state [B, T, C] -> soft-capped float32 logits [B, T, vocab_size]."""
-        if self.embed_proj is not None:
-            x = F.linear(x, _weight(self.embed_proj).to(x.dtype).t())
-        head = self.tok_emb if self.lm_head is None else self.lm_head
-        logits = F.linear(x, _weight(head).to(x.dtype)).float()
+        x = self._features(x)
+        logits = F.linear(x, self._head_weight().to(x.dtype)).float()
         return self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
 
     def bigram_hash(self, idx: Tensor) -> Tensor:
@@ -470,9 +476,10 @@ class GPT(nn.Module):
         prev = F.pad(idx[:, :-1], (1, 0), value=bos).masked_fill(idx == bos, bos)
         return (prev * 1000003 + idx) % self.cfg.bigram_buckets
 
-    def _run(self, idx: Tensor, aux: list | None = None) -> tuple[Tensor, list[Tensor]]:
-        """Logits (the exit rule applied when ``exit_threshold`` is set outside training) and, in
-        training, every exit head's logits; MoE balancing losses append to ``aux``."""
+    def _run(self, idx: Tensor, aux: list | None = None, head: bool = True) -> tuple[Tensor, list[Tensor]]:
+        """Logits (the exit rule applied when ``exit_threshold`` is set outside training; the final
+        normed state instead with ``head=False``) and, in training, every exit head's logits; MoE
+        balancing losses append to ``aux``."""
         c = self.cfg
         x = self.tok_emb(idx)
         if self.embed_proj is not None:
@@ -514,7 +521,7 @@ class GPT(nn.Module):
                     confident = (logits.softmax(-1).amax(-1) >= tau) & ~done
                     done, chosen = done | confident, torch.where(confident[..., None], logits, chosen)
                     self.exit_counts[e] += int(confident.sum())
-        logits = self._head(rms_norm(x))
+        logits = self._head(rms_norm(x)) if head else rms_norm(x)
         if done is not None:
             self.exit_counts[-1] += int((~done).sum())
             logits = torch.where(done[..., None], chosen, logits)
@@ -530,8 +537,11 @@ class GPT(nn.Module):
         if targets is None:
             return self.logits(idx)
         aux: list[Tensor] = []
-        logits, exits = self._run(idx, aux)
-        ce = [F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").mean() for z in (logits, *exits)]
+        fused = self.head_loss is not None and self.training  # the trainer's fused head + loss (pgolf_train.fused)
+        logits, exits = self._run(idx, aux, head=not fused)
+        ce = [F.cross_entropy(z.flatten(0, 1), targets.flatten(), reduction="none").mean() for z in (logits, *exits)[fused:]]
+        if fused:
+            ce.insert(0, self.head_loss(self._features(logits), self._head_weight(), targets, self.cfg.logit_softcap))
         loss = ce[0]
         if exits:
             loss = loss + self.cfg.exit_loss_weight * sum(ce[1:]) / len(exits)

@@ -1,0 +1,207 @@
+"""The trainer's fused kernels, swapped into a model by ``apply_fusions`` (``TrainConfig.fused``).
+
+They live here, not in ``model.py``: the model file ships in every artifact and evaluation must run
+without Triton, so the model only exposes a hook (``GPT.head_loss``) and the eager path stays the
+reference every fusion is tested against.
+
+``ce``: the output head, its soft cap and the cross-entropy in one pass over row chunks of the
+batch. Per chunk of ``CE_CHUNK`` rows: the bf16 logits (one matmul), then one kernel per row that
+computes the loss and writes d loss / d logits over the logits in place, then the two matmuls of
+the backward, accumulated. The batch's fp32 logits (131,072 × 4,096 × 4 bytes = 2 GiB for ``h200``)
+never exist; the backward only scales the gradients the forward already made. On CUDA the row
+kernel is Triton; elsewhere (or with no Triton) the same arithmetic in torch.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import Tensor
+
+from pgolf_train.config import FUSIONS, SDPA_BACKENDS  # the one table of the choices
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # evaluation and CPU training need no Triton
+    triton = tl = None
+
+CE_CHUNK = 16384  # rows per chunk: 16,384 × 4,096 bf16 logits = 128 MiB live at a time
+
+
+def parse_fusions(spec: str) -> tuple[str, ...]:
+    """``"ce"`` → ("ce",); "" → (); an unknown name is a ValueError naming it."""
+    names = tuple(s.strip() for s in spec.split(",") if s.strip())
+    for n in names:
+        if n not in FUSIONS:
+            raise ValueError(f"unknown fusion {n!r}; expected a comma-separated list of {', '.join(FUSIONS)}")
+    return names
+
+
+def _interpreter() -> bool:
+    """Triton runs on the CPU (interpreted) only when it was imported under ``TRITON_INTERPRET=1``:
+    its own library functions (tl.sum, tl.max) are interpreted or compiled from that moment on."""
+    return triton is not None and type(tl.standard.sum).__name__ == "InterpretedFunction"
+
+
+def _use_triton(t: Tensor) -> bool:
+    return triton is not None and (t.is_cuda or (t.device.type == "cpu" and _interpreter()))
+
+
+def _softcap_ce_rows(logits_ptr, stride, targets_ptr, loss_ptr, V, softcap, grad_scale,
+                     BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    """One program per row: loss = logsumexp(z) - z[t] with z = c·tanh(l/c); the row's logits are
+    overwritten with grad_scale · (softmax(z) - onehot(t)) · (1 - tanh²(l/c)) in their own dtype.
+    tanh(u) = 1 - 2 / (exp(2u) + 1): exact at the extremes (exp overflows to inf → 1, underflows → -1)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    t = tl.load(targets_ptr + row)
+    offs = tl.arange(0, BLOCK)
+    if ONE_BLOCK:  # the row fits one block: read it once
+        mask = offs < V
+        th = 1.0 - 2.0 / (tl.exp(2.0 * tl.load(base + offs, mask=mask, other=0.0).to(tl.float32) / softcap) + 1.0)
+        z = tl.where(mask, softcap * th, float("-inf"))
+        m = tl.max(z, 0)
+        lse = m + tl.log(tl.sum(tl.exp(z - m), 0))
+        zt = tl.sum(tl.where(offs == t, z, 0.0), 0)
+        g = (tl.exp(z - lse) - (offs == t).to(tl.float32)) * (1.0 - th * th) * grad_scale
+        tl.store(base + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
+    else:  # online max and sum over the blocks, then a second pass for the gradient
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.zeros((), tl.float32)
+        zt = tl.zeros((), tl.float32)
+        for start in range(0, V, BLOCK):
+            o = start + offs
+            mask = o < V
+            th = 1.0 - 2.0 / (tl.exp(2.0 * tl.load(base + o, mask=mask, other=0.0).to(tl.float32) / softcap) + 1.0)
+            z = tl.where(mask, softcap * th, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            zt += tl.sum(tl.where(o == t, z, 0.0), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        for start in range(0, V, BLOCK):
+            o = start + offs
+            mask = o < V
+            th = 1.0 - 2.0 / (tl.exp(2.0 * tl.load(base + o, mask=mask, other=0.0).to(tl.float32) / softcap) + 1.0)
+            g = (tl.exp(softcap * th - lse) - (o == t).to(tl.float32)) * (1.0 - th * th) * grad_scale
+            tl.store(base + o, g.to(logits_ptr.dtype.element_ty), mask=mask)
+    tl.store(loss_ptr + row, lse - zt)
+
+
+_KERNEL = None
+
+
+def _rows_kernel():
+    """``_softcap_ce_rows`` wrapped by ``triton.jit`` at first use, in the mode Triton was imported in."""
+    global _KERNEL
+    if _KERNEL is None:
+        with _env("TRITON_INTERPRET", "1" if _interpreter() else "0"):
+            _KERNEL = triton.jit(_softcap_ce_rows)
+    return _KERNEL
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
+
+
+def softcap_ce_rows(logits: Tensor, targets: Tensor, softcap: float, grad_scale: float) -> Tensor:
+    """Per-row soft-capped cross-entropy of ``logits`` [n, V] (any float dtype) against ``targets``
+    long[n]: returns float32 losses [n] in nats and overwrites ``logits`` with grad_scale × d loss/d logits."""
+    n, V = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return loss
+    if _use_triton(logits):
+        block = min(triton.next_power_of_2(V), 8192)
+        _rows_kernel()[(n,)](logits, logits.stride(0), targets, loss, V, float(softcap), float(grad_scale),
+                               BLOCK=block, ONE_BLOCK=block >= V, num_warps=8 if block >= 4096 else 4)
+        return loss
+    th = torch.tanh(logits.float() / softcap)
+    z = softcap * th
+    lse = torch.logsumexp(z, dim=-1)
+    loss.copy_(lse - z.gather(1, targets[:, None]).squeeze(1))
+    g = torch.exp(z - lse[:, None])
+    g.scatter_add_(1, targets[:, None], torch.full_like(g[:, :1], -1.0))
+    logits.copy_(g * (1 - th * th) * grad_scale)
+    return loss
+
+
+@torch.library.custom_op("pgolf::linear_softcap_ce", mutates_args=())
+def _linear_softcap_ce(x: Tensor, w: Tensor, targets: Tensor, softcap: float, chunk: int
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """x [N, D], w [V, D] (same dtype), targets long[N] → (mean loss, d/dx [N, D], d/dw [V, D])."""
+    with torch.autocast(x.device.type, enabled=False):  # dtypes are the caller's: x's for every matmul
+        return _chunked_ce(x, w, targets, softcap, chunk)
+
+
+def _chunked_ce(x: Tensor, w: Tensor, targets: Tensor, softcap: float, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    n = x.size(0)
+    dx = torch.empty_like(x)
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for s in range(0, n, chunk):
+        xc, tc = x[s:s + chunk], targets[s:s + chunk]
+        logits = xc @ w.t()  # [c, V] in x's dtype; becomes its own gradient below
+        total += softcap_ce_rows(logits, tc, softcap, 1.0 / n).sum()
+        torch.mm(logits, w, out=dx[s:s + chunk])
+        dw += (logits.t() @ xc).float()
+    return total / n, dx, dw.to(w.dtype)
+
+
+@_linear_softcap_ce.register_fake
+def _(x, w, targets, softcap, chunk):
+    return x.new_empty((), dtype=torch.float32), torch.empty_like(x), torch.empty_like(w)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, g, _gx, _gw):
+    dx, dw = ctx.saved_tensors
+    return (dx * g.to(dx.dtype), dw * g.to(dw.dtype), None, None, None)
+
+
+_linear_softcap_ce.register_autograd(_backward, setup_context=_setup)
+
+
+def linear_softcap_ce(x: Tensor, w: Tensor, targets: Tensor, softcap: float) -> Tensor:
+    """Mean over tokens of CE(c·tanh(x·wᵀ / c), targets): x [..., D], w [V, D], targets long[...].
+
+    Equals ``F.cross_entropy(softcap(F.linear(x, w).float()), targets)`` (the model's head and loss),
+    gradients too, within rounding: the logits are made in x's dtype as the model's head makes them."""
+    w = w.to(x.dtype)
+    return _linear_softcap_ce(x.reshape(-1, x.size(-1)), w, targets.reshape(-1), float(softcap), CE_CHUNK)[0]
+
+
+def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...]) -> None:
+    """Swap ``fusions`` (``parse_fusions``) into ``model`` (a GPT); () restores the reference path."""
+    names = parse_fusions(fusions) if isinstance(fusions, str) else fusions
+    model.head_loss = linear_softcap_ce if "ce" in names else None
+
+
+def sdpa_context(backend: str) -> contextlib.AbstractContextManager:
+    """A context in which scaled_dot_product_attention uses only ``backend`` ("" = torch's choice).
+
+    Under torch.compile the backend is fixed when the graph is traced, so the context must be open
+    for the compile (the warm-up) as well as the steps."""
+    if backend not in SDPA_BACKENDS:
+        raise ValueError(f"unknown SDPA backend {backend!r}; expected one of {', '.join(repr(b) for b in SDPA_BACKENDS)}")
+    if not backend:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([{"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]])
