@@ -1,7 +1,7 @@
 """The artifact container, format v1 (normative description: spec/FORMAT.md).
 
     0   4  magic b"PGLF"
-    4   1  major (1)            5  1  minor (2)
+    4   1  major (1)            5  1  minor (3)
     6   1  header coding: 0 msgpack, 1 zstd(msgpack)      7  1  flags (0)
     8   4  header stored length H (u32 LE)               12  4  header decoded length (u32 LE)
    16   H  header
@@ -36,7 +36,7 @@ from .schemes import (Q8_TABLE, Quantized, QuantSpec, Recipe, check_representabl
 from .streams import check_stream
 
 MAGIC = b"PGLF"
-MAJOR, MINOR = 1, 2
+MAJOR, MINOR = 1, 3
 FORMAT_VERSION = f"{MAJOR}.{MINOR}"
 BUDGET_BYTES = 16_000_000
 _PREFIX = struct.Struct("<4sBBBBII")

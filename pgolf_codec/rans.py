@@ -2,7 +2,7 @@
 
 A coded blob carries its own model; the caller supplies only what the container already
 knows (``n`` symbols, the ``alphabet``, and the ``rows x row_len`` view of the tensor).
-Four models, the encoder keeps whichever blob is smaller:
+Five models, the encoder keeps whichever blob is smaller:
 
 * **static** (kind 0): one frequency table for the whole tensor, stored as varints over
   the used code range ``[lo, hi]``.
@@ -27,6 +27,11 @@ Four models, the encoder keeps whichever blob is smaller:
   table per width serves every center (the parametric family over the residual range, centered
   on its middle); a decoded code outside ``[lo, hi]`` is a corrupt blob. For embeddings, whose
   rows (rarely seen tokens) repeat the row before.
+* **rowperm** (kind 4, format 1.3): kind 3 over the rows in a stored order. The blob carries a
+  permutation of the rows (its Lehmer code: digit ``d_k`` in ``bitlen(rows - 1 - k)`` bits, for
+  4096 rows 5,633 bytes against ``log2(4096!)`` = 5,407); row ``k`` of the coding order is the ``d_k``-th smallest row index not yet
+  taken, and "the code above" is the previous row in that order. The encoder orders the rows in
+  a greedy nearest-neighbour chain (L1), so similar rows (an embedding's rare tokens) sit together.
 
 Determinism of the parametric tables (encoder and decoder may be different machines): they
 are built with IEEE-754 float64 ``+ - * /`` only, in a fixed order (powers by a fixed
@@ -38,7 +43,7 @@ integers.
 
 Blob layout (little-endian; normative text in ``spec/FORMAT.md``, "Coder 4: rANS")::
 
-    u8 kind (0 static, 1 parametric, 2 column, 3 rowref) | u8 P (probability bits, 8..16)
+    u8 kind (0 static, 1 parametric, 2 column, 3 rowref, 4 rowperm) | u8 P (probability bits, 8..16)
     | u8 K (lanes, 1..32) | u8 lo | u8 hi                  -- used code range
     static:     varint freq[hi - lo + 1]                   -- sums to 2^P
     parametric: u16 center2 (2 x center) | u8 m | varint len | static blob of row widths j
@@ -46,9 +51,12 @@ Blob layout (little-endian; normative text in ``spec/FORMAT.md``, "Coder 4: rANS
                 | varint len | static blob of zig-zag column center offsets (half codes)
     rowref:     u8 z (center code) | u8 m | varint len | static blob of row widths j
                 | varint len | static blob of row predictions ρ8 (0..8; row 0: 0)
+    rowperm:    u8 z | u8 m | Lehmer digits of the row order, bit-packed (no length: it follows
+                from rows) | the two rowref side blobs, rows in coding order
     | u32 state[K] | u16 word[...]                         -- to the end of the blob
 
-Symbol ``i`` in coding order (row-major; kind 2: column by column) belongs to lane
+Symbol ``i`` in coding order (row-major; kind 2: column by column; kind 4: rows in the stored
+order) belongs to lane
 ``i mod K``. States live in ``[2^16, 2^32)``; the encoder runs backwards emitting 16-bit
 words, the decoder reads them forwards, and a valid stream ends with every state back at
 ``2^16`` and every word consumed (checked: a corrupt blob fails).
@@ -62,15 +70,17 @@ import numpy as np
 from pgolf_codec.errors import BadPayload
 from pgolf_codec.jit import njit
 
-__all__ = ["RansCoder", "encode", "decode", "entropy_bits", "STATIC", "PARAMETRIC", "COLUMN", "ROWREF"]
+__all__ = ["RansCoder", "encode", "decode", "entropy_bits", "STATIC", "PARAMETRIC", "COLUMN", "ROWREF",
+           "ROWPERM"]
 
 STATIC = 0
 PARAMETRIC = 1
 COLUMN = 2
 ROWREF = 3
+ROWPERM = 4
 MODEL_NAMES = {STATIC: "static", PARAMETRIC: "row", COLUMN: "column",
-               ROWREF: "rowref"}   # kind byte -> name (inspect)
-MODELS = ("auto", "static", "parametric", "column", "rowref")
+               ROWREF: "rowref", ROWPERM: "rowperm"}   # kind byte -> name (inspect)
+MODELS = ("auto", "static", "parametric", "column", "rowref", "rowperm")
 _RHO_STEPS = 8        # kind 3: ρ = ρ8/8, ρ8 in 0..8, one byte per row
 # "auto" fits the rowref model only when a Gaussian estimate of what the prediction from the row
 # above saves, per row (L/2·log2 of its mean squares without and with it), sums to this many bits
@@ -78,6 +88,12 @@ _RHO_STEPS = 8        # kind 3: ρ = ρ8/8, ρ8 in 0..8, one byte per row
 # on a trained h200 artifact: tok_emb 47 bits/row, every block matrix < 2.5 (forced, rowref codes
 # those ~0.1 % larger than kind 1).
 _ROWREF_MIN_GAIN = 8.0
+# "auto" fits the rowperm model (kind 4) only where it fits kind 3 and for at most this many rows:
+# the nearest-neighbour chain costs O(rows² · row_len) (4096 x 512 int8: ~1 s on one core). It is
+# kept when the Gaussian estimate on the chained rows, less the permutation's bits, beats the
+# estimate in the stored order, and then only where its blob is smaller. Measured on a trained h200
+# artifact: tok_emb 1,897,646 → ~1.875 MB with the 5,633-byte order; no block matrix pays.
+_ROWPERM_MAX_ROWS = 8192
 MAX_COLUMN_TABLES = 256   # distinct (width, offset) pairs in a kind-2 blob: bounds decoder memory
 _L = 1 << 16          # lower bound of a state; 16-bit renormalization keeps states < 2^32
 _PROB_BITS = 15       # frequency tables sum to 2^15: tails down to 3e-5 are still representable
@@ -246,7 +262,120 @@ def _unpermute_columns(runs, order, out):  # pragma: no cover
                 out[r, c] = runs[k, r]
 
 
+@njit(nogil=True)
+def _chain_order(x):  # pragma: no cover
+    """Kind 4's row order (encoder): a greedy nearest-neighbour chain from row 0, each next row
+    the unused one at the smallest L1 distance from the current one (ties → the smaller index).
+    ``x``: int16 ``(rows, L)``. Integer arithmetic only, so the order is the same everywhere.
+    """
+    rows, cols = x.shape
+    used = np.zeros(rows, np.bool_)
+    order = np.empty(rows, np.int64)
+    if rows == 0:
+        return order
+    cur = 0
+    used[0] = True
+    order[0] = 0
+    for k in range(1, rows):
+        best, best_d = -1, np.int64(1) << 62
+        for r in range(rows):
+            if used[r]:
+                continue
+            d = np.int64(0)
+            for c in range(cols):
+                d += abs(np.int64(x[cur, c]) - np.int64(x[r, c]))
+            if d < best_d:
+                best_d, best = d, r
+        order[k] = best
+        used[best] = True
+        cur = best
+    return order
+
+
+@njit(nogil=True)
+def _bitlen(v):  # pragma: no cover
+    n = 0
+    while v > 0:
+        n += 1
+        v >>= 1
+    return n
+
+
+@njit(nogil=True)
+def _lehmer_pack(order, out):  # pragma: no cover
+    """Kind 4's row order → its bit-packed Lehmer digits in ``out`` (zeroed uint8): digit ``d_k``
+    (the number of rows not yet taken below ``order[k]``) in ``bitlen(rows - 1 - k)`` bits, least
+    significant bit first. A Fenwick tree over the untaken rows: O(rows · log rows)."""
+    rows = order.size
+    tree = np.zeros(rows + 1, np.int64)
+    for i in range(1, rows + 1):
+        tree[i] = i & (-i)                     # every row untaken: the tree of all ones
+    bit = 0
+    for k in range(rows):
+        v = order[k]
+        d = np.int64(0)
+        i = v
+        while i > 0:
+            d += tree[i]
+            i -= i & (-i)
+        i = v + 1
+        while i <= rows:
+            tree[i] -= 1
+            i += i & (-i)
+        for b in range(_bitlen(rows - 1 - k)):
+            if (d >> b) & 1:
+                out[bit >> 3] |= np.uint8(1 << (bit & 7))
+            bit += 1
+
+
+@njit(nogil=True)
+def _lehmer_unpack(data, rows, order):  # pragma: no cover
+    """Inverse of :func:`_lehmer_pack` into ``order`` (int64[rows]): 0, or -1 for a digit above
+    ``rows - 1 - k`` (no such row left), -2 for a non-zero padding bit."""
+    tree = np.zeros(rows + 1, np.int64)
+    for i in range(1, rows + 1):
+        tree[i] = i & (-i)
+    top = 1
+    while top * 2 <= rows:
+        top *= 2
+    bit = 0
+    for k in range(rows):
+        d = np.int64(0)
+        for b in range(_bitlen(rows - 1 - k)):
+            d |= np.int64((data[bit >> 3] >> (bit & 7)) & 1) << b
+            bit += 1
+        if d > rows - 1 - k:
+            return -1
+        # the (d+1)-th untaken row: descend the tree
+        pos, rem, step = 0, d + 1, top
+        while step > 0:
+            nxt = pos + step
+            if nxt <= rows and tree[nxt] < rem:
+                pos = nxt
+                rem -= tree[nxt]
+            step >>= 1
+        order[k] = pos                          # 1-based pos + 1, 0-based pos
+        i = pos + 1
+        while i <= rows:
+            tree[i] -= 1
+            i += i & (-i)
+    while bit < data.size * 8:
+        if (data[bit >> 3] >> (bit & 7)) & 1:
+            return -2
+        bit += 1
+    return 0
+
+
 # ----------------------------------------------------------------------------- helpers
+
+def _perm_bits(rows: int) -> int:
+    """Bits of kind 4's packed row order: ``Σ_{k < rows} bitlen(rows - 1 - k) = Σ_{v < rows} bitlen(v)``."""
+    total, b = 0, 1
+    while (1 << (b - 1)) < rows:          # v in [2^(b-1), min(2^b, rows)) have b bits
+        total += b * (min(1 << b, rows) - (1 << (b - 1)))
+        b += 1
+    return total
+
 
 def _varint(v: int) -> bytes:
     out = bytearray()
@@ -662,15 +791,24 @@ def _rowref_freqs(js: np.ndarray, m: int, lo: int, hi: int, prob_bits: int) -> n
 
 
 def _encode_rowref(sym: np.ndarray, alphabet: int, rows: int, row_len: int, prob_bits: int,
-                   lanes: int, center2: int, rho: np.ndarray | None = None) -> bytes | None:
+                   lanes: int, center2: int, rho: np.ndarray | None = None,
+                   order: np.ndarray | None = None) -> bytes | None:
     """Kind-3 blob (per-row widths, centers predicted from the row above), None if ``2^P`` is
-    too small for the residual tables (``2(hi - lo) + 1`` symbols)."""
+    too small for the residual tables (``2(hi - lo) + 1`` symbols). With ``order`` (a permutation
+    of the rows: coding row k is stored row ``order[k]``) the kind-4 blob of that order; ``rho``
+    then belongs to the rows in that order."""
     lo, hi = int(sym.min()), int(sym.max())
     A2 = 2 * (hi - lo) + 1
     if A2 > 1 << prob_bits:
         return None
     z = min(max(center2 // 2, lo), hi)
     x = sym.reshape(rows, row_len).astype(np.int64)
+    perm = b""
+    if order is not None:
+        x = x[order]
+        packed = np.zeros((_perm_bits(rows) + 7) // 8, np.uint8)
+        _lehmer_pack(np.ascontiguousarray(order, dtype=np.int64), packed)
+        perm = packed.tobytes()
     if rho is None:
         rho, _ = _rowref_predict(x, z)
     u = _rowref_residuals(x, z, rho, lo, hi)
@@ -694,8 +832,8 @@ def _encode_rowref(sym: np.ndarray, alphabet: int, rows: int, row_len: int, prob
     freq = _rowref_freqs(used, m, lo, hi, prob_bits)
     widths = _encode_static(jrow, 256, prob_bits, lanes=1)
     rhos = _encode_static(rho.astype(np.uint8), 256, prob_bits, lanes=1)
-    head = (bytes([ROWREF, prob_bits, lanes, lo, hi, z, m]) + _varint(len(widths)) + widths
-            + _varint(len(rhos)) + rhos)
+    head = (bytes([ROWREF if order is None else ROWPERM, prob_bits, lanes, lo, hi, z, m]) + perm
+            + _varint(len(widths)) + widths + _varint(len(rhos)) + rhos)
     cum, _ = _tables(freq, prob_bits)
     out = np.empty(sym.size + 1, dtype=np.uint16)
     states, pos = _encode_kernel(u.ravel().astype(np.uint16), row_model.astype(np.int32), row_len,
@@ -719,11 +857,13 @@ def encode(data: np.ndarray, alphabet: int, rows: int = 1, row_len: int | None =
            center2: int | None = None) -> bytes:
     """rANS-code ``data`` (codes ``0..alphabet-1``, ``rows * row_len`` of them, row-major).
 
-    ``model``: ``"static"``, ``"parametric"``, ``"column"``, ``"rowref"`` or ``"auto"`` (encode
-    all four, column only when ``rows >= 32``, ``row_len > 1``, :func:`_column_gain_bits` promises
-    at least ``_COLUMN_MIN_GAIN`` bits per column and its coarse fit is not clearly worse, rowref
-    only when :func:`_rowref_predict` promises at least ``_ROWREF_MIN_GAIN`` bits per row; keep
-    the smallest blob, ties to the lowest kind). ``center2``
+    ``model``: ``"static"``, ``"parametric"``, ``"column"``, ``"rowref"``, ``"rowperm"`` (rows >= 2)
+    or ``"auto"`` (encode all five, column only when ``rows >= 32``, ``row_len > 1``,
+    :func:`_column_gain_bits` promises at least ``_COLUMN_MIN_GAIN`` bits per column and its coarse
+    fit is not clearly worse, rowref only when :func:`_rowref_predict` promises at least
+    ``_ROWREF_MIN_GAIN`` bits per row, rowperm only then, for at most ``_ROWPERM_MAX_ROWS`` rows,
+    and when that estimate on the chained rows less the order's bits is larger; keep the smallest
+    blob, ties to the lowest kind). ``center2``
     is twice the code the parametric models are centered on (default: the symmetric code
     center of ``alphabet``). ``prob_bits`` bounds the table precision (static may use less,
     column uses at most 14). Returns the self-describing blob. The column fit holds a
@@ -761,18 +901,30 @@ def encode(data: np.ndarray, alphabet: int, rows: int = 1, row_len: int | None =
         col = _encode_column(sym, alphabet, rows, row_len, prob_bits, lanes, c2,
                              beat=min(len(b) for b in blobs))
         blobs += [col] if col is not None else []
-    if sym.size and model == "rowref":
-        ref = _encode_rowref(sym, alphabet, rows, row_len, prob_bits, lanes, c2)
+    if sym.size and model in ("rowref", "rowperm"):
+        order = None
+        if model == "rowperm":
+            if rows < 2:
+                raise ValueError("rowperm needs at least 2 rows")
+            order = _chain_order(sym.reshape(rows, row_len).astype(np.int16))
+        ref = _encode_rowref(sym, alphabet, rows, row_len, prob_bits, lanes, c2, order=order)
         if ref is None:
-            raise ValueError("rowref needs 2^prob_bits >= 2·(max - min code) + 1")
+            raise ValueError(f"{model} needs 2^prob_bits >= 2·(max - min code) + 1")
         blobs.append(ref)
     elif sym.size and model == "auto" and rows >= 2:
         lo, hi = int(sym.min()), int(sym.max())
         z = min(max(c2 // 2, lo), hi)
-        rho, gain = _rowref_predict(sym.reshape(rows, row_len).astype(np.int64), z)
+        x = sym.reshape(rows, row_len).astype(np.int64)
+        rho, gain = _rowref_predict(x, z)
         if gain >= _ROWREF_MIN_GAIN * rows:
             ref = _encode_rowref(sym, alphabet, rows, row_len, prob_bits, lanes, c2, rho)
             blobs += [ref] if ref is not None else []
+            if ref is not None and rows <= _ROWPERM_MAX_ROWS:
+                order = _chain_order(x.astype(np.int16))
+                rho_p, gain_p = _rowref_predict(x[order], z)
+                if gain_p - _perm_bits(rows) > gain:
+                    blobs.append(_encode_rowref(sym, alphabet, rows, row_len, prob_bits, lanes, c2,
+                                                rho_p, order))
     return min(blobs, key=len)
 
 
@@ -811,17 +963,29 @@ def _decode_at(blob: bytes, r: _Reader, n: int, alphabet: int, rows: int,
     if lo > hi or hi >= alphabet:
         raise BadPayload(f"rANS: code range [{lo}, {hi}] outside alphabet {alphabet}")
     # The kernel decodes runs of ``row_len_k`` symbols, run i with table ``row_model[i]``.
+    perm = None
     if kind == STATIC:
         freq = _read_static_freq(r, lo, hi, prob_bits)[None, :]
         row_model = np.zeros(1, np.int32)
         row_len_k = n
-    elif kind == ROWREF:
+    elif kind in (ROWREF, ROWPERM):
         z = r.u8("center")
         m = r.u8("shape")
         if not lo <= z <= hi or m == 0:
             raise BadPayload("rANS: bad rowref center or shape")
         if 2 * (hi - lo) + 1 > 1 << prob_bits:
             raise BadPayload("rANS: rowref residual tables do not fit 2^P")
+        perm = None
+        if kind == ROWPERM:
+            if rows < 2 or row_len < 1:
+                raise BadPayload("rANS: a rowperm stream needs at least 2 rows of at least 1 code")
+            # rows <= n here, so nothing below is larger than the declared stream
+            packed = np.frombuffer(r.take((_perm_bits(rows) + 7) // 8, "row order"), np.uint8)
+            perm = np.empty(rows, np.int64)
+            err = _lehmer_unpack(packed, rows, perm)
+            if err:
+                raise BadPayload("rANS: a row-order digit names no row left" if err == -1
+                                 else "rANS: non-zero padding bits after the row order")
         used, row_model = np.unique(_read_side(blob, r, rows, "row widths"), return_inverse=True)
         rho = _read_side(blob, r, rows, "row predictions")
         if rows and (int(rho.max()) > _RHO_STEPS or rho[0] != 0):
@@ -859,7 +1023,7 @@ def _decode_at(blob: bytes, r: _Reader, n: int, alphabet: int, rows: int,
     r.pos += rest
     cum, sym_tab = _tables(freq, prob_bits)
     out = np.empty(n, dtype=np.uint8)
-    if kind == ROWREF:
+    if kind in (ROWREF, ROWPERM):
         err = _decode_rowref_kernel(words, rest // 2, states, row_model.astype(np.int32), rho,
                                     row_len_k, sym_tab, freq, cum, prob_bits, z, lo, hi, out)
     else:
@@ -869,9 +1033,13 @@ def _decode_at(blob: bytes, r: _Reader, n: int, alphabet: int, rows: int,
         raise BadPayload({-1: "rANS: word stream truncated",
                            -2: "rANS: final states do not match (corrupt stream)",
                            -3: "rANS: trailing words after the stream",
-                           -4: "rANS: a rowref code lies outside [lo, hi]"}[err])
-    if lo and kind != ROWREF:
+                           -4: "rANS: a rowref/rowperm code lies outside [lo, hi]"}[err])
+    if lo and kind not in (ROWREF, ROWPERM):
         out += np.uint8(lo)
+    if perm is not None:                  # coding row k is stored row perm[k]
+        coded, out = out.reshape(rows, row_len), np.empty((rows, row_len), np.uint8)
+        out[perm] = coded
+        out = out.ravel()
     if kind == COLUMN:                    # column runs in coding order → row-major
         runs, out = out.reshape(row_len, rows), np.empty((rows, row_len), np.uint8)
         _unpermute_columns(runs, order, out)

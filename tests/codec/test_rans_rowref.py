@@ -360,10 +360,10 @@ def test_artifact_with_a_rowref_tensor_roundtrips():
     w = base + torch.cumsum(steps, 0) * 0.2
     tensors = {"emb": w, "b": torch.randn(8, generator=g)}
     data, info = pc.build_artifact(tensors, "emb=int8;*=fp32", coder="auto")
-    assert data[5] == 2 and FORMAT_VERSION == "1.2"
+    assert data[5] == 3 and FORMAT_VERSION == "1.3"
     (wrote,) = [t for t in info.tensors if t["name"] == "emb"]
     assert wrote["coder"] == "rans" and wrote["rans_model"] == "rowref"
     art = pc.read_artifact_bytes(data)
     read = {t["name"]: t for t in art.info.tensors}
-    assert read["emb"]["rans_model"] == "rowref" and art.info.format_version == "1.2"
+    assert read["emb"]["rans_model"] == "rowref" and art.info.format_version == "1.3"
     assert torch.equal(art.tensors["emb"], pc.fake_quant(w, pc.QuantSpec.parse("int8")))
