@@ -5,11 +5,13 @@ One run quantizes the same tensors with the codec's own ``pgolf_codec.schemes.qu
 min(k·σ, max|w|), so for Gaussian rows k ≥ ~4 is the max clip) and codes the exact uint8 codes
 the artifact stores with: the empirical order-0 entropy (the static-model limit),
 rANS-static (table included), rANS-parametric (row widths included), rANS-column (column
-widths and centers included), zstd-22, lzma-9e and brotli-11 (one code per byte; byte
-shuffling is the identity for 1-byte symbols). Speeds are single-thread rANS encode (the
-"auto" choice: all three models and their fits, best of 3), the column model's encode alone,
-and the decode of the smallest blob (best of 15: decode takes milliseconds, so the best run
-filters out other load).
+widths and centers included), rANS-rowref (kind 3, centers predicted from the row above),
+rANS-rowperm (kind 4, the same over the rows in a stored nearest-neighbour order, the order
+included), zstd-22, lzma-9e and brotli-11 (one code per byte; byte shuffling is the identity for
+1-byte symbols). Speeds are single-thread rANS encode (the "auto" choice: all models it fits,
+best of 3), the column model's encode alone, and the decode of the smallest blob, of the column,
+rowref and rowperm blobs (best of 15: decode takes milliseconds, so the best run filters out
+other load).
 
 Tensors: Gaussian weights whose per-row sigma varies x4 across rows, coded with per-row
 scales (row code widths then nearly equal) and with one scale for the whole tensor (row
@@ -70,7 +72,7 @@ def measure(codes: np.ndarray, alphabet: int) -> dict:
     raw = flat.tobytes()
     bps = lambda nbytes: 8.0 * nbytes / n  # noqa: E731
     blobs = {m: rans.encode(flat, alphabet, rows, row_len, model=m)
-             for m in ("static", "parametric", "column")}
+             for m in ("static", "parametric", "column", "rowref", "rowperm")}
     for b in blobs.values():
         assert np.array_equal(rans.decode(b, n, alphabet, rows, row_len), flat)
     blob = min(blobs.values(), key=len)     # what "auto" keeps (ties → lowest kind)
@@ -78,12 +80,16 @@ def measure(codes: np.ndarray, alphabet: int) -> dict:
     t_col = best_time(lambda: rans.encode(flat, alphabet, rows, row_len, model="column"))
     t_dec = best_time(lambda: rans.decode(blob, n, alphabet, rows, row_len), repeat=15)
     t_dec_col = best_time(lambda: rans.decode(blobs["column"], n, alphabet, rows, row_len), repeat=15)
+    t_dec_ref = best_time(lambda: rans.decode(blobs["rowref"], n, alphabet, rows, row_len), repeat=15)
+    t_dec_perm = best_time(lambda: rans.decode(blobs["rowperm"], n, alphabet, rows, row_len), repeat=15)
     out = {
         "n": n, "rows": rows, "row_len": row_len,
         "order0_entropy": rans.entropy_bits(flat) / n,
         "rans_static": bps(len(blobs["static"])),
         "rans_parametric": bps(len(blobs["parametric"])),
         "rans_column": bps(len(blobs["column"])),
+        "rans_rowref": bps(len(blobs["rowref"])),
+        "rans_rowperm": bps(len(blobs["rowperm"])),
         "auto_kind": blob[0],
         "zstd22": bps(len(zstandard.ZstdCompressor(level=22).compress(raw))),
         "lzma9e": bps(len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME))),
@@ -91,6 +97,8 @@ def measure(codes: np.ndarray, alphabet: int) -> dict:
         "enc_column_msym_s": n / t_col / 1e6,
         "dec_msym_s": n / t_dec / 1e6,
         "dec_column_msym_s": n / t_dec_col / 1e6,
+        "dec_rowref_msym_s": n / t_dec_ref / 1e6,
+        "dec_rowperm_msym_s": n / t_dec_perm / 1e6,
     }
     if brotli is not None:
         out["brotli11"] = bps(len(brotli.compress(raw, quality=11, lgwin=24)))
@@ -648,9 +656,8 @@ def _tensor_context(t: dict, r: dict) -> dict:
     """The per-tensor context record (bytes): the analysis, plus the artifact's and the bench's rANS."""
     ctx, joints, counts0 = context_analysis(t["codes"], t["alphabet"], rans.default_center2(t["alphabet"]))
     nbytes = lambda key: r[key] * r["n"] / 8.0  # noqa: E731  (bits per symbol → bytes)
-    ctx.update({"rans_stored": float(t["stored_codes_bytes"]), "rans_static": nbytes("rans_static"),
-                "rans_parametric": nbytes("rans_parametric"), "rans_column": nbytes("rans_column")})
-    ctx["rans_auto"] = min(ctx["rans_static"], ctx["rans_parametric"], ctx["rans_column"])
+    ctx.update({"rans_stored": float(t["stored_codes_bytes"]), **{k: nbytes(k) for k in RANS}})
+    ctx["rans_auto"] = min(ctx[k] for k in RANS)
     for key in [k for k in ctx if k.endswith("_permuted") and not k.startswith("empirical")]:
         ctx[key + "+perm"] = ctx[key] + ctx["permutation_bytes"]
     for name, keys in HONEST.items():
@@ -770,8 +777,9 @@ def print_kinds(rec: dict) -> None:
     print("verdict:", json.dumps(c["verdict"]))
 
 
-COLS = ["order0_entropy", "rans_static", "rans_parametric", "rans_column", "zstd22", "lzma9e", "brotli11"]
-RANS = ("rans_static", "rans_parametric", "rans_column")
+COLS = ["order0_entropy", "rans_static", "rans_parametric", "rans_column", "rans_rowref", "rans_rowperm",
+        "zstd22", "lzma9e", "brotli11"]
+RANS = ("rans_static", "rans_parametric", "rans_column", "rans_rowref", "rans_rowperm")
 GENERAL = ("zstd22", "lzma9e", "brotli11")
 
 
@@ -837,6 +845,8 @@ def main(argv: list[str] | None = None) -> None:
         "min_gain_vs_best_general": min(1 - ours(r) / best_general(r) for r in results),
         "decode_msym_s_min": min(r["dec_msym_s"] for r in results),
         "decode_column_msym_s_min": min(r["dec_column_msym_s"] for r in results),
+        "decode_rowref_msym_s_min": min(r["dec_rowref_msym_s"] for r in results),
+        "decode_rowperm_msym_s_min": min(r["dec_rowperm_msym_s"] for r in results),
         "encode_msym_s_min": min(r["enc_msym_s"] for r in results),
         "decode_target_msym_s": 100.0,
         "static_target_overhead": 0.01,
