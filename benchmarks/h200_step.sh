@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The faster step on one H200 (issue: fused kernels): GPU tests of the kernels, the step profile of
 # `h200` and `baseline`, and train_bench's side-by-side variants, all logged under $OUT as they go.
-#   STAGES="tests profile bench" (default all); BENCH_VARIANTS=baseline,fused_ce,...; BENCH_STEPS=30
+#   STAGES="tests profile bench losscheck" (default all); BENCH_VARIANTS=baseline,fused_ce,...; BENCH_STEPS=30;
+#   LOSS_FUSED=ce,rope LOSS_SDPA= (the equal-loss check's fused arm)
 # Needs the carried .data/{wikipedia,fineweb,tok,tokenizers} and .whl (see h200_setup.sh).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STAGES=${STAGES:-tests profile bench}
+STAGES=${STAGES:-tests profile bench losscheck}
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/stages.log"; }
 source benchmarks/h200_setup.sh  # sp1024 shards for `baseline`
@@ -14,7 +15,7 @@ source benchmarks/h200_setup.sh
 set +e  # h200_setup.sh sets -e: a failed stage must not end the script
 stamp "data ready"
 if [[ " $STAGES " == *" tests "* ]]; then
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/train/test_fused_gpu.py tests/train/test_techniques_gpu.py \
+  timeout 300 python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/train/test_fused_gpu.py tests/train/test_techniques_gpu.py} \
     2>&1 | tail -30 > "$OUT/gpu_tests.log"; stamp "gpu tests: $(tail -1 "$OUT/gpu_tests.log")"
 fi
 if [[ " $STAGES " == *" profile "* ]]; then
@@ -27,4 +28,9 @@ if [[ " $STAGES " == *" bench "* ]]; then
   timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/train_bench.py --data /tmp/pg/sp${BENCH_VOCAB:-4096} --config ${BENCH_CONFIG:-h200} \
     --variants "${BENCH_VARIANTS:-baseline,fused_ce,sdpa_cudnn}" --steps "${BENCH_STEPS:-30}" --warmup 5 \
     --out "$OUT/fused_bench_${BENCH_CONFIG:-h200}.json" 2>&1 | tee "$OUT/bench.log"; stamp "bench"
+fi
+if [[ " $STAGES " == *" losscheck "* ]]; then
+  timeout ${LOSS_TIMEOUT:-240} python3 benchmarks/fused_loss_check.py --data /tmp/pg/sp4096 --config h200 --steps 200 \
+    --fused "${LOSS_FUSED:-ce,rope}" --sdpa "${LOSS_SDPA:-}" --out "$OUT/fused_loss_check_h200.json" 2>&1 | tee "$OUT/losscheck.log"
+  stamp "loss check"
 fi

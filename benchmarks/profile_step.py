@@ -150,14 +150,14 @@ def trace_tables(trace: dict, steps: int) -> dict:
 
 
 def profile_config(config: str, overrides: list[str], data: str, steps: int, prof_steps: int, warmup: int) -> dict:
-    from pgolf_train.fused import apply_fusions, sdpa_context
+    from pgolf_train.fused import apply_fusions, compile_options, sdpa_context
 
     cfg = load_config(config, overrides + ["compile_warmup_steps=0"])
     device = torch.device("cuda", 0)
     accum = resolve_grad_accum(cfg, 1)
     model = build_model(cfg, device)
-    apply_fusions(model, cfg.fused)
-    compiled = compile_model(model)
+    apply_fusions(model, cfg.fused, cfg.train_seq_len, device)
+    compiled = compile_model(model, extra=compile_options(cfg.fused))
     optimizers, muon = build_optimizers(cfg, model, device)
     loader = DistributedTokenLoader(data, 0, 1, device, cfg.vocab_size)
     params = list(model.parameters())

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from pgolf_train.config import load_config
-from pgolf_train.fused import apply_fusions, sdpa_context
+from pgolf_train.fused import apply_fusions, compile_options, sdpa_context
 from pgolf_train.loader import DistributedTokenLoader
 from pgolf_train.qat import set_qat
 from pgolf_train.trainer import (build_model, build_optimizers, compile_model, load_recipe, resolve_grad_accum,
@@ -42,6 +42,10 @@ VARIANTS = {
     "factorized_embed": ["embed_dim=256"],
     # the trainer's fused kernels and pinned attention backends (pgolf_train/fused.py)
     "fused_ce": ["fused=ce"],
+    "fused_rope": ["fused=rope"],
+    "fused_ce_rope": ["fused=ce,rope"],
+    "fused_epilogue": ["fused=ce,rope,epilogue"],
+    "fused_ce_rope_flash": ["fused=ce,rope", "sdpa_backend=flash"],
     "sdpa_flash": ["sdpa_backend=flash"],
     "sdpa_cudnn": ["sdpa_backend=cudnn"],
     "sdpa_efficient": ["sdpa_backend=efficient"],
@@ -67,8 +71,8 @@ def bench(name: str, overrides: list[str], data: str, steps: int, warmup: int, c
     device = torch.device("cuda", 0)
     accum = resolve_grad_accum(cfg, 1)
     model = build_model(cfg, device)
-    apply_fusions(model, cfg.fused)
-    compiled = compile_model(model, exact_casts=name != "inexact_casts")
+    apply_fusions(model, cfg.fused, cfg.train_seq_len, device)
+    compiled = compile_model(model, exact_casts=name != "inexact_casts", extra=compile_options(cfg.fused))
     optimizers, muon = build_optimizers(cfg, model, device)
     if cfg.qat_start == 0:
         set_qat(model, load_recipe(cfg.recipe), True)

@@ -26,7 +26,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GPT:
     return GPT(cfg.model_config()).to(device)
 
 
-def compile_model(model: nn.Module, exact_casts: bool = True) -> nn.Module:
+def compile_model(model: nn.Module, exact_casts: bool = True, extra: dict | None = None) -> nn.Module:
     """``torch.compile`` of the whole model: one static-shape graph (no graph breaks allowed).
 
     ``exact_casts`` keeps every float32 → fp16/bf16 → float32 round trip that inductor would
@@ -35,9 +35,10 @@ def compile_model(model: nn.Module, exact_casts: bool = True) -> nn.Module:
     from what the artifact will hold. The trainer always compiles with it, QAT or not: on the H200
     the `h200` step was faster with it, not slower (283 vs 299 ms in `train_bench`, same machine;
     272 vs 294 ms before the QAT switch in the H200-300 runs, `results/h200_variants.json`).
+    ``extra``: more inductor options (``pgolf_train.fused.compile_options``).
     """
-    options = {"emulate_precision_casts": True} if exact_casts else None
-    return torch.compile(model, dynamic=False, fullgraph=True, options=options)
+    options = {**({"emulate_precision_casts": True} if exact_casts else {}), **(extra or {})}
+    return torch.compile(model, dynamic=False, fullgraph=True, options=options or None)
 
 
 def build_optimizers(cfg: TrainConfig, model: GPT, device: torch.device) -> tuple[list[torch.optim.Optimizer], Muon]:

@@ -30,7 +30,7 @@ BASELINE_RECIPE = "*.weight=int8:percentile=99.99984;*=fp32"
 
 
 # The trainer's fused kernels (pgolf_train/fused.py) and the attention backends it can pin.
-FUSIONS = ("ce",)
+FUSIONS = ("ce", "rope", "epilogue")
 SDPA_BACKENDS = ("", "flash", "cudnn", "efficient", "math")  # "" = torch's choice
 
 
@@ -83,7 +83,7 @@ class TrainFields:
     compile: bool = True  # torch.compile the model (fullgraph, static shapes)
     bf16: bool = True  # bf16 autocast for the forward pass (only on CUDA)
     device: str = "auto"  # "auto" (cuda if available), "cuda" or "cpu"
-    fused: str = ""  # the trainer's fused kernels, comma-separated (pgolf_train/fused.py): "ce" = head + softcap + CE in row chunks
+    fused: str = ""  # the trainer's fused kernels, comma-separated (pgolf_train/fused.py): "ce" (head + softcap + CE in row chunks), "rope" (tables made once), "epilogue" (max-autotune GEMMs)
     sdpa_backend: str = ""  # attention kernel in training: "" (torch's choice), "flash", "cudnn", "efficient" or "math"
 
     # --- logging, validation, checkpoints ---------------------------------------------------
@@ -364,6 +364,8 @@ def validate(cfg: "TrainConfig") -> None:
          f"must be a comma-separated list of {', '.join(FUSIONS)} ('' = none)")
     need(cfg.sdpa_backend in SDPA_BACKENDS, "sdpa_backend",
          "must be '' (torch's choice), " + ", ".join(repr(b) for b in SDPA_BACKENDS[1:]))
+    need(cfg.sdpa_backend != "efficient" or cfg.num_kv_heads == cfg.num_heads, "sdpa_backend",
+         "'efficient' needs num_kv_heads == num_heads (that kernel takes no grouped-query attention)")
     need(cfg.train_log_every >= 1, "train_log_every", "must be >= 1")
     need(cfg.val_loss_every >= 0, "val_loss_every", "must be >= 0 (0 = only at the end)")
     need(cfg.val_batch_tokens >= cfg.train_seq_len, "val_batch_tokens", "must be at least one sequence")

@@ -4,6 +4,12 @@ They live here, not in ``model.py``: the model file ships in every artifact and 
 without Triton, so the model only exposes a hook (``GPT.head_loss``) and the eager path stays the
 reference every fusion is tested against.
 
+``rope``: the rotary cos/sin tables made once, eagerly, and read by the compiled graph (which
+otherwise recomputes them inside every rotary kernel: 4 of them per layer in the ``h200`` profile).
+
+``epilogue``: inductor's max-autotune GEMMs, so that elementwise work after a matmul can run in
+its epilogue (``compile_options``).
+
 ``ce``: the output head, its soft cap and the cross-entropy in one pass over row chunks of the
 batch. Per chunk of ``CE_CHUNK`` rows: the bf16 logits (one matmul), then one kernel per row that
 computes the loss and writes d loss / d logits over the logits in place, then the two matmuls of
@@ -186,10 +192,25 @@ def linear_softcap_ce(x: Tensor, w: Tensor, targets: Tensor, softcap: float) -> 
     return _linear_softcap_ce(x.reshape(-1, x.size(-1)), w, targets.reshape(-1), float(softcap), CE_CHUNK)[0]
 
 
-def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...]) -> None:
-    """Swap ``fusions`` (``parse_fusions``) into ``model`` (a GPT); () restores the reference path."""
+def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_len: int = 0,
+                  device: torch.device | None = None) -> None:
+    """Swap ``fusions`` (``parse_fusions``) into ``model`` (a GPT); () restores the reference path.
+
+    ``rope`` needs the training ``seq_len`` and ``device``: the tables are made here, eagerly."""
     names = parse_fusions(fusions) if isinstance(fusions, str) else fusions
     model.head_loss = linear_softcap_ce if "ce" in names else None
+    model.rope_cache = None
+    if "rope" in names and seq_len > 0:
+        device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0": the key the batches' device matches
+        model.rope_cache = {(seq_len, device): model.rope(seq_len, device)}
+
+
+def compile_options(fusions: str | tuple[str, ...]) -> dict:
+    """Inductor options the fusions ask for: ``epilogue`` = max-autotune GEMMs (Triton templates
+    benchmarked against cuBLAS per shape; a template takes the elementwise work after it, e.g. relu²,
+    into its epilogue). Compiling takes longer; the warm-up pays it, outside the budget."""
+    names = parse_fusions(fusions) if isinstance(fusions, str) else fusions
+    return {"max_autotune": True, "epilogue_fusion": True} if "epilogue" in names else {}
 
 
 def sdpa_context(backend: str) -> contextlib.AbstractContextManager:

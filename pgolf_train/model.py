@@ -415,6 +415,7 @@ class GPT(nn.Module):
         self.exit_scales = nn.Parameter(torch.ones(len(self.exits), cfg.model_dim)) if self.exits else None
         self.exit_threshold: float | None = None
         self.head_loss = None  # (features, head weight, targets, softcap) -> mean CE in training: a trainer's fused kernel
+        self.rope_cache: dict | None = None  # (T, device) -> rope(T, device), filled eagerly by a trainer
         self.exit_counts = torch.zeros(len(self.exits) + 1, dtype=torch.long)
         self.num_encoder = len(self.layer_plan) // 2
         n_skip = min(self.num_encoder, len(self.layer_plan) - self.num_encoder)
@@ -440,11 +441,16 @@ class GPT(nn.Module):
         """For contexts beyond seq_len. ntk: base × factor^(d/(d-2)); yarn: interpolate the slow
         frequencies (ramp over 1..32 turns within seq_len), attention logits × (0.1·ln(factor)+1)²."""
         self.cfg = dataclasses.replace(self.cfg, rope_scaling=kind, rope_factor=factor)  # validates
+        if getattr(self, "rope_cache", None):
+            self.rope_cache = {}  # tables of the old scaling
         t = 0.1 * math.log(factor) + 1 if kind == "yarn" else 1.0
         self.softmax_scale = None if t == 1.0 else t * t / math.sqrt(self.cfg.model_dim // self.cfg.num_heads)
 
     def rope(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos, sin: [T, d/2] float32, from constants (no buffer a bf16 cast could spoil)."""
+        """cos, sin: [T, d/2] float32, from constants (no buffer a bf16 cast could spoil), or from
+        ``rope_cache`` (a trainer's: tables made once, read by the compiled graph, not recomputed)."""
+        if self.rope_cache is not None and (T, device) in self.rope_cache:
+            return self.rope_cache[(T, device)]
         c = self.cfg
         d = c.rope_dims or c.model_dim // c.num_heads
         base = c.rope_base * c.rope_factor ** (d / (d - 2)) if c.rope_scaling == "ntk" else c.rope_base

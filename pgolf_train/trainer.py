@@ -180,14 +180,16 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
     # ---- model, optimizers, data ----
     base_model = build_model(cfg, device)
     steps_ctx = contextlib.ExitStack()  # open over the warm-up (the compile) and the loop
+    options: dict = {}
     if cfg.fused or cfg.sdpa_backend:
-        from pgolf_train.fused import apply_fusions, sdpa_context
+        from pgolf_train.fused import apply_fusions, compile_options, sdpa_context
 
-        apply_fusions(base_model, cfg.fused)
+        apply_fusions(base_model, cfg.fused, cfg.train_seq_len, device)
+        options = compile_options(cfg.fused)
         steps_ctx.enter_context(sdpa_context(cfg.sdpa_backend))
         attention = cfg.sdpa_backend or "torch's choice"
         log(f"fused kernels: {cfg.fused or 'none'}  attention: {attention}")
-    model: nn.Module = compile_model(base_model) if cfg.compile else base_model
+    model: nn.Module = compile_model(base_model, extra=options) if cfg.compile else base_model
     if di.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -381,7 +383,7 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
     synchronize(device)
     training_ms += 1000.0 * (time.perf_counter() - t0)
     steps_ctx.close()
-    base_model.head_loss = None  # the exported model and its scores take the reference path
+    base_model.head_loss = base_model.rope_cache = None  # the exported model and its scores take the reference path
     log(f"training done: {step} steps in {training_ms / 1000:.1f}s "
         f"({step * tokens_per_step / max(training_ms / 1000, 1e-9):,.0f} tok/s, "
         f"{training_ms / max(step, 1):.1f} ms/step)")

@@ -158,6 +158,29 @@ def test_fused_ce_inside_the_compiled_model_matches_eager_reference(monkeypatch,
     assert model.head_loss is None
 
 
+def test_rope_tables_made_once_are_what_the_compiled_model_reads():
+    """fused=rope: the same loss as recomputing the tables (they are the same numbers), the compiled
+    graph reads the cached tables (spoiling them changes its output), a rescale drops them."""
+    torch.manual_seed(0)
+    model = GPT(_cfg()).train()
+    with torch.no_grad():  # zero-init projections would hide what attention computes
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+    ref = model(x, y)
+    fused.apply_fusions(model, "rope", seq_len=16, device=torch.device("cpu"))
+    (key, (cos, sin)), = model.rope_cache.items()
+    assert key == (16, torch.device("cpu")) and cos.shape == (16, 4)
+    torch.testing.assert_close(compile_model(model)(x, y), ref, rtol=0, atol=0)
+    torch._dynamo.reset()
+    model.rope_cache[key] = (torch.ones_like(cos), torch.zeros_like(sin))  # no rotation at all
+    assert not torch.allclose(compile_model(model)(x, y), ref)
+    model.set_rope_scaling("ntk", 2.0)
+    assert model.rope_cache == {}
+    assert fused.compile_options("ce,epilogue") == {"max_autotune": True, "epilogue_fusion": True}
+    assert fused.compile_options("ce,rope") == {}
+
+
 def test_fusion_and_backend_names_are_checked():
     assert fused.parse_fusions(" ce, ") == ("ce",) and fused.parse_fusions("") == ()
     with pytest.raises(ValueError, match="unknown fusion 'mlp'"):
@@ -166,6 +189,8 @@ def test_fusion_and_backend_names_are_checked():
         load_config("tiny", ["fused=softmax"])
     with pytest.raises(ConfigError, match="sdpa_backend"):
         load_config("tiny", ["sdpa_backend=fa3"])
+    with pytest.raises(ConfigError, match="efficient.*num_kv_heads"):
+        load_config("tiny", ["sdpa_backend=efficient"])  # tiny has grouped-query attention
     with pytest.raises(ValueError, match="unknown SDPA backend"):
         fused.sdpa_context("fa3")
     q = torch.randn(1, 2, 8, 4)
@@ -178,11 +203,11 @@ def test_tiny_training_with_fused_ce_follows_the_reference(tiny_data, sp1024, tm
     """Same seed, same data, 12 steps: the fused run's losses track the reference's (fp32 on the CPU:
     differences are rounding), it logs the fusion, and the export scores with the reference head."""
     losses = {}
-    for name, extra in (("ref", []), ("fused", ["fused=ce", "sdpa_backend=math"])):
+    for name, extra in (("ref", []), ("fused", ["fused=ce,rope", "sdpa_backend=math"])):
         cfg = load_config("tiny", ["iterations=12", "train_log_every=1", *extra])
         summary = train(cfg, tiny_data, sp1024, tmp_path / name, scorer=Scorer(), echo=False)
         losses[name] = logged_losses(tmp_path / name)
         assert np.isfinite(summary["val_bpb"])
     a, b = (np.array([losses[k][s] for s in range(1, 13)]) for k in ("ref", "fused"))
     assert np.abs(a - b).max() < 2e-3, (a, b)
-    assert "fused kernels: ce  attention: math" in (tmp_path / "fused" / "train.log").read_text()
+    assert "fused kernels: ce,rope  attention: math" in (tmp_path / "fused" / "train.log").read_text()
