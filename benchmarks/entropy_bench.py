@@ -860,7 +860,7 @@ def main(argv: list[str] | None = None) -> None:
     record = {
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"{platform.processor() or platform.machine()} (1 thread), {platform.system()}, "
+        "device": f"CPU, {platform.processor() or platform.machine()} (1 thread), {platform.system()}, "
                   f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end",
         "ceiling": "order-0 empirical entropy of each tensor's codes (static-model limit); "
                    "general coders zstd-22, lzma-9e, brotli-11",
