@@ -27,6 +27,7 @@ OVERRIDES = {  # what each arm sets on top of `h200` (benchmarks/h200_archs.sh)
     "ssm": ["ssm_layers=1,3,5,7"],
     "moe": ["moe_experts=4", "moe_top_k=2", "mlp_mult=0.5"],
     "early_exit": ["exit_layers=3,5"],
+    "fused": ["fused=ce,rope"],  # the trainer's fused kernels (same model): what the extra steps buy
 }
 
 
@@ -71,6 +72,8 @@ def main() -> None:
     ap.add_argument("--code-commit", required=True)
     ap.add_argument("--device", default="NVIDIA H200")
     ap.add_argument("--note", default="")
+    ap.add_argument("--command", default="ARM=<arm> bash benchmarks/h200_archs.sh (carrying .data/{wikipedia,fineweb,tok,tokenizers}, .whl)",
+                    help="how the runs were made (recorded)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     sweep = json.loads(args.reference.read_text())
@@ -78,8 +81,7 @@ def main() -> None:
     ref = {"plain": rows["plain"], "sliding": rows["sliding s=64"]}
     arms = [_arm(name, Path(d), ref) for name, d in (a.split("=", 1) for a in args.arm)]
     result = {
-        "command": "ARM=<arm> bash benchmarks/h200_archs.sh (carrying .data/{wikipedia,fineweb,tok,tokenizers}, .whl); "
-                   "then python3 benchmarks/archs_collect.py " + " ".join(sys.argv[1:]),
+        "command": args.command + "; then python3 benchmarks/archs_collect.py " + " ".join(sys.argv[1:]),
         "code_commit": args.code_commit, "date": date.today().isoformat(), "device": args.device,
         "protocol": "H200-300: one H200, 300 s of training on the 62 Wikipedia shards (sp4096 tokenizer of "
                     ".data/tok/sp4096.model), the 200 FineWeb documents for validation; TTT off",

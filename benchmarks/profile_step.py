@@ -102,6 +102,23 @@ def phase_ms(events) -> dict[str, float]:
     return out
 
 
+def _phase(ranges: list[dict], ts: float) -> str:
+    """The phase a kernel starting at ``ts`` ran in. The backward's kernels are launched by autograd's
+    own thread, outside the main thread's ranges: a kernel after a forward range ends and before the
+    next range starts is the backward's."""
+    last = None
+    for r in ranges:  # sorted by start
+        if r["ts"] > ts:
+            break
+        last = r
+    if last is None:
+        return "unattributed"
+    name = last["name"][len("pgolf."):]
+    if ts < last["ts"] + last["dur"]:
+        return name
+    return "backward" if name == "forward" else "unattributed"
+
+
 def trace_tables(trace: dict, steps: int) -> dict:
     """Kernel time per category and per phase (ms per step), idle time, the top kernels."""
     evs = trace["traceEvents"]
@@ -110,6 +127,7 @@ def trace_tables(trace: dict, steps: int) -> dict:
     if not kernels:
         return {"error": "no kernels in the trace"}
     kernels.sort(key=lambda e: e["ts"])
+    ranges.sort(key=lambda e: e["ts"])
     start = min(e["ts"] for e in kernels)
     end = max(e["ts"] + e["dur"] for e in kernels)
     busy, cur_s, cur_e = 0.0, None, None
@@ -128,7 +146,7 @@ def trace_tables(trace: dict, steps: int) -> dict:
     for e in kernels:
         cat = category(e["name"])
         by_cat[cat] = by_cat.get(cat, 0.0) + e["dur"]
-        phase = next((r["name"][6:] for r in ranges if r["ts"] <= e["ts"] < r["ts"] + r["dur"]), "unattributed")
+        phase = _phase(ranges, e["ts"])
         by_phase.setdefault(phase, {})[cat] = by_phase.setdefault(phase, {}).get(cat, 0.0) + e["dur"]
         rec = by_name.setdefault(e["name"], [0.0, 0, cat])
         rec[0] += e["dur"]

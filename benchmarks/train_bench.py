@@ -5,8 +5,9 @@
 
 Runs the trainer's own step (``pgolf_train.trainer.train_step``: compiled model, fused Adam, Muon,
 grad accumulation 8 at 524,288 tokens/step) for each variant: the baseline, with QAT on, with depth
-recurrence, with a factorized embedding, and compiled without exact casts (the trainer compiles with
-them). MFU counts 6·N·tokens (N = parameters, each recurrent
+recurrence, with a factorized embedding, compiled without exact casts (the trainer compiles with
+them), with the trainer's fused kernels (``fused_*``) and with a pinned attention backend (``sdpa_*``).
+A variant that cannot run is recorded with its error; ``speedup_vs_first`` is each row against the first. MFU counts 6·N·tokens (N = parameters, each recurrent
 pass counted) plus causal attention 6·L·T·d per token (fwd+bwd, half of the full T² score matrix),
 against 990 TFLOP/s dense bf16 (H100/H200). The challenge's starter script runs 312 ms/step on
 one H200 (1.68M tokens/s); that is the ceiling compared to. Writes

@@ -138,6 +138,8 @@ def test_closure_comes_from_the_import_graph_and_the_config():
     assert not {"pgolf.cli", "pgolf.run", "pgolf.report", "pgolf_train.prepare", "pgolf_codec.cli",
                 "pgolf_codec.gptq", "pgolf.bundle"} & set(names)
     assert "pgolf_train.distill" not in names and "pgolf_train.distill" in closure(ENTRY, load_config("distill"))
+    # the trainer's fused kernels travel only with a config that uses them (h200 does)
+    assert "pgolf_train.fused" in names and "pgolf_train.fused" not in closure(ENTRY, load_config("baseline"))
     for name in names:  # parents are in: every package __init__ on the way
         parts = name.split(".")
         assert all(".".join(parts[:i]) in names for i in range(1, len(parts)))

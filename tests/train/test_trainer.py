@@ -206,7 +206,7 @@ def test_torchrun_two_gloo_processes_train_and_exit_cleanly(tiny_data, sp1024, t
     # The user's multi-GPU path end to end on CPU: torchrun's env:// rendezvous, the trainer's own
     # process group, DDP, rank 0 writing the artifact, and a clean exit of both ranks.
     args = ["--config", "tiny", "--data", str(tiny_data), "--tokenizer", str(sp1024),
-            "--set", "iterations=6", "--set", "val_max_tokens=2048"]
+            "--set", "iterations=6", "--set", "val_max_tokens=2048", "--set", "fused=ce,rope"]  # fused under DDP too
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "ddp"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -219,6 +219,7 @@ def test_torchrun_two_gloo_processes_train_and_exit_cleanly(tiny_data, sp1024, t
     art = read_artifact(run / "model.pgolf")
     assert art.metadata["train"]["steps"] == 6
     assert "world_size: 2" in (run / "train.log").read_text()
+    assert "fused kernels: ce,rope" in (run / "train.log").read_text()
 
 
 def test_exported_weights_pack_as_the_readme_says_and_evaluate(tiny_data, sp1024, tmp_path, capsys):
