@@ -31,11 +31,13 @@ OVERRIDES = {  # what each arm sets on top of `h200` (benchmarks/h200_archs.sh)
 }
 
 
-def _arm(name: str, run: Path, ref: dict[str, dict]) -> dict:
+def arm_row(name: str, run: Path, ref: dict[str, dict], overrides: list[str] | None = None) -> dict:
+    """One run directory (``report.json``, ``train_summary.json``) as a row, compared with ``ref``
+    (``{"plain": eval, "sliding": eval}``, each with its ``per_doc``) by bucket, paired."""
     rep = json.loads((run / "report.json").read_text())
     summ = json.loads((run / "train_summary.json").read_text())
     steps, secs = rep["steps"], rep["train_seconds"]
-    row = {"arm": name, "overrides": OVERRIDES.get(name, []), "argv": rep["argv"][1:], "params": rep["params"],
+    row = {"arm": name, "overrides": OVERRIDES.get(name, []) if overrides is None else overrides, "argv": rep["argv"][1:], "params": rep["params"],
            "steps": steps, "train_seconds": secs, "ms_per_step": 1000 * secs / steps,
            "tokens_seen": rep["tokens_seen"], "val_bpb_prequant": rep["val_bpb_prequant"],
            "val_bpb_plain": rep["evals"]["plain"]["val_bpb"], "val_bpb_sliding": rep["evals"]["sliding"]["val_bpb"],
@@ -79,7 +81,7 @@ def main() -> None:
     sweep = json.loads(args.reference.read_text())
     rows = {r["variant"]: r for r in sweep["rows"]}  # the sweep's references: "plain" and "sliding s=64"
     ref = {"plain": rows["plain"], "sliding": rows["sliding s=64"]}
-    arms = [_arm(name, Path(d), ref) for name, d in (a.split("=", 1) for a in args.arm)]
+    arms = [arm_row(name, Path(d), ref) for name, d in (a.split("=", 1) for a in args.arm)]
     result = {
         "command": args.command + "; then python3 benchmarks/archs_collect.py " + " ".join(sys.argv[1:]),
         "code_commit": args.code_commit, "date": date.today().isoformat(), "device": args.device,

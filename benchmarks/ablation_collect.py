@@ -1,0 +1,78 @@
+"""Collect the arms of ``benchmarks/h200_ablation.sh`` into one results JSON, each against `ref`.
+
+Every arm's run directory (its ``reports.tar`` unpacked) gives steps, ms/step, pre-quantization,
+plain and sliding bpb and bytes; plain and sliding are compared with the reference arm's, document
+by document, by length bucket, with a paired 95% bootstrap interval (a difference inside it is a
+tie). The reference is the ``ref`` arm of the same campaign (same budget, same machine), or, with
+``--reference-sweep``, the 300-s `h200` rows of a sweep JSON (as ``archs_collect.py`` uses).
+
+    python3 benchmarks/ablation_collect.py --run ref=DIR --run xsa_all=DIR ... --budget 300 \\
+        --code-commit C --out benchmarks/results/ablation_h200.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_json  # noqa: E402
+from ablation_arms import ARMS  # noqa: E402
+from archs_collect import arm_row  # noqa: E402
+
+
+def reference_evals(args: argparse.Namespace, runs: dict[str, Path]) -> tuple[dict, str]:
+    if "ref" in runs:
+        rep = json.loads((runs["ref"] / "report.json").read_text())
+        return {m: rep["evals"][m] for m in ("plain", "sliding")}, "the ref arm (h200) of this campaign"
+    if args.reference_sweep is None:
+        raise SystemExit("no reference: give --run ref=DIR (same campaign) or --reference-sweep JSON")
+    rows = {r["variant"]: r for r in json.loads(args.reference_sweep.read_text())["rows"]}
+    return {"plain": rows["plain"], "sliding": rows["sliding s=64"]}, f"h200 rows of {args.reference_sweep}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", action="append", required=True, help="ARM=RUNDIR (ARM from ablation_arms.py)")
+    ap.add_argument("--budget", type=float, required=True, help="seconds of training every arm ran")
+    ap.add_argument("--reference-sweep", type=Path, help="without a ref arm: a sweep JSON with h200's rows")
+    ap.add_argument("--code-commit", required=True)
+    ap.add_argument("--device", default="NVIDIA H200")
+    ap.add_argument("--note", default="")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    runs: dict[str, Path] = {}
+    for item in args.run:
+        name, _, d = item.partition("=")
+        if name not in ARMS:
+            raise SystemExit(f"unknown arm {name!r}; known: {', '.join(ARMS)}")
+        if not (Path(d) / "report.json").is_file():
+            raise SystemExit(f"{name}: no report.json in {d}")
+        runs[name] = Path(d)
+    ref, ref_what = reference_evals(args, runs)
+    rows = [arm_row(name, d, ref, ARMS[name]) for name, d in runs.items()]
+    for r in rows:
+        if abs(r["train_seconds"] - args.budget) > 5:
+            raise SystemExit(f"{r['arm']}: trained {r['train_seconds']:.0f} s, not the --budget {args.budget:.0f} s")
+    result = {"command": f"ARMS='{' '.join(runs)}' BUDGET={args.budget:g} bash benchmarks/h200_ablation.sh; then "
+                         "python3 benchmarks/ablation_collect.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "code_commit": args.code_commit, "date": date.today().isoformat(), "device": args.device,
+              "protocol": f"H200-300 at {args.budget:g} s of training (one H200, the 62 Wikipedia shards with the "
+                          "sp4096 tokenizer, the 200 FineWeb documents for validation); TTT off",
+              "reference": ref_what, "arms": rows, "note": args.note}
+    write_json(args.out, result)
+    print(f"{'arm':<18} {'steps':>5} {'ms/step':>7} {'pre':>7} {'plain':>7} {'sliding':>7} {'Δ sliding [95%]':>26} {'bytes':>11}")
+    for r in rows:
+        c = r["sliding_vs_h200"]["overall"]
+        print(f"{r['arm']:<18} {r['steps']:>5} {r['ms_per_step']:>7.1f} {r['val_bpb_prequant']:>7.4f} "
+              f"{r['val_bpb_plain']:>7.4f} {r['val_bpb_sliding']:>7.4f} "
+              f"{c['delta']:>+8.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] {r['artifact_bytes']:>11,}")
+        print(" " * 19 + "by bucket: " + ", ".join(f"{b['bucket']} {b['delta']:+.4f} ({b['verdict']})"
+                                                 for b in r["sliding_vs_h200"]["buckets"]))
+    return result
+
+
+if __name__ == "__main__":
+    main()
