@@ -23,6 +23,21 @@ ARMS: dict[str, list[str]] = {
     "muon_wd": ["muon_weight_decay=0.04", "muon_wd_schedule=lr"],
     "doc_attention": ["doc_attention=true"],
     "parallel_residual": ["parallel_residual=true"],
+    # issue 23's bets at ~15.5 MB: low-bit QAT from step 0 at 2-4x the parameters (shapes and recipes from
+    # results/lowbit_shapes_cpu.json "suggestions"), the recursive model at int4 (4 blocks x 3 passes, 6 x 2;
+    # screened at ~14.4 MB with Gaussian stand-ins by lowbit_shapes.screen), the factorized embedding
+    "lowbit_ternary": ["recipe=tok_emb.weight=int8:percentile=99.99984;embed_proj.weight=int8:percentile=99.99984;*.weight=ternary;*=fp32", "qat_start=0", "model_dim=896", "num_layers=11", "num_heads=14", "num_kv_heads=7", "mlp_mult=2"],
+    "lowbit_int2": ["recipe=tok_emb.weight=int8:percentile=99.99984;embed_proj.weight=int8:percentile=99.99984;*.weight=int2:asym:mse;*=fp32", "qat_start=0", "model_dim=896", "num_layers=9", "num_heads=14", "num_kv_heads=7", "mlp_mult=2"],
+    "lowbit_int3": ["recipe=tok_emb.weight=int8:percentile=99.99984;embed_proj.weight=int8:percentile=99.99984;*.weight=int3:mse;*=fp32", "qat_start=0", "model_dim=640", "num_layers=9", "num_heads=10", "num_kv_heads=5", "mlp_mult=4"],
+    "lowbit_int4": ["recipe=tok_emb.weight=int8:percentile=99.99984;embed_proj.weight=int8:percentile=99.99984;*.weight=int4:mse;*=fp32", "qat_start=0", "model_dim=512", "num_layers=13", "num_heads=8", "num_kv_heads=4", "mlp_mult=3"],
+    "loop4x3_int4": ["recipe=tok_emb.weight=int8:percentile=99.99984;embed_proj.weight=int8:percentile=99.99984;*.weight=int4:mse;*=fp32",
+                     "qat_start=0", "num_layers=4", "loop_start=0", "loop_end=4", "loop_times=3", "model_dim=768",
+                     "num_heads=12", "num_kv_heads=6", "mlp_mult=4"],
+    "loop6x2_int4": ["recipe=tok_emb.weight=int8:percentile=99.99984;embed_proj.weight=int8:percentile=99.99984;*.weight=int4:mse;*=fp32",
+                     "qat_start=0", "num_layers=6", "loop_start=0", "loop_end=6", "loop_times=2", "model_dim=640",
+                     "num_heads=10", "num_kv_heads=5", "mlp_mult=4"],
+    "embed128": ["embed_dim=128"],
+    "embed256": ["embed_dim=256"],
 }
 
 

@@ -10,6 +10,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export VOCAB=4096 TOKENIZER=.data/tok/sp4096.model
 source benchmarks/h200_setup.sh
 set +e  # h200_setup.sh sets -e: a failed arm must not end the campaign
+set -f  # the arms' recipes hold '*': no filename expansion of the --set list
 rc=0
 for arm in ${ARMS:?set ARMS, e.g. ARMS=\"ref xsa_all\"}; do
   sets=$(python3 benchmarks/ablation_arms.py "$arm") || { rc=2; continue; }
