@@ -3,12 +3,15 @@
 Each arm is the `pgolf run --set` overrides on top of `h200`; `ref` is `h200` itself, run in the same
 campaign at the same budget (a screening budget below 300 s needs its own reference).
 
-    python3 benchmarks/ablation_arms.py ARM      # prints the arm's `--set k=v` arguments (for the shell)
+    python3 benchmarks/ablation_arms.py ARM          # prints the arm's `--set k=v` arguments (for the shell)
+    python3 benchmarks/ablation_arms.py --vocab ARM  # prints the vocabulary it trains with
 """
 from __future__ import annotations
 
 import sys
 
+EMB6 = ("tok_emb.weight=int6:percentile=99.99984;embed_proj.weight=int8:percentile=99.99984;"
+        "*.weight=int7:percentile=99.99984;*=fp32")  # h200's recipe, the embedding at int6
 ARMS: dict[str, list[str]] = {
     "ref": [],
     "leaky_relu2": ["activation=leaky_relu2"],
@@ -38,7 +41,20 @@ ARMS: dict[str, list[str]] = {
                      "num_heads=10", "num_kv_heads=5", "mlp_mult=4"],
     "embed128": ["embed_dim=128"],
     "embed256": ["embed_dim=256"],
+    # the vocabulary sweep (issue 22): tokenizers trained on the training documents only
+    # (.data/tok/spV.model, results/vocab_tokenizers_cpu.json), the runner prepares their shards.
+    # 8,192 rows of int8 embedding would pass 16 MB (~16.7 MB), so that arm stores it at int6;
+    # emb_int6 is h200 with the same embedding precision, to tell the two effects apart.
+    "vocab2048": ["vocab_size=2048"],
+    "vocab8192": ["vocab_size=8192", f"recipe={EMB6}"],
+    "emb_int6": [f"recipe={EMB6}"],
 }
+
+
+def vocab(arm: str) -> int:
+    """The tokenizer size ``arm`` trains with (h200's 4096 unless it sets ``vocab_size``)."""
+    sets = dict(kv.split("=", 1) for kv in ARMS[arm])
+    return int(sets.get("vocab_size", 4096))
 
 
 def set_args(arm: str) -> list[str]:
@@ -50,7 +66,10 @@ def set_args(arm: str) -> list[str]:
 
 if __name__ == "__main__":
     try:
-        print(" ".join(set_args(sys.argv[1])))
+        if sys.argv[1] == "--vocab":
+            print(vocab(sys.argv[2]))
+        else:
+            print(" ".join(set_args(sys.argv[1])))
     except (KeyError, IndexError) as e:
         print(f"ablation_arms.py ARM: {e}", file=sys.stderr)
         sys.exit(2)
