@@ -1,8 +1,9 @@
-"""Shared by the benchmarks: best-of-N wall time, and writing a results JSON atomically."""
+"""Shared by the benchmarks: best-of-N wall time, writing a results JSON atomically, git queries."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -26,3 +27,12 @@ def best_time(fn, repeat: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def git(*args: str) -> str | None:
+    """``git ARGS`` in the benchmarks' checkout, stripped; None without git or outside a repository."""
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None

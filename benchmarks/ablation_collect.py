@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_json  # noqa: E402
 from ablation_arms import ARMS  # noqa: E402
-from archs_collect import arm_row  # noqa: E402
+from archs_collect import arm_row, print_arms  # noqa: E402
 
 
 def reference_evals(args: argparse.Namespace, runs: dict[str, Path]) -> tuple[dict, str]:
@@ -63,14 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "sp4096 tokenizer, the 200 FineWeb documents for validation); TTT off",
               "reference": ref_what, "arms": rows, "note": args.note}
     write_json(args.out, result)
-    print(f"{'arm':<18} {'steps':>5} {'ms/step':>7} {'pre':>7} {'plain':>7} {'sliding':>7} {'Δ sliding [95%]':>26} {'bytes':>11}")
-    for r in rows:
-        c = r["sliding_vs_h200"]["overall"]
-        print(f"{r['arm']:<18} {r['steps']:>5} {r['ms_per_step']:>7.1f} {r['val_bpb_prequant']:>7.4f} "
-              f"{r['val_bpb_plain']:>7.4f} {r['val_bpb_sliding']:>7.4f} "
-              f"{c['delta']:>+8.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] {r['artifact_bytes']:>11,}")
-        print(" " * 19 + "by bucket: " + ", ".join(f"{b['bucket']} {b['delta']:+.4f} ({b['verdict']})"
-                                                 for b in r["sliding_vs_h200"]["buckets"]))
+    print_arms(rows, width=18)
     return result
 
 

@@ -98,14 +98,20 @@ def main() -> None:
     if args.exit_sweep:
         result["early_exit_sweep"] = _exit_sweep(args.exit_sweep, ref)
     write_json(args.out, result)
-    print(f"{'arm':<11} {'steps':>5} {'ms/step':>7} {'pre':>7} {'plain':>7} {'sliding':>7} {'Δ sliding [95%]':>26} {'bytes':>11}")
-    for r in arms:
+    print_arms(arms)
+
+
+def print_arms(rows: list[dict], width: int = 11) -> None:
+    """The arms' table: steps, ms/step, pre/plain/sliding bpb, Δ sliding against h200, bytes, buckets."""
+    print(f"{'arm':<{width}} {'steps':>5} {'ms/step':>7} {'pre':>7} {'plain':>7} {'sliding':>7} "
+          f"{'Δ sliding [95%]':>26} {'bytes':>11}")
+    for r in rows:
         c = r["sliding_vs_h200"]["overall"]
-        print(f"{r['arm']:<11} {r['steps']:>5} {r['ms_per_step']:>7.1f} {r['val_bpb_prequant']:>7.4f} "
+        print(f"{r['arm']:<{width}} {r['steps']:>5} {r['ms_per_step']:>7.1f} {r['val_bpb_prequant']:>7.4f} "
               f"{r['val_bpb_plain']:>7.4f} {r['val_bpb_sliding']:>7.4f} "
               f"{c['delta']:>+8.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] {r['artifact_bytes']:>11,}")
-        print("            by bucket:", ", ".join(f"{b['bucket']} {b['delta']:+.4f} ({b['verdict']})"
-                                            for b in r["sliding_vs_h200"]["buckets"]))
+        print(" " * (width + 1) + "by bucket: " + ", ".join(f"{b['bucket']} {b['delta']:+.4f} ({b['verdict']})"
+                                                       for b in r["sliding_vs_h200"]["buckets"]))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from pgolf_codec.jit import njit
 from pgolf_codec.schemes import QuantSpec, quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported, not run
-from _results import best_time  # noqa: E402
+from _results import best_time, git  # noqa: E402
 
 try:
     import brotli
@@ -354,31 +354,6 @@ def neighbour_contexts(codes: np.ndarray, alphabet: int, center2: int, nb: int =
             "above_left_b": (ba * (nb + 1) + bl).ravel(), "n_buckets": nb}
 
 
-@njit(nogil=True)
-def _greedy_chain(x):  # pragma: no cover
-    """Row order of a greedy nearest-neighbour chain from row 0, L1 distance of the rows."""
-    rows, cols = x.shape
-    used = np.zeros(rows, np.bool_)
-    order = np.empty(rows, np.int64)
-    cur = 0
-    used[0] = True
-    order[0] = 0
-    for k in range(1, rows):
-        best, best_d = -1, np.int64(1) << 62
-        for r in range(rows):
-            if used[r]:
-                continue
-            d = np.int64(0)
-            for j in range(cols):
-                d += abs(np.int32(x[cur, j]) - np.int32(x[r, j]))
-            if d < best_d:
-                best_d, best = d, r
-        order[k] = best
-        used[best] = True
-        cur = best
-    return order
-
-
 def log2_factorial(n: int) -> float:
     return float(_ln_gamma(np.array([n + 1.0]))[0]) / np.log(2.0)
 
@@ -595,7 +570,7 @@ def context_analysis(codes: np.ndarray, alphabet: int, center2: int, nb: int = N
     flat = codes.ravel().astype(np.int64)
     counts0 = np.bincount(flat, minlength=alphabet)
     ctx = neighbour_contexts(codes, alphabet, center2, nb)
-    order = _greedy_chain(codes.astype(np.int16))
+    order = rans._chain_order(codes.astype(np.int16))  # rANS kind 4's row order (greedy L1 chain)
     perm = codes[order].astype(np.int64)
     above_p = np.full((rows, cols), alphabet, np.int64)
     above_p[1:] = perm[:-1]
@@ -783,14 +758,6 @@ RANS = ("rans_static", "rans_parametric", "rans_column", "rans_rowref", "rans_ro
 GENERAL = ("zstd22", "lzma9e", "brotli11")
 
 
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=512)
@@ -869,8 +836,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     if kinds is not None:
         record.update({
-            "code_commit": _git("rev-parse", "--short", "HEAD"),
-            "code_dirty": bool(_git("status", "--porcelain", "--", str(Path(__file__).resolve()))),
+            "code_commit": git("rev-parse", "--short", "HEAD"),
+            "code_dirty": bool(git("status", "--porcelain", "--", str(Path(__file__).resolve()))),
             "artifact": {"path": str(args.checkpoint), "bytes": args.checkpoint.stat().st_size},
             "tool_versions": tool_versions(),
             "peer_threads": "lrzip and zpaq run with their default threads (all cores); the rest 1 thread",

@@ -23,7 +23,6 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,18 +31,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pgolf_codec.container import build_artifact, read_artifact  # noqa: E402
 from pgolf_codec.gptq import gptq_quantize_many, hessian_error  # noqa: E402
 from pgolf_codec.schemes import QuantSpec, dequantize, quantize  # noqa: E402
 
-
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+from _results import git  # noqa: E402
 
 
 @torch.no_grad()
@@ -127,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     err_r = sum(v["hessian_error_rtn_same_spec"] for v in per_tensor.values())
     record = {
         "command": " ".join(["entropy_gptq_artifact.py"] + (argv if argv is not None else sys.argv[1:])),
-        "code_commit": _git("rev-parse", "--short", "HEAD"),
-        "code_dirty": bool(_git("status", "--porcelain", "--", "benchmarks/entropy_gptq_artifact.py",
+        "code_commit": git("rev-parse", "--short", "HEAD"),
+        "code_dirty": bool(git("status", "--porcelain", "--", "benchmarks/entropy_gptq_artifact.py",
                                 "pgolf_codec")),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": f"CPU ({platform.machine()}, {args.threads} threads, {os.cpu_count()} cores)",

@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,15 +42,8 @@ import pgolf_codec as pc  # noqa: E402
 from pgolf_codec import coders, rans  # noqa: E402
 from pgolf_codec.jit import njit  # noqa: E402
 
+from _results import git  # noqa: E402
 from entropy_bench import KINDS, tensor_kind  # noqa: E402
-
-
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 @njit(nogil=True)
@@ -266,8 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         recs[path.stem] = rec
     record = {
         "command": " ".join(["entropy_roworder.py"] + (argv if argv is not None else sys.argv[1:])),
-        "code_commit": _git("rev-parse", "--short", "HEAD"),
-        "code_dirty": bool(_git("status", "--porcelain", "--", "pgolf_codec", "benchmarks/entropy_roworder.py")),
+        "code_commit": git("rev-parse", "--short", "HEAD"),
+        "code_dirty": bool(git("status", "--porcelain", "--", "pgolf_codec", "benchmarks/entropy_roworder.py")),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": f"CPU ({platform.processor() or platform.machine()}, 1 thread for the coder kernels, "
                   f"{os.cpu_count()} cores shared, load average {os.getloadavg()[0]:.1f} at the end)",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,35 +21,26 @@ import numpy as np
 import torch
 
 from pgolf_train.config import load_config
-from pgolf_train.fused import apply_fusions, compile_options, sdpa_context
-from pgolf_train.loader import DistributedTokenLoader
-from pgolf_train.trainer import (build_model, build_optimizers, compile_model, muon_momentum, resolve_grad_accum,
-                                 set_schedule, synchronize, train_step)
+from pgolf_train.trainer import muon_momentum, set_schedule, synchronize
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_json  # noqa: E402
+from _results import git, write_json  # noqa: E402
+from _step import setup_step  # noqa: E402
 
 
-def run(config: str, overrides: list[str], data: str, steps: int) -> dict:
-    cfg = load_config(config, overrides + ["compile_warmup_steps=0"])
-    device = torch.device("cuda", 0)
-    accum = resolve_grad_accum(cfg, 1)
-    model = build_model(cfg, device)
-    apply_fusions(model, cfg.fused, cfg.train_seq_len, device)
-    compiled = compile_model(model, extra=compile_options(cfg.fused))
-    optimizers, muon = build_optimizers(cfg, model, device)
-    loader = DistributedTokenLoader(data, 0, 1, device, cfg.vocab_size)
-    params = list(model.parameters())
+def run(config: str, overrides: list[str], data: str, steps: int, device: torch.device | None = None) -> dict:
+    st = setup_step(config, overrides, data, device)
     losses = []
-    with sdpa_context(cfg.sdpa_backend):
+    with st.attention():
         t = None
         for step in range(steps):
             if step == 5:  # the compile is behind us: time the rest
-                synchronize(device)
+                synchronize(st.device)
                 t = time.perf_counter()
-            set_schedule(optimizers, muon, 1.0, muon_momentum(cfg, step))
-            losses.append(float(train_step(compiled, optimizers, loader, cfg, accum, False, device, params)))
-        synchronize(device)
-    return {"overrides": overrides, "losses": losses, "ms_per_step": 1000 * (time.perf_counter() - t) / (steps - 5)}
+            set_schedule(st.optimizers, st.muon, 1.0, muon_momentum(st.cfg, step))
+            losses.append(float(st.run()))
+        synchronize(st.device)
+    return {"overrides": overrides, "losses": losses,
+            "ms_per_step": 1000 * (time.perf_counter() - t) / (steps - 5) if t is not None else None}
 
 
 def main() -> int:
@@ -72,7 +62,7 @@ def main() -> int:
             "reference_seed+1": [f"seed={seed + 1}"]}
     out = {"command": " ".join([sys.executable, *sys.argv]), "date": datetime.datetime.now().isoformat(),
            "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "git_head": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+           "git_head": git("rev-parse", "HEAD"),
            "config": args.config, "steps": args.steps, "runs": {}}
     for name, overrides in arms.items():
         torch._dynamo.reset()

@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,12 +33,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from pgolf_train.build import autocast_ctx
-from pgolf_train.config import load_config
-from pgolf_train.loader import DistributedTokenLoader
-from pgolf_train.trainer import (build_model, build_optimizers, compile_model, resolve_grad_accum, set_schedule,
-                                 synchronize)
+from pgolf_train.trainer import set_schedule, synchronize
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_json  # noqa: E402
+from _results import git, write_json  # noqa: E402
+from _step import setup_step  # noqa: E402
 from train_bench import PEAK_FLOPS, flops_per_token  # noqa: E402
 
 # First match wins; names are CUDA kernel names as the profiler records them.
@@ -168,19 +165,11 @@ def trace_tables(trace: dict, steps: int) -> dict:
 
 
 def profile_config(config: str, overrides: list[str], data: str, steps: int, prof_steps: int, warmup: int) -> dict:
-    from pgolf_train.fused import apply_fusions, compile_options, sdpa_context
-
-    cfg = load_config(config, overrides + ["compile_warmup_steps=0"])
-    device = torch.device("cuda", 0)
-    accum = resolve_grad_accum(cfg, 1)
-    model = build_model(cfg, device)
-    apply_fusions(model, cfg.fused, cfg.train_seq_len, device)
-    compiled = compile_model(model, extra=compile_options(cfg.fused))
-    optimizers, muon = build_optimizers(cfg, model, device)
-    loader = DistributedTokenLoader(data, 0, 1, device, cfg.vocab_size)
-    params = list(model.parameters())
-    set_schedule(optimizers, muon, 1.0, cfg.muon_momentum)
-    with sdpa_context(cfg.sdpa_backend):
+    st = setup_step(config, overrides, data)
+    cfg, device, accum, compiled, optimizers, loader, params = (st.cfg, st.device, st.accum, st.compiled,
+                                                                st.optimizers, st.loader, st.params)
+    set_schedule(optimizers, st.muon, 1.0, cfg.muon_momentum)
+    with st.attention():
         t = time.perf_counter()
         for _ in range(warmup):
             step_phased(compiled, optimizers, loader, cfg, accum, device, params)
@@ -241,7 +230,7 @@ def main() -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    commit = git("rev-parse", "HEAD")
     rows = []
     for config in args.configs.split(","):
         torch._dynamo.reset()

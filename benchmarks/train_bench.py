@@ -23,14 +23,10 @@ from pathlib import Path
 
 import torch
 
-from pgolf_train.config import load_config
-from pgolf_train.fused import apply_fusions, compile_options, sdpa_context
-from pgolf_train.loader import DistributedTokenLoader
-from pgolf_train.qat import set_qat
-from pgolf_train.trainer import (build_model, build_optimizers, compile_model, load_recipe, resolve_grad_accum,
-                                 set_schedule, synchronize, train_step)
+from pgolf_train.trainer import set_schedule, synchronize
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported, not run
 from _results import write_json  # noqa: E402
+from _step import setup_step  # noqa: E402
 
 PEAK_FLOPS = 990e12  # dense bf16, H100/H200 SXM
 REFERENCE_MS = 312.0  # the starter script's step on one H200
@@ -67,35 +63,29 @@ def flops_per_token(cfg) -> float:
     return 6 * n_eff + attn
 
 
-def bench(name: str, overrides: list[str], data: str, steps: int, warmup: int, config: str = "baseline") -> dict:
-    cfg = load_config(config, overrides + ["compile_warmup_steps=0"])
-    device = torch.device("cuda", 0)
-    accum = resolve_grad_accum(cfg, 1)
-    model = build_model(cfg, device)
-    apply_fusions(model, cfg.fused, cfg.train_seq_len, device)
-    compiled = compile_model(model, exact_casts=name != "inexact_casts", extra=compile_options(cfg.fused))
-    optimizers, muon = build_optimizers(cfg, model, device)
-    if cfg.qat_start == 0:
-        set_qat(model, load_recipe(cfg.recipe), True)
-    loader = DistributedTokenLoader(data, 0, 1, device, cfg.vocab_size)
-    params = list(model.parameters())
-    set_schedule(optimizers, muon, 1.0, cfg.muon_momentum)
-    with sdpa_context(cfg.sdpa_backend):  # open for the compile too: the backend is fixed when traced
+def bench(name: str, overrides: list[str], data: str, steps: int, warmup: int, config: str = "baseline",
+          device: torch.device | None = None) -> dict:
+    st = setup_step(config, overrides, data, device, exact_casts=name != "inexact_casts")
+    cfg, device = st.cfg, st.device
+    set_schedule(st.optimizers, st.muon, 1.0, cfg.muon_momentum)
+    with st.attention():  # open for the compile too: the backend is fixed when traced
         t = time.perf_counter()
         for _ in range(warmup):
-            train_step(compiled, optimizers, loader, cfg, accum, False, device, params)
+            st.run()
         synchronize(device)
         compile_s = time.perf_counter() - t
         t = time.perf_counter()
         for _ in range(steps):
-            loss = train_step(compiled, optimizers, loader, cfg, accum, False, device, params)
+            loss = st.run()
         synchronize(device)
         ms = 1000 * (time.perf_counter() - t) / steps
+    params = st.params
     tok_s = cfg.train_batch_tokens / (ms / 1000)
     mfu = flops_per_token(cfg) * tok_s / PEAK_FLOPS
     return {"variant": name, "config": config, "overrides": overrides, "ms_per_step": ms, "tokens_per_s": tok_s, "mfu": mfu,
             "warmup_s": compile_s, "loss": float(loss), "params": sum(p.numel() for p in params),
-            "peak_mem_mib": torch.cuda.max_memory_allocated() // 2**20, "vs_reference": REFERENCE_MS / ms}
+            "peak_mem_mib": torch.cuda.max_memory_allocated() // 2**20 if device.type == "cuda" else None,
+            "vs_reference": REFERENCE_MS / ms}
 
 
 def main() -> int:

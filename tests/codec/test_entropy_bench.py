@@ -75,7 +75,7 @@ def test_row_fit_matches_the_codec_and_rank1_wins_on_rank1_data(eb):
     codes = np.clip(np.rint(rng.standard_normal((rows, cols)) * 5 * r * c) + 63, 0, 126).astype(np.uint8)
     center2 = rans.default_center2(alphabet)
     ctx = eb.neighbour_contexts(codes, alphabet, center2)
-    order = eb._greedy_chain(codes.astype(np.int16))
+    order = rans._chain_order(codes.astype(np.int16))
     got = eb.parametric_models(codes, alphabet, center2, ctx, order)
     blob = len(rans.encode(codes.ravel(), alphabet, rows, cols, model="parametric"))
     assert got["row"]["bytes"] == pytest.approx(blob, rel=0.005)     # the estimate is the codec's cost
@@ -89,7 +89,7 @@ def test_greedy_chain_follows_neighbours(eb):
     levels = rng.permutation(20)
     levels[[0, np.flatnonzero(levels == 0)[0]]] = levels[[np.flatnonzero(levels == 0)[0], 0]]
     x = np.repeat(levels[:, None], 8, axis=1).astype(np.int16)    # row i is levels[i] everywhere
-    order = eb._greedy_chain(x)
+    order = rans._chain_order(x)
     assert sorted(order.tolist()) == list(range(20)) and levels[order].tolist() == list(range(20))
 
 
