@@ -39,6 +39,8 @@ ARMS: dict[str, list[str]] = {
     "loop6x2_int4": ["recipe=tok_emb.weight=int8:percentile=99.99984;embed_proj.weight=int8:percentile=99.99984;*.weight=int4:mse;*=fp32",
                      "qat_start=0", "num_layers=6", "loop_start=0", "loop_end=6", "loop_times=2", "model_dim=640",
                      "num_heads=10", "num_kv_heads=5", "mlp_mult=4"],
+    # spend the bytes (issue 22): a bigger model, GPTQ + the bit allocator filling 15.9 MB after training
+    "bigger_alloc": ["num_layers=11", "mlp_mult=3", "quantize_budget=15900000"],
     "embed128": ["embed_dim=128"],
     "embed256": ["embed_dim=256"],
     # the vocabulary sweep (issue 22): tokenizers trained on the training documents only
