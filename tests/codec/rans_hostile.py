@@ -1,6 +1,6 @@
-"""Hostile-input checks shared by the rANS model-kind tests: every prefix, appended bytes and random
-byte flips of a valid blob must decode to in-range codes or fail with BadPayload, never crash;
-arbitrary bytes after a kind's header likewise."""
+"""Checks shared by the rANS model-kind tests: the roundtrip of a forced kind; and hostile input,
+where every prefix, appended bytes and random byte flips of a valid blob must decode to in-range
+codes or fail with BadPayload, never crash, and arbitrary bytes after a kind's header likewise."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,6 +9,18 @@ from pgolf_codec import rans
 from pgolf_codec.errors import BadPayload, FormatError
 
 ALPHABETS = [2 ** b for b in range(1, 9)] + [3]
+
+
+def assert_roundtrip(codes: np.ndarray, alphabet: int, model: str, lanes: int, kind: int) -> None:
+    """``codes`` [rows, row_len] encoded with ``model`` decode to themselves (uint8); a forced
+    ``model`` (not "auto") writes a blob of ``kind``."""
+    rows, row_len = codes.shape
+    blob = rans.encode(codes, alphabet, rows, row_len, model=model, lanes=lanes)
+    if model != "auto":
+        assert blob[0] == kind
+    out = rans.decode(blob, codes.size, alphabet, rows, row_len)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, codes.ravel())
 
 
 def fails_cleanly(bad: bytes, codes: np.ndarray, alphabet: int) -> bool:
