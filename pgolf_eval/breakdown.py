@@ -100,12 +100,15 @@ def compare(new: dict[str, Any], old: dict[str, Any], samples: int = BOOTSTRAP_S
     """``new`` minus ``old`` in bpb, overall and per bucket, with a paired 95% bootstrap interval
     over documents; both are evaluations of the same documents (their ``per_doc`` arrays).
 
-    ``verdict`` is "better"/"worse" only when the interval excludes 0, else "tie".
+    The documents are matched by their bytes, not their tokens, so two tokenizers compare (bpb is
+    tokenizer-agnostic); the buckets are those of ``old``'s token lengths, the same documents in
+    both. ``verdict`` is "better"/"worse" only when the interval excludes 0, else "tie".
     """
     a, b = new["per_doc"], old["per_doc"]
-    length = np.asarray(a["length"])
-    if not np.array_equal(length, np.asarray(b["length"])) or not np.array_equal(a["bytes"], b["bytes"]):
-        raise ValueError("paired comparison needs two evaluations of the same documents")
+    length = np.asarray(b["length"])
+    if len(a["bytes"]) != len(b["bytes"]) or not np.array_equal(a["bytes"], b["bytes"]):
+        raise ValueError("paired comparison needs two evaluations of the same documents "
+                         "(their per-document byte counts differ)")
     nbytes = np.asarray(a["bytes"], dtype=np.float64)
     la, lb = np.asarray(a["loss"], dtype=np.float64), np.asarray(b["loss"], dtype=np.float64)
 

@@ -71,3 +71,22 @@ def test_buckets_and_paired_verdicts():
     assert summarize(base["per_doc"]) == s  # the bootstrap is seeded: the same interval every time
     with pytest.raises(ValueError, match="same documents"):
         compare(_fake(lengths[:-1], lambda n: 1.5, rng), base)
+
+
+def test_two_tokenizers_compare_by_documents():
+    """The same documents under another tokenizer (other token lengths, same bytes) pair by bytes,
+    in the reference's buckets; different documents still refuse (a vocabulary arm once did)."""
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(50, 20000, 200)
+    base = _fake(lengths, lambda n: 1.5, rng)
+    fewer = np.maximum(1, (lengths * 0.9).astype(int))  # a bigger vocabulary: fewer tokens, same text
+    other = {"per_doc": {"length": fewer.tolist(), "tokens": fewer.tolist(), "bytes": base["per_doc"]["bytes"],
+                         "loss": (np.array(base["per_doc"]["loss"]) * 0.97).tolist()}}
+    c = compare(other, base)
+    assert c["overall"]["verdict"] == "better" and c["overall"]["delta"] == pytest.approx(-0.03 * 1.5, rel=0.2)
+    ref_docs = {b["bucket"]: b["documents"] for b in summarize(base["per_doc"])["buckets"] if b["documents"]}
+    assert [b["bucket"] for b in c["buckets"]] == list(ref_docs)
+    moved = dict(other["per_doc"], bytes=(np.array(base["per_doc"]["bytes"]) + 1).tolist())
+    with pytest.raises(ValueError, match="byte counts differ"):
+        compare({"per_doc": moved}, base)
+
