@@ -26,6 +26,8 @@ ARMS: dict[str, list[str]] = {
     "muon_wd": ["muon_weight_decay=0.04", "muon_wd_schedule=lr"],
     "doc_attention": ["doc_attention=true"],
     "parallel_residual": ["parallel_residual=true"],
+    # the screen's winners combined (results/ablation_h200_screen60.json)
+    "xsa_leaky": ["xsa_layers=all", "activation=leaky_relu2"],
     # issue 23's bets at ~15.5 MB: low-bit QAT from step 0 at 2-4x the parameters (shapes and recipes from
     # results/lowbit_shapes_cpu.json "suggestions"), the recursive model at int4 (4 blocks x 3 passes, 6 x 2;
     # screened at ~14.4 MB with Gaussian stand-ins by lowbit_shapes.screen), the factorized embedding
