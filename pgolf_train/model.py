@@ -435,6 +435,11 @@ class GPT(nn.Module):
         if self.bigram is not None:
             nn.init.zeros_(self.bigram.weight)
         self.bigram_proj = CastedLinear(b, cfg.model_dim) if self.bigram is not None and b != cfg.model_dim else None
+        # Its term × a learned gain from 0.05 (Adam at scalar_lr), as in the field's records: Adam moves
+        # a row ~lr from step 1 however rare its pair, and at gain 1 the hashed term matched tok_emb
+        # before the norm and cost bpb (benchmarks/results/bigram_cpu.json). No zero-init projection:
+        # with the rows zero too, neither would get a gradient.
+        self.bigram_scale = nn.Parameter(torch.tensor(0.05)) if self.bigram is not None else None
         self.set_rope_scaling(cfg.rope_scaling, cfg.rope_factor)
 
     def set_rope_scaling(self, kind: str, factor: float) -> None:
@@ -492,7 +497,7 @@ class GPT(nn.Module):
             x = self.embed_proj(x)
         if self.bigram is not None:
             h = self.bigram(self.bigram_hash(idx))
-            x = x + (h if self.bigram_proj is None else self.bigram_proj(h))
+            x = x + self.bigram_scale.to(x.dtype) * (h if self.bigram_proj is None else self.bigram_proj(h))
         x = x0 = rms_norm(x)
         if self.smear_gate is not None:  # position 0 and every BOS take nothing from their predecessor
             prev = F.pad(x[:, :-1], (0, 0, 1, 0)).masked_fill((idx == c.bos_id)[..., None], 0)
