@@ -50,6 +50,16 @@ def corruption_failures(blob: bytes, codes: np.ndarray, alphabet: int, trials: i
     return failures
 
 
+def mutated_prefix_fails_cleanly(blob: bytes, codes: np.ndarray, alphabet: int, seed: int) -> None:
+    """1-5 bytes of ``blob`` overwritten at random, then cut to a random length of at least half:
+    refused with BadPayload or decoded to in-range codes (the hypothesis fuzz of each kind)."""
+    rng = np.random.default_rng(seed)
+    b = bytearray(blob)
+    for _ in range(rng.integers(1, 6)):
+        b[int(rng.integers(0, len(b)))] = int(rng.integers(0, 256))
+    fails_cleanly(bytes(b[:int(rng.integers(len(b) // 2, len(b) + 1))]), codes, alphabet)
+
+
 def arbitrary_tail_is_safe(kind: int, tail: bytes, n: int, alphabet: int) -> None:
     """A kind's header (P = 15, K = 2, the whole alphabet as the range) then arbitrary bytes."""
     blob = bytes([kind, 15, 2, 0, alphabet - 1]) + tail
