@@ -155,18 +155,19 @@ def _stream_coder(coder: str | int, spec: QuantSpec, stream: str) -> str | int:
 
 
 def encoded_size(x: torch.Tensor | Quantized, spec: QuantSpec | str | None = None,
-                 coder: str | int = "auto") -> int:
+                 coder: str | int = "auto", *, parallel: bool = True) -> int:
     """Exact payload bytes the container spends on one tensor (codes + scales + zero points).
 
     `x` is a float tensor (quantized under `spec`) or a `Quantized` (spec ignored).  The
     header entry (name, shape, scheme, lengths, CRC; ~20–60 bytes before header
-    compression) is not included.
+    compression) is not included.  `parallel`: as in `encode_tensor` (False when called
+    from a task of the codec's thread pool).
     """
     if not isinstance(x, Quantized):
         if spec is None:
             raise ValueError("encoded_size: a spec is needed to quantize a tensor")
         x = quantize(x, QuantSpec.parse(spec) if isinstance(spec, str) else spec)
-    return encode_tensor(x, coder).nbytes
+    return encode_tensor(x, coder, parallel=parallel).nbytes
 
 
 # ----------------------------------------------------------------------------- info

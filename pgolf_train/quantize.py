@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from pgolf_codec.allocate import AllocationResult, Candidate, allocate
+from pgolf_codec.coders import thread_pool
 from pgolf_codec.container import (build_artifact, encoded_size, read_artifact, read_artifact_bytes,
                                    write_bytes_atomic)
 from pgolf_codec.gptq import (LOWRANK_A, LOWRANK_B, apply_lowrank, gptq_quantize_many, hessian_error,
@@ -135,6 +137,12 @@ def build_candidates(model: GPT, hessians: dict[str, torch.Tensor], opts: Quanti
     modes = {"on": [True], "off": [False], "both": [True, False]}[opts.gptq]
     t0 = time.perf_counter()
     specs = list(dict.fromkeys(_spec(bits, clip, opts.group) for bits in opts.bits for clip in opts.clips))
+    # A candidate's coded size is CPU work (the coders; one thread each), while GPTQ and the
+    # Hessian errors are torch work (GPU, or every CPU thread): the sizes are coded in the
+    # codec's thread pool, every candidate of every tensor as a task, while the next tensors'
+    # candidates are made. Each size is the same exact number as coded inline.
+    pool = thread_pool()
+    pending: dict[str, list[tuple[Future, float, str, dict]]] = {}
     for i, (name, H) in enumerate(sorted(hessians.items())):
         w = state[name].float()
         # All GPTQ candidates of a tensor in one call: one inverse-Hessian factorisation and
@@ -147,10 +155,12 @@ def build_candidates(model: GPT, hessians: dict[str, torch.Tensor], opts: Quanti
             for use_gptq in modes:
                 q = solved[spec] if use_gptq else quantize(w, spec)
                 err = hessian_error(w, dequantize(q).to(w.device), H)
-                cands.append(Candidate(encoded_size(q, coder=opts.coder), err,
-                                       f"{spec}{'' if use_gptq else ' rtn'}", {"q": q, "lowrank": None}))
-        out[name] = cands
+                size = pool.submit(encoded_size, q, coder=opts.coder, parallel=False)
+                cands.append((size, err, f"{spec}{'' if use_gptq else ' rtn'}", {"q": q, "lowrank": None}))
+        pending[name] = cands
         _log(f"candidates {i + 1}/{len(hessians)} {name}: {len(cands)} ({time.perf_counter() - t0:.0f}s)")
+    out.update(_sizes_done(pending))
+    _log(f"candidate sizes coded ({time.perf_counter() - t0:.0f}s)")
     if opts.lowrank > 0:
         _add_lowrank(state, hessians, out, opts)
     if opts.sensitivity == "measured":
@@ -158,6 +168,12 @@ def build_candidates(model: GPT, hessians: dict[str, torch.Tensor], opts: Quanti
             raise ValueError("measured sensitivity needs a probe batch")
         _scale_by_sensitivity(model, probe, out)
     return out
+
+
+def _sizes_done(pending: dict[str, list[tuple[Future, float, str, dict]]]) -> dict[str, list[Candidate]]:
+    """The candidates of :func:`build_candidates` once their coded sizes are in."""
+    return {name: [Candidate(size.result(), err, label, payload) for size, err, label, payload in cands]
+            for name, cands in pending.items()}
 
 
 def _add_lowrank(state: dict, hessians: dict, cands: dict[str, list[Candidate]], opts: QuantizeOptions) -> None:

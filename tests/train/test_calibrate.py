@@ -154,3 +154,25 @@ def test_measured_sensitivity_is_even_in_the_perturbation(trained: Path, data_di
     assert plus[0] * 2 == pytest.approx(plus[1]) and plus[0] * 3 == pytest.approx(plus[2])
     assert torch.equal(model.state_dict()[name], w)  # the probe restores the weights
 
+
+
+def test_candidate_sizes_coded_in_the_pool_are_the_inline_sizes(trained: Path, data_dir: Path) -> None:
+    # build_candidates codes the candidates' sizes in the codec's thread pool while it makes the
+    # next tensors' candidates; every size is the one encoded_size gives inline, in the same order.
+    from pgolf_codec.container import encoded_size
+    from pgolf_codec.schemes import dequantize
+    from pgolf_train.calibrate import shard_batches
+    from pgolf_train.quantize import QuantizeOptions, build_candidates, load_checkpoint_weights
+
+    state, cfg = load_checkpoint_weights(trained)
+    model = GPT(cfg).eval()
+    model.load_state_dict(state)
+    hessians = collect_hessians(model, shard_batches(data_dir, seq_len=64, batch_size=4), max_tokens=512).hessians
+    opts = QuantizeOptions(bits=(3, 6), clips=(4.0, 12.0), sensitivity="hessian")
+    cands = build_candidates(model, hessians, opts)
+    assert sorted(cands) == sorted(hessians)
+    for name, cs in cands.items():
+        assert [c.label for c in cs] == [f"{s}{m}" for s in ("int3:sdclip=4", "int3:sdclip=12", "int6:sdclip=4",
+                                                              "int6:sdclip=12") for m in ("", " rtn")]
+        assert [c.nbytes for c in cs] == [encoded_size(c.payload["q"]) for c in cs]
+        assert all(c.distortion > 0 and dequantize(c.payload["q"]).shape == state[name].shape for c in cs)
