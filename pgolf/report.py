@@ -160,6 +160,7 @@ def write_report(out: Path, *, cfg, summary: dict, evals: dict, stages: dict, ma
         "ttt": ttt_summary(evals.get("ttt")),
         "comparisons": comparisons(evals),
         "val_bpb_prequant": summary.get("val_bpb_prequant"),
+        "val_bpb_qat": summary.get("val_bpb_qat"),
         "val_bpb_postquant_plain": evals["plain"]["val_bpb"],
         "recipe_artifact": summary.get("recipe_artifact"),
         "quantize": summary.get("quantize"),
@@ -275,6 +276,8 @@ def render_markdown(r: dict) -> str:
           if ttt and ttt["warning"] else []),
         "| measure | value |", "|---|---|",
         f"| val bpb before quantization | {f(r['val_bpb_prequant'])} |",
+        *([f"| val bpb as trained (QAT fake-quant on; the quantization gap counts from here) | {f(r['val_bpb_qat'])} |"]
+          if r.get("val_bpb_qat") is not None else []),
         f"| val bpb after quantization (plain) | {f(r['val_bpb_postquant_plain'])} |",
     ]
     for mode, e in r["evals"].items():

@@ -294,7 +294,10 @@ def _round_scale(raw: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
         return raw.to(torch.float16).float(), None, None
     if spec.scale_dtype == "bf16":
         return raw.to(torch.bfloat16).float(), None, None
-    ref = raw.amax() if raw.numel() else torch.zeros((), dtype=torch.float32, device=raw.device)
+    if raw.dim() == 3:  # a stack of candidate tables (the mse search): one reference per table
+        ref = raw.amax(dim=(1, 2), keepdim=True)
+    else:
+        ref = raw.amax() if raw.numel() else torch.zeros((), dtype=torch.float32, device=raw.device)
     ratio = raw / ref
     mids = _Q8_MIDPOINTS_ASC.to(raw.device)
     # e = number of midpoints strictly greater than ratio: nearest step in the log domain.
@@ -414,20 +417,19 @@ class GroupScales(NamedTuple):
 
 def _group_scales(wg: torch.Tensor, count: torch.Tensor, g: int, spec: QuantSpec) -> GroupScales:
     if spec.clip == "mse":
+        # Every grid ratio at once along a leading axis (R, rows, ng[, G]): one fused pass over the
+        # weights under torch.compile instead of R unrolled ones (which made a QAT graph's compile
+        # time grow by the grid size per matrix). The same choice as trying the ratios in grid order
+        # and keeping a strictly smaller error: argmin returns the first minimum, so ties keep the
+        # larger clip ratio. `lo * r` is the same float32 product as `_clip_bounds(..., ratio=r)`.
         base = QuantSpec(spec.kind, spec.bits, spec.symmetric, spec.group, spec.scale_dtype)
-        best_err, best_lo, best_hi = None, None, None
-        for r in _mse_grid(spec):  # fixed-size grid: export-time search, not per step
-            lo, hi = _clip_bounds(wg, count, g, base, r)
-            s, z, _, _ = _scale_and_zero(lo, hi, base)
-            err = ((_values(_codes_from_scale(wg, s, z, base), s, z, base) - wg) ** 2).sum(-1)
-            if best_err is None:
-                best_err, best_lo, best_hi = err, lo, hi
-            else:
-                better = err < best_err  # strict: ties keep the larger clip ratio
-                best_err = torch.where(better, err, best_err)
-                best_lo = torch.where(better, lo, best_lo)
-                best_hi = torch.where(better, hi, best_hi)
-        lo, hi = best_lo, best_hi
+        lo1, hi1 = _clip_bounds(wg, count, g, base)
+        ratios = torch.tensor(_mse_grid(spec), dtype=torch.float32, device=wg.device)[:, None, None]
+        lo_r, hi_r = lo1[None] * ratios, hi1[None] * ratios
+        s, z, _, _ = _scale_and_zero(lo_r, hi_r, base)
+        err = ((_values(_codes_from_scale(wg[None], s, z, base), s, z, base) - wg[None]) ** 2).sum(-1)
+        pick = err.argmin(0, keepdim=True)
+        lo, hi = lo_r.gather(0, pick).squeeze(0), hi_r.gather(0, pick).squeeze(0)
     else:
         lo, hi = _clip_bounds(wg, count, g, spec)
     return GroupScales(*_scale_and_zero(lo, hi, spec))

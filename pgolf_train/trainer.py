@@ -417,10 +417,11 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
 
     ``export=False``: only ``final_model.safetensors`` and the pre-quantization score (no artifact)."""
     from pgolf_codec.container import write_artifact
-    from pgolf_train.qat import set_qat
+    from pgolf_train.qat import qat_enabled, set_qat
     from pgolf_train.tokenizer import tokenizer_info
 
     device = di.device
+    trained_qat = qat_enabled(base_model)
     set_qat(base_model, recipe, False)  # the pre-quantization numbers are of the plain weights
     if ema is not None:
         ema.copy_to(base_model)
@@ -430,8 +431,21 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
         f"({pre.tokens:,} tokens, {pre.seconds:.1f}s)")
     log.record(step=step, val_loss_prequant=pre.val_loss, val_bpb_prequant=pre.val_bpb, elapsed=training_ms / 1000,
                tokens=step * cfg.train_batch_tokens)
+    # A model that ended training under QAT learned the fake-quantized function, not its float weights
+    # (at ternary the float weights alone score bits above it): its own score is the one with QAT on,
+    # and the quantization gap is measured from there.
+    qat = None
+    if trained_qat:
+        set_qat(base_model, recipe, True)
+        qat = evaluate(base_model, val_tokens, byte_source, cfg, device, scorer)
+        set_qat(base_model, recipe, False)
+        log(f"as trained (QAT fake-quant): val_loss:{qat.val_loss:.4f} val_bpb:{qat.val_bpb:.4f} "
+            f"({qat.tokens:,} tokens, {qat.seconds:.1f}s)")
+    trained = qat or pre
 
-    run = {"val_bpb_prequant": pre.val_bpb, "val_loss_prequant": pre.val_loss, "steps": step,
+    run = {"val_bpb_prequant": pre.val_bpb, "val_loss_prequant": pre.val_loss,
+           "val_bpb_qat": None if qat is None else qat.val_bpb, "val_loss_qat": None if qat is None else qat.val_loss,
+           "steps": step,
            "train_seconds": training_ms / 1000, "tokens_seen": step * cfg.train_batch_tokens,
            "ms_per_step": training_ms / max(step, 1),
            "tokens_per_s": step * cfg.train_batch_tokens / max(training_ms / 1000, 1e-9),
@@ -479,7 +493,7 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
     qmodel = scorer.load_artifact(artifact, device)
     post = evaluate(qmodel, val_tokens, byte_source, cfg, device, scorer)
     log(f"post-quantization (artifact): val_loss:{post.val_loss:.4f} val_bpb:{post.val_bpb:.4f} "
-        f"(+{post.val_bpb - pre.val_bpb:.4f} from quantization)")
+        f"({post.val_bpb - trained.val_bpb:+.4f} from quantization{', against the QAT forward' if qat else ''})")
     log.record(step=step, val_loss=post.val_loss, val_bpb=post.val_bpb, elapsed=training_ms / 1000,
                tokens=step * cfg.train_batch_tokens)
     return {

@@ -260,3 +260,44 @@ def test_scale_statistics_do_not_depend_on_summation_order():
         (wa, count, gs), (wb, _, _) = _grouped(w, spec), _grouped(flipped, spec)
         for a, b in zip(_clip_bounds(wa, count, gs, spec), _clip_bounds(wb, count, gs, spec)):
             assert torch.equal(a, b), spec
+
+
+def _mse_scales_one_ratio_at_a_time(w2: torch.Tensor, spec: QuantSpec):
+    """The mse clip search written the plain way: each grid ratio in order, a strictly smaller
+    error wins (ties keep the larger ratio); the vectorized search must choose the same tables."""
+    from pgolf_codec.schemes import _clip_bounds, _codes_from_scale, _grouped, _mse_grid, _scale_and_zero, _values
+
+    wg, count, g = _grouped(w2.float(), spec)
+    base = QuantSpec(spec.kind, spec.bits, spec.symmetric, spec.group, spec.scale_dtype)
+    best = None
+    for r in _mse_grid(spec):
+        lo, hi = _clip_bounds(wg, count, g, base, r)
+        s, z, _, _ = _scale_and_zero(lo, hi, base)
+        err = ((_values(_codes_from_scale(wg, s, z, base), s, z, base) - wg) ** 2).sum(-1)
+        if best is None:
+            best = [err, lo, hi]
+        else:
+            better = err < best[0]
+            best = [torch.where(better, err, best[0]), torch.where(better, lo, best[1]), torch.where(better, hi, best[2])]
+    return _scale_and_zero(best[1], best[2], spec)
+
+
+@settings(max_examples=60, deadline=None)
+@given(scheme=st.sampled_from(["int2:asym:mse", "int3:mse", "int4:mse=5:group=16", "ternary:mse=8",
+                               "int2:mse:scale=q8", "int5:asym:mse:group=7:scale=bf16", "int1:mse"]),
+       rows=st.integers(1, 9), cols=st.integers(1, 70), seed=st.integers(0, 2**31 - 1),
+       ties=st.booleans())
+def test_mse_search_matches_the_one_ratio_at_a_time_search(scheme, rows, cols, seed, ties):
+    """The batched mse search picks the tables the sequential one does, bit for bit (ties included:
+    small-integer weights make many ratios score the same error)."""
+    from pgolf_codec.schemes import group_scales
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randint(-3, 4, (rows, cols), generator=gen).float() if ties else torch.randn(rows, cols, generator=gen)
+    spec = QuantSpec.parse(scheme)
+    got = group_scales(w, spec)
+    want = _mse_scales_one_ratio_at_a_time(w, spec)
+    assert torch.equal(got.scales, want[0])
+    assert (got.zeros is None) == (want[1] is None) and (want[1] is None or torch.equal(got.zeros, want[1]))
+    if want[2] is not None:
+        assert torch.equal(got.scale_codes, want[2]) and torch.equal(got.scale_ref, want[3])

@@ -76,6 +76,7 @@ def test_qat_switch_changes_the_compiled_graph():
 
 
 @pytest.mark.parametrize("scheme", ["ternary", "ternary:group=32", "int2", "int3", "int4", "int4:group=64",
+                                    "int2:asym:mse", "int3:mse", "int4:mse",
                                     "int6:sdclip=3", "int2:percentile=99.9"])
 def test_low_bit_qat_trains_exactly_what_the_artifact_decodes(scheme, tmp_path):
     """The weight each module's QAT forward uses (fake_quant_ste, the training path) equals, bit for
