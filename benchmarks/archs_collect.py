@@ -40,6 +40,7 @@ def arm_row(name: str, run: Path, ref: dict[str, dict], overrides: list[str] | N
     row = {"arm": name, "overrides": OVERRIDES.get(name, []) if overrides is None else overrides, "argv": rep["argv"][1:], "params": rep["params"],
            "steps": steps, "train_seconds": secs, "ms_per_step": 1000 * secs / steps,
            "tokens_seen": rep["tokens_seen"], "val_bpb_prequant": rep["val_bpb_prequant"],
+           "val_bpb_qat": rep.get("val_bpb_qat"),  # a model trained under QAT, scored with it on
            "val_bpb_plain": rep["evals"]["plain"]["val_bpb"], "val_bpb_sliding": rep["evals"]["sliding"]["val_bpb"],
            "artifact_bytes": rep["artifact_bytes"], "code_bytes": rep["code_bytes"],
            "challenge_bytes": rep["challenge"]["total_bytes"] if rep.get("challenge") else None,

@@ -131,6 +131,10 @@ def test_tiny_run_learns_exports_and_scores_the_artifact(tiny_data, sp1024, tmp_
     # int8 per-row barely moves the score; both are far below the uniform 6.93 nats/token
     assert math.isfinite(summary["val_bpb"]) and abs(summary["val_bpb"] - summary["val_bpb_prequant"]) < 0.02
     assert summary["val_bpb"] < 3.5
+    # QAT was on when training ended: the model is also scored as trained, and the artifact decodes
+    # exactly that forward (a ternary model's float weights alone had scored 3.66 against 1.67)
+    assert abs(summary["val_bpb_qat"] - summary["val_bpb"]) < 1e-6
+    assert "from quantization, against the QAT forward" in (run / "train.log").read_text()
     from pgolf_codec.container import read_artifact
 
     art = read_artifact(run / "model.pgolf")
