@@ -34,7 +34,9 @@ ARMS: dict[str, list[str]] = {
     "parallel_residual": ["parallel_residual=true"],
     # issue 23's bets at ~15.5 MB: low-bit QAT from step 0 at 2-4x the parameters (shapes and recipes from
     # results/lowbit_shapes_cpu.json "suggestions"), the recursive model at int4 (4 blocks x 3 passes, 6 x 2;
-    # screened at ~14.4 MB with Gaussian stand-ins by lowbit_shapes.screen), the factorized embedding
+    # screened at ~14.4 MB with Gaussian stand-ins by lowbit_shapes.screen), the factorized embedding.
+    # Trained at 150 s (results/lowbit_h200_150.json): all worse than h200 in every bucket; int2, int4
+    # and 4x3 coded to 13.4-14.2 MB under QAT, well under the stand-ins' bytes.
     "lowbit_ternary": ["recipe=tok_emb.weight=int8:percentile=99.99984;embed_proj.weight=int8:percentile=99.99984;*.weight=ternary;*=fp32", "qat_start=0", "model_dim=896", "num_layers=11", "num_heads=14", "num_kv_heads=7", "mlp_mult=2"],
     "lowbit_int2": ["recipe=tok_emb.weight=int8:percentile=99.99984;embed_proj.weight=int8:percentile=99.99984;*.weight=int2:asym:mse;*=fp32", "qat_start=0", "model_dim=896", "num_layers=9", "num_heads=14", "num_kv_heads=7", "mlp_mult=2"],
     "lowbit_int3": ["recipe=tok_emb.weight=int8:percentile=99.99984;embed_proj.weight=int8:percentile=99.99984;*.weight=int3:mse;*=fp32", "qat_start=0", "model_dim=640", "num_layers=9", "num_heads=10", "num_kv_heads=5", "mlp_mult=4"],
