@@ -432,7 +432,7 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
     log.record(step=step, val_loss_prequant=pre.val_loss, val_bpb_prequant=pre.val_bpb, elapsed=training_ms / 1000,
                tokens=step * cfg.train_batch_tokens)
     # A model that ended training under QAT learned the fake-quantized function, not its float weights
-    # (at ternary the float weights alone score bits above it): its own score is the one with QAT on,
+    # (a ternary model's float weights alone scored 3.66 bpb against its 1.67): its own score is with QAT on,
     # and the quantization gap is measured from there.
     qat = None
     if trained_qat:
@@ -441,7 +441,7 @@ def finish(cfg: TrainConfig, base_model: GPT, ema: EMA | None, recipe, di: DistI
         set_qat(base_model, recipe, False)
         log(f"as trained (QAT fake-quant): val_loss:{qat.val_loss:.4f} val_bpb:{qat.val_bpb:.4f} "
             f"({qat.tokens:,} tokens, {qat.seconds:.1f}s)")
-    trained = qat or pre
+    trained = pre if qat is None else qat
 
     run = {"val_bpb_prequant": pre.val_bpb, "val_loss_prequant": pre.val_loss,
            "val_bpb_qat": None if qat is None else qat.val_bpb, "val_loss_qat": None if qat is None else qat.val_loss,
