@@ -222,6 +222,74 @@ def explain_training_error(message: str, vocab_size: int) -> str:
     return f"SentencePiece could not train a {vocab_size}-piece tokenizer: {detail}"
 
 
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    v = shift = 0
+    while True:
+        b = buf[i]
+        v |= (b & 0x7F) << shift
+        i += 1
+        if b < 0x80:
+            return v, i
+        shift += 7
+
+
+def _put_varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
+        v >>= 7
+        if not v:
+            return bytes(out)
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(field number, wire type, the field's whole encoding) of a protobuf message, in order."""
+    i = 0
+    while i < len(buf):
+        start = i
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            i += n
+        elif wire == 5:
+            i += 4
+        else:
+            raise ValueError(f"tokenizer model: unexpected protobuf wire type {wire}")
+        yield key >> 3, wire, buf[start:i]
+
+
+# SentencePiece's ModelProto field 2 is its TrainerSpec; there, field 2 is model_prefix and 16 num_threads.
+_TRAINER_SPEC, _MODEL_PREFIX, _NUM_THREADS = 2, 2, 16
+
+
+def _canonical_model(proto: bytes, name: str) -> bytes:
+    """The model file with its training record made machine-independent: SentencePiece stores the
+    output path it was given (here a temp name holding the process id) and the thread count, so
+    the same tokenizer trained twice had two checksums. model_prefix becomes ``name``; num_threads,
+    a property of the machine and not of the model, is dropped. Pieces and rules are untouched."""
+    out = bytearray()
+    for num, wire, enc in _fields(proto):
+        if num != _TRAINER_SPEC or wire != 2:
+            out += enc
+            continue
+        key_len = len(_put_varint((_TRAINER_SPEC << 3) | 2))
+        _, body_at = _varint(enc, key_len)
+        spec = bytearray()
+        for f, w, e in _fields(enc[body_at:]):
+            if f == _MODEL_PREFIX and w == 2:
+                raw = name.encode()
+                spec += _put_varint((_MODEL_PREFIX << 3) | 2) + _put_varint(len(raw)) + raw
+            elif f != _NUM_THREADS:
+                spec += e
+        out += _put_varint((_TRAINER_SPEC << 3) | 2) + _put_varint(len(spec)) + spec
+    return bytes(out)
+
+
 def train_tokenizer(texts: Iterable[str], model_prefix: str | os.PathLike, vocab_size: int, *,
                     max_bytes: int = 200_000_000, num_threads: int | None = None,
                     max_sentence_bytes: int = 16384, overwrite: bool = False) -> Path:
@@ -256,6 +324,8 @@ def train_tokenizer(texts: Iterable[str], model_prefix: str | os.PathLike, vocab
             byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
             add_dummy_prefix=False, character_coverage=0.999, max_sentence_length=max_sentence_bytes,
             num_threads=num_threads or os.cpu_count() or 1, minloglevel=2, **SPECIAL_IDS)
+        model_tmp = tmp.with_name(tmp.name + ".model")
+        model_tmp.write_bytes(_canonical_model(model_tmp.read_bytes(), prefix.name))
         for ext, dst in zip((".model", ".vocab"), final):
             os.replace(tmp.with_name(tmp.name + ext), dst)
     except RuntimeError as e:  # e.g. "Vocabulary size is too high" for a tiny sample

@@ -136,3 +136,19 @@ def test_byte_sidecar(tmp_path, sp1024_tables):
     write_shard(tmp_path / "fineweb_val_bytes_000000.bin", [0, 4], overwrite=True)
     with pytest.raises(ValueError, match="byte sidecar mismatch"):
         load_byte_sidecar(tmp_path)
+
+
+def test_the_same_tokenizer_trained_twice_is_the_same_file(wiki_shard, tmp_path):
+    """SentencePiece records the output path it was given (a temp name with the process id) and the
+    thread count in the model file, so a tokenizer retrained by the same command had a new checksum
+    on every run and machine. The trainer writes them machine-independent; the model still loads."""
+    texts = _jsonl(wiki_shard, 60)
+    files = []
+    for sub, threads in (("a", 1), ("b", 2)):
+        (tmp_path / sub).mkdir()
+        files.append(train_tokenizer(texts, tmp_path / sub / "tok", 512, max_bytes=500_000, num_threads=threads))
+    a, b = (f.read_bytes() for f in files)
+    assert a == b
+    assert b".tmp" not in a and str(tmp_path).encode() not in a
+    sp = load_sentencepiece(files[0])
+    assert sp.get_piece_size() == 512 and sp.decode(sp.encode("Hello world 123")) == "Hello world 123"
