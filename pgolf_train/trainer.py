@@ -37,6 +37,7 @@ from pgolf_train.ema import EMA
 from pgolf_train.loader import DistributedTokenLoader
 from pgolf_train.model import GPT
 from pgolf_train.scoring import Scorer
+from pgolf_train.shards import read_header
 from pgolf_train.source import model_source
 from pgolf_train.build import autocast_ctx, build_model, build_optimizers, compile_model, count_params  # noqa: F401
 from pgolf_train.checkpoint import (CHECKPOINT_VERSION, PREVIOUS_RUN, RESUME_MUTABLE, RUN_FILES, _to_cpu,  # noqa: F401
@@ -197,8 +198,9 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
     optimizers, muon = build_optimizers(cfg, base_model, device)
     params = list(base_model.parameters())
     val_tokens, byte_source = scorer.load_val(data_dir, tokenizer, cfg.vocab_size, cfg.val_max_tokens or None)
-    log(f"data: {len(DistributedTokenLoader(data_dir, 0, 1, 'cpu').stream.files)} train shards, "
-        f"{val_tokens.size:,} val tokens")
+    train_files = DistributedTokenLoader(data_dir, 0, 1, 'cpu').stream.files
+    train_tokens = sum(read_header(f) for f in train_files)
+    log(f"data: {len(train_files)} train shards ({train_tokens:,} tokens), {val_tokens.size:,} val tokens")
     from pgolf_train.qat import qat_enabled, set_qat
 
     step, training_ms, ema, qat_on, loader_state = 0, 0.0, None, False, None
@@ -386,7 +388,8 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
     base_model.head_loss = base_model.rope_cache = None  # the exported model and its scores take the reference path
     log(f"training done: {step} steps in {training_ms / 1000:.1f}s "
         f"({step * tokens_per_step / max(training_ms / 1000, 1e-9):,.0f} tok/s, "
-        f"{training_ms / max(step, 1):.1f} ms/step)")
+        f"{training_ms / max(step, 1):.1f} ms/step; {step * tokens_per_step / max(train_tokens, 1):.1f} passes "
+        "over the training tokens)")  # above 1 the same text comes round again: more steps may not pay
     if device.type == "cuda":
         log(f"peak memory: {torch.cuda.max_memory_allocated(device) // 2**20} MiB allocated")
     write_checkpoint()

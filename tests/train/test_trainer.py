@@ -135,6 +135,12 @@ def test_tiny_run_learns_exports_and_scores_the_artifact(tiny_data, sp1024, tmp_
     # exactly that forward (a ternary model's float weights alone had scored 3.66 against 1.67)
     assert abs(summary["val_bpb_qat"] - summary["val_bpb"]) < 1e-6
     assert "from quantization, against the QAT forward" in (run / "train.log").read_text()
+    # the log says how often the run read its training tokens (a run past 1 sees the same text again)
+    from pgolf_train.shards import list_shards, read_header
+
+    train_tokens = sum(read_header(f) for f in list_shards(tiny_data, "train"))
+    assert f"({train_tokens:,} tokens)" in (run / "train.log").read_text()
+    assert f"; {30 * 2048 / train_tokens:.1f} passes over the training tokens)" in (run / "train.log").read_text()
     from pgolf_codec.container import read_artifact
 
     art = read_artifact(run / "model.pgolf")
