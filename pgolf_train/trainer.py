@@ -129,6 +129,16 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
     phase (``pgolf_train.distill``) runs first, on its share of the budget, and this model trains on
     the rest with the soft-target loss.
     """
+    # Contexts open over the compile and the steps (a pinned SDPA backend, which is process-global)
+    # close on the way out whatever happens; the run itself closes them before the export.
+    with contextlib.ExitStack() as steps_ctx:
+        return _train(cfg, data_dir, tokenizer, out_dir, scorer=scorer, resume=resume, force=force, echo=echo,
+                      stop_at_step=stop_at_step, export=export, steps_ctx=steps_ctx)
+
+
+def _train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.PathLike, out_dir: str | os.PathLike,
+           *, scorer: Scorer, resume: bool, force: bool, echo: bool, stop_at_step: int | None, export: bool,
+           steps_ctx: contextlib.ExitStack) -> dict[str, Any]:
     data_dir, tokenizer, out_dir = Path(data_dir), Path(tokenizer), Path(out_dir)
     t_start = time.perf_counter()
     di = init_distributed(cfg.device)
@@ -180,7 +190,6 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
 
     # ---- model, optimizers, data ----
     base_model = build_model(cfg, device)
-    steps_ctx = contextlib.ExitStack()  # open over the warm-up (the compile) and the loop
     options: dict = {}
     if cfg.fused or cfg.sdpa_backend:
         from pgolf_train.fused import apply_fusions, compile_options, sdpa_context

@@ -266,3 +266,24 @@ def test_exported_weights_pack_as_the_readme_says_and_evaluate(tiny_data, sp1024
                   "--config", str(tmp_path / "cfg.json")]) == 0
     with pytest.warns(UserWarning, match="embeds no model source"):
         model_from_artifact(tmp_path / "bare.pgolf")
+
+
+def test_a_failed_run_leaves_no_attention_backend_pinned(tiny_data, sp1024, tmp_path, monkeypatch):
+    """The pinned SDPA backend (process-global) was released only when the loop ended normally: a run
+    that raised inside it left every later attention call in the process on that one kernel."""
+    import pgolf_train.trainer as trainer
+
+    seen = []
+
+    def failing_step(*args, **kwargs):
+        seen.append(torch.backends.cuda.flash_sdp_enabled())
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(trainer, "train_step", failing_step)
+    cfg = load_config("tiny", ["iterations=3", "sdpa_backend=math", "compile=false", "compile_warmup_steps=0"])
+    with pytest.raises(RuntimeError, match="step failed") as failure:
+        train(cfg, tiny_data, sp1024, tmp_path / "run", scorer=Scorer(), echo=False)
+    assert seen == [False]  # inside the run only the math kernel was allowed
+    # checked while the caller still holds the exception (its traceback keeps the run's frames alive,
+    # as a REPL or a retrying caller does): the backend must be released by then, not at collection
+    assert failure.traceback and torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
