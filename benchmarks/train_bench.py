@@ -1,7 +1,7 @@
 """Training throughput of the baseline config on one GPU: step time, tokens/s and MFU.
 
     python benchmarks/train_bench.py --data DIR [--steps 20] [--warmup 5] [--variants baseline,qat]
-        [--config baseline] [--set KEY=VALUE ...] [--out FILE]
+        [--config baseline] [--arm ABLATION_ARM] [--set KEY=VALUE ...] [--out FILE]
 
 Runs the trainer's own step (``pgolf_train.trainer.train_step``: compiled model, fused Adam, Muon,
 grad accumulation 8 at 524,288 tokens/step) for each variant: the baseline, with QAT on, with depth
@@ -47,6 +47,16 @@ VARIANTS = {
     "sdpa_cudnn": ["sdpa_backend=cudnn"],
     "sdpa_efficient": ["sdpa_backend=efficient"],
 }
+
+
+def arm_overrides(arm: str) -> list[str]:
+    """An ablation arm's overrides (``benchmarks/ablation_arms.py``) without its QAT switch, so that the
+    ``baseline`` and ``qat`` variants time that arm's model without and with fake-quant from step 0."""
+    from ablation_arms import ARMS
+
+    if arm not in ARMS:
+        raise SystemExit(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
+    return [kv for kv in ARMS[arm] if not kv.startswith("qat_start=")]
 
 
 def flops_per_token(cfg) -> float:
@@ -96,8 +106,11 @@ def main() -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--config", default="baseline", help="the config every variant starts from")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
+    ap.add_argument("--arm", help="start every variant from this ablation arm's model (its QAT switch left to the "
+                                  "variant): `--config h200 --arm lowbit_ternary --variants baseline,qat` times QAT")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "train_bench.json")
     args = ap.parse_args()
+    base = arm_overrides(args.arm) if args.arm else []
     if not torch.cuda.is_available():
         print("train_bench needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -108,10 +121,10 @@ def main() -> int:
         torch._dynamo.reset()
         torch.cuda.reset_peak_memory_stats()
         try:
-            r = bench(name, VARIANTS[name] + args.set, args.data, args.steps, args.warmup, args.config)
+            r = bench(name, base + VARIANTS[name] + args.set, args.data, args.steps, args.warmup, args.config)
         except Exception as e:  # an unsupported backend, say: recorded, and the other variants still run
             print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            rows.append({"variant": name, "config": args.config, "overrides": VARIANTS[name] + args.set,
+            rows.append({"variant": name, "config": args.config, "overrides": base + VARIANTS[name] + args.set,
                          "error": f"{type(e).__name__}: {str(e)[:1000]}"})
             continue
         ok = [row for row in rows if "ms_per_step" in row]

@@ -48,3 +48,18 @@ def test_profile_phases_and_kernel_table(tiny_data, one_thread):
     assert t["by_phase_ms"]["unattributed"] == {"copy_cast": 0.01}
     assert abs(t["kernel_ms_per_step"] - 0.09) < 1e-9 and abs(t["idle_ms_per_step"] - 0.319) < 1e-9  # 1..410 µs, 90 busy
     assert t["attention_kernels"] == ["cudnn_generated_fort_native_sdpa_sm90_flash_bprop"]
+
+
+def test_train_bench_times_an_ablation_arms_model_with_and_without_qat(tiny_data, one_thread):
+    """`--arm` takes the arm's model and recipe and leaves QAT to the variant (`baseline` off, `qat`
+    from step 0); the arm's own low-bit recipe runs through the timed step."""
+    import pytest
+
+    sets = train_bench.arm_overrides("lowbit_int2")
+    assert not any(kv.startswith("qat_start=") for kv in sets) and "model_dim=896" in sets
+    with pytest.raises(SystemExit, match="unknown arm 'nope'"):
+        train_bench.arm_overrides("nope")
+    recipe = [kv for kv in sets if kv.startswith("recipe=")]  # the tiny model keeps its shape on the CPU
+    row = train_bench.bench("qat", recipe + train_bench.VARIANTS["qat"], str(tiny_data), steps=1, warmup=1,
+                            config="tiny", device=CPU)
+    assert row["ms_per_step"] > 0 and np.isfinite(row["loss"]) and "qat_start=0" in row["overrides"]
