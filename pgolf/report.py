@@ -176,6 +176,7 @@ def write_report(out: Path, *, cfg, summary: dict, evals: dict, stages: dict, ma
         "train_seconds": summary.get("train_seconds"),
         "steps": summary.get("steps"),
         "tokens_seen": summary.get("tokens_seen"),
+        "train_tokens": summary.get("train_tokens"),
         "stages": stages,
         "tensors": tensors,
         "seed": getattr(cfg, "seed", None),
@@ -296,6 +297,8 @@ def render_markdown(r: dict) -> str:
         f"| steps | {r['steps']} |",
         f"| training time (s) | {f(r['train_seconds'], '.1f')} |",
         f"| tokens seen | {r['tokens_seen']:,} |" if r.get("tokens_seen") else "| tokens seen | — |",
+        *([f"| passes over the training set ({r['train_tokens']:,} tokens) | {r['tokens_seen'] / r['train_tokens']:.2f} |"]
+          if r.get("train_tokens") and r.get("tokens_seen") else []),
         f"| seed | {r['seed']} |",
         f"| git commit | {r['git_commit']} |", "",
         "## Time per stage", "", "| stage | seconds |", "|---|---|",

@@ -414,6 +414,7 @@ def _train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pa
 
         summary.update(phase_summary(run_cfg, teacher_summary, summary))
     summary["wall_seconds"] = time.perf_counter() - t_start
+    summary["train_tokens"] = train_tokens  # the training set; tokens_seen / train_tokens = its passes
     if di.master:
         _atomic_write_text(out_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
         shutil.rmtree(out_dir / PREVIOUS_RUN, ignore_errors=True)  # this run is complete

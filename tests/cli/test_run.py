@@ -39,6 +39,11 @@ def test_run_writes_a_scored_artifact_and_report(demo_run):
     assert {t["name"] for t in report["tensors"]} >= {"tok_emb.weight"}
     md = (out / "report.md").read_text()
     assert "val bpb before quantization" in md and f"{report['artifact_bytes']:,}" in md
+    # how often the run read its training set, against the manifest's count of it
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert report["train_tokens"] == manifest["splits"]["train"]["tokens"] > 0
+    assert f"| passes over the training set ({report['train_tokens']:,} tokens) | " \
+           f"{report['tokens_seen'] / report['train_tokens']:.2f} |" in md
     assert (out / "curves.png").stat().st_size > 0 and (out / "bytes_per_tensor.png").stat().st_size > 0
     # the data stage really ran on the given documents: val is the first 20, the tokenizer reused
     manifest = json.loads((out / "data" / "manifest.json").read_text())
