@@ -103,12 +103,15 @@ def main() -> None:
 
 
 def print_arms(rows: list[dict], width: int = 11) -> None:
-    """The arms' table: steps, ms/step, pre/plain/sliding bpb, Δ sliding against h200, bytes, buckets."""
+    """The arms' table: steps, ms/step, pre/plain/sliding bpb, Δ sliding against h200, bytes, buckets.
+    ``pre`` is the model as trained: with its fake-quant on when it ended training under QAT (its float
+    weights alone are not the function it learned), marked ``q``."""
     print(f"{'arm':<{width}} {'steps':>5} {'ms/step':>7} {'pre':>7} {'plain':>7} {'sliding':>7} "
           f"{'Δ sliding [95%]':>26} {'bytes':>11}")
     for r in rows:
         c = r["sliding_vs_h200"]["overall"]
-        print(f"{r['arm']:<{width}} {r['steps']:>5} {r['ms_per_step']:>7.1f} {r['val_bpb_prequant']:>7.4f} "
+        pre, mark = ((r["val_bpb_qat"], "q") if r.get("val_bpb_qat") is not None else (r["val_bpb_prequant"], " "))
+        print(f"{r['arm']:<{width}} {r['steps']:>5} {r['ms_per_step']:>7.1f} {pre:>6.4f}{mark}"
               f"{r['val_bpb_plain']:>7.4f} {r['val_bpb_sliding']:>7.4f} "
               f"{c['delta']:>+8.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] {r['artifact_bytes']:>11,}")
         print(" " * (width + 1) + "by bucket: " + ", ".join(f"{b['bucket']} {b['delta']:+.4f} ({b['verdict']})"
