@@ -47,3 +47,19 @@ def test_vocab_arms_name_their_vocabulary():
     out = subprocess.run([sys.executable, str(BENCH / "ablation_arms.py"), "--vocab", "vocab8192"],
                          capture_output=True, text=True)
     assert out.stdout.strip() == "8192"
+
+
+def test_the_arms_table_shows_a_qat_models_as_trained_score(capsys):
+    """A model trained under QAT from step 0 is scored by its fake-quant forward: its float weights
+    alone (3.66 for the ternary arm) are not what it learned, so the table's pre-quant column takes
+    the as-trained score, marked q; a model without QAT keeps its float score."""
+    from archs_collect import print_arms
+
+    tie = {"delta": 0.0, "ci95": [0.0, 0.0], "verdict": "tie"}
+    row = {"steps": 10, "ms_per_step": 1.0, "val_bpb_plain": 1.6936, "val_bpb_sliding": 1.6558, "artifact_bytes": 1,
+           "sliding_vs_h200": {"overall": tie, "buckets": [{"bucket": "<512", **tie}]}}
+    print_arms([{**row, "arm": "qat", "val_bpb_prequant": 3.6604, "val_bpb_qat": 1.6936},
+                {**row, "arm": "float", "val_bpb_prequant": 1.5803, "val_bpb_qat": None}])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("qat", "float"))]
+    assert "1.6936q" in lines[0] and "3.6604" not in lines[0]
+    assert "1.5803 " in lines[1]
