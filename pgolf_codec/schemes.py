@@ -360,7 +360,7 @@ def _mean_sd(wg, mask, n):
     return mean.float(), var.sqrt().float()
 
 
-def _clip_bounds(wg, count, g, spec, ratio=1.0):
+def _clip_bounds(wg, count, g, spec):
     """Clip bounds (lo, hi) per group, float32 (rows, ng).  Symmetric: lo is unused (= -hi)."""
     mask = _valid_mask(count, g)
     n = count[None, :]
@@ -378,7 +378,7 @@ def _clip_bounds(wg, count, g, spec, ratio=1.0):
             c = (a.double().sum(-1) / n).float()  # absmean: the natural scale of 1-bit and ternary codes
         else:
             c = amax
-        return -c * ratio, c * ratio
+        return -c, c
     big = torch.full_like(wg, float("inf"))
     wmin = torch.where(mask, wg, big).amin(-1)
     wmax = torch.where(mask, wg, -big).amax(-1)
@@ -390,7 +390,7 @@ def _clip_bounds(wg, count, g, spec, ratio=1.0):
         lo, hi = mean - spec.clip_param * sd, mean + spec.clip_param * sd
     else:
         lo, hi = wmin, wmax
-    return lo * ratio, hi * ratio
+    return lo, hi
 
 
 def _mse_grid(spec: QuantSpec) -> list[float]:
@@ -421,7 +421,7 @@ def _group_scales(wg: torch.Tensor, count: torch.Tensor, g: int, spec: QuantSpec
         # weights under torch.compile instead of R unrolled ones (which made a QAT graph's compile
         # time grow by the grid size per matrix). The same choice as trying the ratios in grid order
         # and keeping a strictly smaller error: argmin returns the first minimum, so ties keep the
-        # larger clip ratio. `lo * r` is the same float32 product as `_clip_bounds(..., ratio=r)`.
+        # larger clip ratio. `lo * r` with r a float32 tensor is the float32 product `lo * float(r)`.
         base = QuantSpec(spec.kind, spec.bits, spec.symmetric, spec.group, spec.scale_dtype)
         lo1, hi1 = _clip_bounds(wg, count, g, base)
         ratios = torch.tensor(_mse_grid(spec), dtype=torch.float32, device=wg.device)[:, None, None]

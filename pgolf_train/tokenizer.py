@@ -277,8 +277,8 @@ def _canonical_model(proto: bytes, name: str) -> bytes:
         if num != _TRAINER_SPEC or wire != 2:
             out += enc
             continue
-        key_len = len(_put_varint((_TRAINER_SPEC << 3) | 2))
-        _, body_at = _varint(enc, key_len)
+        _, length_at = _varint(enc, 0)  # past the key
+        _, body_at = _varint(enc, length_at)  # past the length
         spec = bytearray()
         for f, w, e in _fields(enc[body_at:]):
             if f == _MODEL_PREFIX and w == 2:

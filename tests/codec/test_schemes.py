@@ -270,8 +270,9 @@ def _mse_scales_one_ratio_at_a_time(w2: torch.Tensor, spec: QuantSpec):
     wg, count, g = _grouped(w2.float(), spec)
     base = QuantSpec(spec.kind, spec.bits, spec.symmetric, spec.group, spec.scale_dtype)
     best = None
+    lo1, hi1 = _clip_bounds(wg, count, g, base)
     for r in _mse_grid(spec):
-        lo, hi = _clip_bounds(wg, count, g, base, r)
+        lo, hi = lo1 * r, hi1 * r
         s, z, _, _ = _scale_and_zero(lo, hi, base)
         err = ((_values(_codes_from_scale(wg, s, z, base), s, z, base) - wg) ** 2).sum(-1)
         if best is None:
