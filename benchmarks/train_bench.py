@@ -25,7 +25,7 @@ import torch
 
 from pgolf_train.trainer import set_schedule, synchronize
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported, not run
-from _results import write_json  # noqa: E402
+from _results import git, write_json  # noqa: E402
 from _step import setup_step  # noqa: E402
 
 PEAK_FLOPS = 990e12  # dense bf16, H100/H200 SXM
@@ -135,7 +135,7 @@ def main() -> int:
               flush=True)
         # after every variant: a run cut off by its time limit keeps what it measured
         write_json(args.out, {"command": " ".join([sys.executable, *sys.argv]), "date": datetime.datetime.now().isoformat(),
-                              "device": torch.cuda.get_device_name(0),
+                              "code_commit": git("rev-parse", "HEAD"), "device": torch.cuda.get_device_name(0),
                               "ceiling": {"reference_ms_per_step": REFERENCE_MS, "reference_tokens_per_s": 1.68e6,
                                           "peak_bf16_flops": PEAK_FLOPS}, "rows": rows})
     return 0
