@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import git, write_json  # noqa: E402
+from ablation_arms import INT7 as H200_INT7  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # the H200 arm's bigram_buckets=4096, bigram_dim=128 at model_dim 512: here the same buckets, dim 1/4 of 128
@@ -36,8 +37,9 @@ ARMS: dict[str, list[str]] = {"ref": [], "bigram_gain1": BIGRAM, "bigram": BIGRA
 
 
 def cpu_run(iterations: int) -> list[str]:
-    # relu2 and no XSA: h200 of the H200 screen's campaign (1ba9fd6); XSA also runs ~5x slower on the CPU
-    return ["model_dim=128", "num_layers=4", "num_heads=4", "num_kv_heads=2", "train_seq_len=256",
+    # relu2, no XSA, int7 after training: h200 of the H200 screen's campaign (1ba9fd6); XSA also runs ~5x
+    # slower on the CPU
+    return [*H200_INT7, "model_dim=128", "num_layers=4", "num_heads=4", "num_kv_heads=2", "train_seq_len=256",
             "train_batch_tokens=4096", f"iterations={iterations}", "max_wallclock_seconds=0", "compile=false",
             "compile_warmup_steps=0", "device=cpu", "bf16=false", "fused=", "xsa_layers=", "activation=relu2",
             "val_max_tokens=65536", "val_batch_tokens=16384", "eval_ttt=", "eval_stride=0",

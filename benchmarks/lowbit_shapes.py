@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_json  # noqa: E402
+from ablation_arms import INT7 as H200_INT7  # noqa: E402
 
 from pgolf_codec.container import build_artifact, read_artifact  # noqa: E402
 from pgolf_train.build import build_model, count_params  # noqa: E402
@@ -154,7 +155,7 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     torch.set_num_threads(2)
-    h200 = load_config("h200")
+    h200 = load_config("h200", H200_INT7)  # the int7 h200 whose artifact calibrates (h200 is int4 QAT since)
     f_h200 = flops_per_token(h200)
 
     # --- calibration on h200's shape --------------------------------------------------------
