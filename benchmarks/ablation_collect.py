@@ -33,9 +33,20 @@ def reference_evals(args: argparse.Namespace, runs: dict[str, Path]) -> tuple[di
     return {"plain": rows["plain"], "sliding": rows["sliding s=64"]}, f"h200 rows of {args.reference_sweep}"
 
 
+RUNNER_SETS = ("max_wallclock_seconds=", "eval_ttt=")  # what h200_ablation.sh adds to every arm
+
+
+def ran_overrides(argv: list[str]) -> list[str]:
+    """The ``--set`` overrides a run's report says it ran with (its ``argv``), less the budget and TTT
+    switch the runner gives every arm: the arm's own, and any EXTRA. From the run, not from today's
+    ``ARMS``, so a run collects the same after its arm is changed or removed."""
+    sets = [v for k, v in zip(argv, argv[1:]) if k == "--set"]
+    return [kv for kv in sets if not kv.startswith(RUNNER_SETS)]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", action="append", required=True, help="ARM=RUNDIR (ARM from ablation_arms.py)")
+    ap.add_argument("--run", action="append", required=True, help="ARM=RUNDIR (the arm's name, as it ran)")
     ap.add_argument("--budget", type=float, required=True, help="seconds of training every arm ran")
     ap.add_argument("--reference-sweep", type=Path, help="without a ref arm: a sweep JSON with h200's rows")
     ap.add_argument("--code-commit", required=True)
@@ -46,13 +57,19 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, Path] = {}
     for item in args.run:
         name, _, d = item.partition("=")
-        if name not in ARMS:
-            raise SystemExit(f"unknown arm {name!r}; known: {', '.join(ARMS)}")
+        if not name or not d:
+            raise SystemExit(f"--run {item!r}: expected ARM=RUNDIR")
         if not (Path(d) / "report.json").is_file():
             raise SystemExit(f"{name}: no report.json in {d}")
         runs[name] = Path(d)
     ref, ref_what = reference_evals(args, runs)
-    rows = [arm_row(name, d, ref, ARMS[name]) for name, d in runs.items()]
+    rows = []
+    for name, d in runs.items():
+        ran = ran_overrides(json.loads((d / "report.json").read_text())["argv"])
+        if name in ARMS and ARMS[name] != ran[:len(ARMS[name])]:
+            print(f"{name}: ran with {ran}, not today's {ARMS[name]} (the arm changed since; "
+                  "the row records what ran)", file=sys.stderr)
+        rows.append(arm_row(name, d, ref, ran))
     for r in rows:
         if abs(r["train_seconds"] - args.budget) > 5:
             raise SystemExit(f"{r['arm']}: trained {r['train_seconds']:.0f} s, not the --budget {args.budget:.0f} s")

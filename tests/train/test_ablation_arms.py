@@ -63,3 +63,43 @@ def test_the_arms_table_shows_a_qat_models_as_trained_score(capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("qat", "float"))]
     assert "1.6936q" in lines[0] and "3.6604" not in lines[0]
     assert "1.5803 " in lines[1]
+
+
+def _fake_run(d: Path, argv: list[str], losses: list[float]) -> Path:
+    """A run directory as the runner leaves it: report.json with per-document evals, train_summary.json."""
+    import json
+
+    d.mkdir()
+    per_doc = {"length": [300, 1000, 4000, 9000], "tokens": [300, 1000, 4000, 9000],
+               "bytes": [900, 3000, 12000, 27000], "loss": losses}
+    ev = {"val_bpb": 1.6, "per_doc": per_doc}
+    (d / "report.json").write_text(json.dumps({
+        "argv": argv, "params": 10, "steps": 100, "train_seconds": 300.0, "tokens_seen": 1000,
+        "val_bpb_prequant": 1.6, "val_bpb_qat": None, "evals": {"plain": ev, "sliding": ev},
+        "artifact_bytes": 5, "code_bytes": 1, "challenge": {"total_bytes": 6}, "git_commit": "c" * 40}))
+    (d / "train_summary.json").write_text(json.dumps({"final_train_loss": 2.0}))
+    return d
+
+
+def test_the_collector_records_what_each_run_ran_not_todays_table(tmp_path, capsys):
+    """Overrides come from each run's argv: a run whose arm was since removed (lowbit_int4, now h200)
+    or changed still collects, with what it ran; the runner's budget and TTT switch are not the arm's."""
+    from ablation_collect import main as collect
+
+    runner = ["--set", "max_wallclock_seconds=300", "--set", "eval_ttt="]
+    ref = _fake_run(tmp_path / "ref", ["run", "--config", "h200", *runner, "--set", "val_loss_every=500"],
+                    [600.0, 2000.0, 8000.0, 18000.0])
+    gone = _fake_run(tmp_path / "gone", ["run", "--config", "h200", "--set", "num_layers=12", "--set", "qat_start=0",
+                                         *runner], [590.0, 1990.0, 7990.0, 17990.0])
+    changed = _fake_run(tmp_path / "l13", ["run", "--config", "h200", "--set", "model_dim=512", "--set",
+                                           "num_layers=13", *runner], [600.0, 2000.0, 8000.0, 18000.0])
+    out = collect(["--run", f"ref={ref}", "--run", f"lowbit_int4={gone}", "--run", f"lowbit_int4_l13={changed}",
+                   "--budget", "300", "--code-commit", "x", "--out", str(tmp_path / "r.json")])
+    rows = {r["arm"]: r for r in out["arms"]}
+    assert rows["ref"]["overrides"] == ["val_loss_every=500"]
+    assert rows["lowbit_int4"]["overrides"] == ["num_layers=12", "qat_start=0"]
+    assert rows["lowbit_int4_l13"]["overrides"] == ["model_dim=512", "num_layers=13"]
+    assert rows["lowbit_int4"]["plain_vs_h200"]["overall"]["delta"] < 0
+    assert "lowbit_int4_l13: ran with" in capsys.readouterr().err  # today's arm differs: said, not hidden
+    with pytest.raises(SystemExit, match="expected ARM=RUNDIR"):
+        collect(["--run", "ref", "--budget", "300", "--code-commit", "x", "--out", str(tmp_path / "r2.json")])
