@@ -213,3 +213,27 @@ def test_a_failed_run_removes_the_directory_it_made(tmp_path, fineweb_docs, sp10
     (tmp_path / "file").write_text("not a directory")
     args[args.index(str(out))] = str(tmp_path / "file")
     assert main(args) == 2 and "is not a directory" in capsys.readouterr().err
+
+
+def test_h200s_stack_trains_int4_under_qat_and_adapts_its_artifact(tmp_path, fineweb_docs, sp1024):
+    """`h200` (int4 block matrices fake-quantized from step 0, then sliding windows and score-first TTT)
+    at a CPU size: the artifact decodes exactly the forward it trained, its blocks are int4, and TTT
+    adapts on top of that int4 artifact."""
+    from tests.train.train_fixtures import make_tiny_shards
+
+    data = make_tiny_shards(tmp_path / "data", fineweb_docs, sp1024)
+    out = tmp_path / "run"
+    cpu = ["vocab_size=1024", "model_dim=64", "num_layers=2", "num_heads=2", "num_kv_heads=1", "train_seq_len=128",
+           "train_batch_tokens=2048", "iterations=12", "max_wallclock_seconds=0", "compile=false",
+           "compile_warmup_steps=0", "device=cpu", "bf16=false", "fused=", "val_max_tokens=4096",
+           "val_batch_tokens=4096", "eval_stride=64", "train_log_every=4", "checkpoint_every_s=0"]
+    rc = main(["run", "--config", "h200", "--data", str(data), "--tokenizer", str(sp1024), "--out", str(out),
+               *[a for kv in cpu for a in ("--set", kv)]])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    ev = report["evals"]
+    assert abs(report["val_bpb_qat"] - ev["plain"]["val_bpb"]) < 1e-6  # the artifact is the QAT forward
+    schemes = {t["name"]: t["scheme"] for t in report["tensors"]}
+    assert schemes["blocks.0.mlp.fc.weight"] == "int4:mse" and schemes["tok_emb.weight"].startswith("int8")
+    assert report["val_bpb_mode"] == "ttt" and ev["ttt"]["extra"]["ttt"]["adapted_chunks"] > 0
+    assert ev["ttt"]["tokens"] == ev["sliding"]["tokens"] and ev["ttt"]["val_bpb"] != ev["sliding"]["val_bpb"]
