@@ -48,7 +48,11 @@ def preflight(arm: str, data: Path, out: Path) -> dict:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             rc = pgolf(argv)
         rep = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
-        if rc != 0 or rep is None:
+        # `pgolf run` exits 1 after a full report when the artifact is over the cap: the arm ran through,
+        # and barely trained weights code larger than trained ones (int4 h200: 14.999 MB here, 13.790
+        # MB trained), so that is recorded as fits=False, not as a failure
+        over_cap = rep is not None and rc == 1 and rep["artifact_bytes"] > 16_000_000
+        if (rc != 0 and not over_cap) or rep is None:
             return {"arm": arm, "ok": False, "seconds": time.perf_counter() - t, "error": f"pgolf run exit {rc}",
                     "where": log.getvalue()[-3000:]}
         return {"arm": arm, "ok": True, "seconds": time.perf_counter() - t, "params": rep["params"],
@@ -80,7 +84,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as d:
             r = preflight(arm, data, Path(d) / "run")
         rows.append(r)
-        status = (f"ok  {r['params']:>11,} params  {r['artifact_bytes']:>11,} bytes  bpb "
+        status = (f"ok  {r['params']:>11,} params  {r['artifact_bytes']:>11,} bytes"
+                  + ("" if r["fits"] else " (over 16 MB, barely trained)") + "  bpb "
                   + " ".join(f"{m} {v:.3f}" for m, v in r["val_bpb"].items())
                   if r["ok"] else f"FAILED {r['error'][:200]}")
         print(f"{arm:<18} {r['seconds']:6.1f}s  {status}", flush=True)
