@@ -15,7 +15,8 @@ INT7_RECIPE = ("tok_emb.weight=int8:percentile=99.99984;embed_proj.weight=int8:p
 # The h200 before int4 QAT (to 2026-12-02): int7 blocks after training, 9 layers, MLP 2x. The arms
 # written against it (the vocabulary and precision arms, bigger_alloc) start from it, so that their
 # names keep the meaning their results have.
-INT7 = [f"recipe={INT7_RECIPE}", "qat_start=1.0", "num_layers=9", "mlp_mult=2"]
+NO_QAT, INT7_SHAPE = "qat_start=1.0", ["num_layers=9", "mlp_mult=2"]
+INT7 = [f"recipe={INT7_RECIPE}", NO_QAT, *INT7_SHAPE]
 EMB5 = ("tok_emb.weight=int5:percentile=99.99984;embed_proj.weight=int8:percentile=99.99984;"
         "*.weight=int7:percentile=99.99984;*=fp32")  # the int7 recipe, the embedding at int5
 BODY6 = ("tok_emb.weight=int8:percentile=99.99984;embed_proj.weight=int8:percentile=99.99984;"
@@ -59,7 +60,7 @@ ARMS: dict[str, list[str]] = {
                      "qat_start=0", "num_layers=6", "loop_start=0", "loop_end=6", "loop_times=2", "model_dim=640",
                      "num_heads=10", "num_kv_heads=5", "mlp_mult=4"],
     # spend the bytes (issue 22): a bigger model, GPTQ + the bit allocator filling 15.9 MB after training
-    "bigger_alloc": [*INT7[:2], "num_layers=11", "mlp_mult=3", "quantize_budget=15900000"],
+    "bigger_alloc": [f"recipe={INT7_RECIPE}", NO_QAT, "num_layers=11", "mlp_mult=3", "quantize_budget=15900000"],
     "embed128": ["embed_dim=128"],
     "embed256": ["embed_dim=256"],
     # the vocabulary sweep (issue 22): tokenizers trained on the training documents only
@@ -71,10 +72,10 @@ ARMS: dict[str, list[str]] = {
     # quantization and 0.059 worse after it: the tied embedding does not survive int5. These keep
     # it at int8 and pay in the blocks instead (int6); body_int6 is h200 with the same blocks.
     # These four start from the int7 h200 they were written for (INT7).
-    "vocab8192_b6": [*INT7[1:], "vocab_size=8192", f"recipe={BODY6}"],
-    "body_int6": [*INT7[1:], f"recipe={BODY6}"],
-    "vocab8192": [*INT7[1:], "vocab_size=8192", f"recipe={EMB5}"],
-    "emb_int5": [*INT7[1:], f"recipe={EMB5}"],
+    "vocab8192_b6": [NO_QAT, *INT7_SHAPE, "vocab_size=8192", f"recipe={BODY6}"],
+    "body_int6": [NO_QAT, *INT7_SHAPE, f"recipe={BODY6}"],
+    "vocab8192": [NO_QAT, *INT7_SHAPE, "vocab_size=8192", f"recipe={EMB5}"],
+    "emb_int5": [NO_QAT, *INT7_SHAPE, f"recipe={EMB5}"],
     # on the int4 h200. At 8,192 rows an int8 embedding would add ~1.9 MB to its trained 13.79 MB (4,096
     # rows coded to 1.90 MB, 7.24 bits each): too close to 16 MB (the CPU preflight of barely trained
     # weights: 16.55 MB), so int7 (~15.2 MB expected trained).

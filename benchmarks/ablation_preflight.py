@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import git, write_json  # noqa: E402
 from ablation_arms import ARMS, vocab  # noqa: E402
 
+from pgolf.run import CAP_BYTES  # noqa: E402
+
 
 CPU_RUN = ["iterations=2", "train_batch_tokens=2048", "compile=false", "val_max_tokens=4096",
            "max_wallclock_seconds=0", "compile_warmup_steps=0", "eval_ttt=", "val_batch_tokens=4096",
@@ -51,12 +53,12 @@ def preflight(arm: str, data: Path, out: Path) -> dict:
         # `pgolf run` exits 1 after a full report when the artifact is over the cap: the arm ran through,
         # and barely trained weights code larger than trained ones (int4 h200: 14.999 MB here, 13.790
         # MB trained), so that is recorded as fits=False, not as a failure
-        over_cap = rep is not None and rc == 1 and rep["artifact_bytes"] > 16_000_000
+        over_cap = rep is not None and rc == 1 and rep["artifact_bytes"] > CAP_BYTES
         if (rc != 0 and not over_cap) or rep is None:
             return {"arm": arm, "ok": False, "seconds": time.perf_counter() - t, "error": f"pgolf run exit {rc}",
                     "where": log.getvalue()[-3000:]}
         return {"arm": arm, "ok": True, "seconds": time.perf_counter() - t, "params": rep["params"],
-                "artifact_bytes": rep["artifact_bytes"], "fits": rep["artifact_bytes"] <= 16_000_000,
+                "artifact_bytes": rep["artifact_bytes"], "fits": rep["artifact_bytes"] <= CAP_BYTES,
                 "val_bpb": {m: e["val_bpb"] for m, e in rep["evals"].items()}}
     except Exception as e:  # recorded: the point is to find the arm that fails
         return {"arm": arm, "ok": False, "seconds": time.perf_counter() - t,
