@@ -50,13 +50,14 @@ VARIANTS = {
 
 
 def arm_overrides(arm: str) -> list[str]:
-    """An ablation arm's overrides (``benchmarks/ablation_arms.py``) without its QAT switch, so that the
-    ``baseline`` and ``qat`` variants time that arm's model without and with fake-quant from step 0."""
+    """An ablation arm's overrides (``benchmarks/ablation_arms.py``) with QAT off, so that the ``baseline``
+    and ``qat`` variants time that arm's model without and with fake-quant from step 0. Off explicitly:
+    `h200` itself trains under QAT from step 0, so an arm that does not set it would inherit it."""
     from ablation_arms import ARMS
 
     if arm not in ARMS:
         raise SystemExit(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
-    return [kv for kv in ARMS[arm] if not kv.startswith("qat_start=")]
+    return [kv for kv in ARMS[arm] if not kv.startswith("qat_start=")] + ["qat_start=1.0"]
 
 
 def flops_per_token(cfg) -> float:

@@ -55,8 +55,14 @@ def test_train_bench_times_an_ablation_arms_model_with_and_without_qat(tiny_data
     from step 0); the arm's own low-bit recipe runs through the timed step."""
     import pytest
 
+    from pgolf_train.config import load_config
+
     sets = train_bench.arm_overrides("lowbit_int2")
-    assert not any(kv.startswith("qat_start=") for kv in sets) and "model_dim=896" in sets
+    assert [kv for kv in sets if kv.startswith("qat_start=")] == ["qat_start=1.0"] and "model_dim=896" in sets
+    # h200 trains under QAT from step 0: an arm that does not set it (13 layers) must still time baseline off
+    l13 = train_bench.arm_overrides("lowbit_int4_l13")
+    assert load_config("h200", l13 + train_bench.VARIANTS["baseline"]).qat_start >= 1.0
+    assert load_config("h200", l13 + train_bench.VARIANTS["qat"]).qat_start == 0.0
     with pytest.raises(SystemExit, match="unknown arm 'nope'"):
         train_bench.arm_overrides("nope")
     recipe = [kv for kv in sets if kv.startswith("recipe=")]  # the tiny model keeps its shape on the CPU
