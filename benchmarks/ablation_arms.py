@@ -15,8 +15,8 @@ INT7_RECIPE = ("tok_emb.weight=int8:percentile=99.99984;embed_proj.weight=int8:p
 # The h200 before int4 QAT (to 2026-12-02): int7 blocks after training, 9 layers, MLP 2x. The arms
 # written against it (the vocabulary and precision arms, bigger_alloc) start from it, so that their
 # names keep the meaning their results have.
-NO_QAT, INT7_SHAPE = "qat_start=1.0", ["num_layers=9", "mlp_mult=2"]
-INT7 = [f"recipe={INT7_RECIPE}", NO_QAT, *INT7_SHAPE]
+NO_QAT, NO_WD, INT7_SHAPE = "qat_start=1.0", "muon_weight_decay=0.0", ["num_layers=9", "mlp_mult=2"]
+INT7 = [f"recipe={INT7_RECIPE}", NO_QAT, NO_WD, *INT7_SHAPE]
 EMB5 = ("tok_emb.weight=int5:percentile=99.99984;embed_proj.weight=int8:percentile=99.99984;"
         "*.weight=int7:percentile=99.99984;*=fp32")  # the int7 recipe, the embedding at int5
 BODY6 = ("tok_emb.weight=int8:percentile=99.99984;embed_proj.weight=int8:percentile=99.99984;"
@@ -27,6 +27,11 @@ ARMS: dict[str, list[str]] = {
     # h200 took int4 QAT at 12 layers, MLP 3x from issue 23's bets (arm lowbit_int4 then; at 300 s
     # -0.0071 sliding [-0.0095, -0.0049], better in every bucket, results/lowbit_h200_300.json)
     "h200_int7": INT7,
+    # h200 took Muon's weight decay (0.04, tapered with the lr) from arm muon_wd of the int4 campaign
+    # (results/ablation_h200_int4.json: -0.0203 sliding [-0.0234, -0.0173], better in every bucket);
+    # this arm takes it back out. The arms below run on today's h200, so with the decay; a results
+    # file records the overrides each run had (from its argv), whatever this table says now.
+    "no_muon_wd": [NO_WD],
     # h200 took exclusive self-attention on every block and LeakyReLU(0.5)^2 from the first screen
     # (results/ablation_h200_screen60.json, run as arms xsa_all, leaky_relu2 against the h200 before;
     # together at 300 s as xsa_leaky, results/ablation_h200_300.json): these arms take them back out.
@@ -40,7 +45,6 @@ ARMS: dict[str, list[str]] = {
     "ln_scale": ["ln_scale=true"],
     "skip_gate": ["skip_gate=true"],
     "polar_express": ["muon_ns_coeffs=polar_express"],
-    "muon_wd": ["muon_weight_decay=0.04", "muon_wd_schedule=lr"],
     "doc_attention": ["doc_attention=true"],
     "parallel_residual": ["parallel_residual=true"],
     # issue 23's bets at ~15.5 MB: low-bit QAT from step 0 at 2-4x the parameters (shapes and recipes from
@@ -60,7 +64,7 @@ ARMS: dict[str, list[str]] = {
                      "qat_start=0", "num_layers=6", "loop_start=0", "loop_end=6", "loop_times=2", "model_dim=640",
                      "num_heads=10", "num_kv_heads=5", "mlp_mult=4"],
     # spend the bytes (issue 22): a bigger model, GPTQ + the bit allocator filling 15.9 MB after training
-    "bigger_alloc": [f"recipe={INT7_RECIPE}", NO_QAT, "num_layers=11", "mlp_mult=3", "quantize_budget=15900000"],
+    "bigger_alloc": [f"recipe={INT7_RECIPE}", NO_QAT, NO_WD, "num_layers=11", "mlp_mult=3", "quantize_budget=15900000"],
     "embed128": ["embed_dim=128"],
     "embed256": ["embed_dim=256"],
     # the vocabulary sweep (issue 22): tokenizers trained on the training documents only
@@ -72,10 +76,10 @@ ARMS: dict[str, list[str]] = {
     # quantization and 0.059 worse after it: the tied embedding does not survive int5. These keep
     # it at int8 and pay in the blocks instead (int6); body_int6 is h200 with the same blocks.
     # These four start from the int7 h200 they were written for (INT7).
-    "vocab8192_b6": [NO_QAT, *INT7_SHAPE, "vocab_size=8192", f"recipe={BODY6}"],
-    "body_int6": [NO_QAT, *INT7_SHAPE, f"recipe={BODY6}"],
-    "vocab8192": [NO_QAT, *INT7_SHAPE, "vocab_size=8192", f"recipe={EMB5}"],
-    "emb_int5": [NO_QAT, *INT7_SHAPE, f"recipe={EMB5}"],
+    "vocab8192_b6": [NO_QAT, NO_WD, *INT7_SHAPE, "vocab_size=8192", f"recipe={BODY6}"],
+    "body_int6": [NO_QAT, NO_WD, *INT7_SHAPE, f"recipe={BODY6}"],
+    "vocab8192": [NO_QAT, NO_WD, *INT7_SHAPE, "vocab_size=8192", f"recipe={EMB5}"],
+    "emb_int5": [NO_QAT, NO_WD, *INT7_SHAPE, f"recipe={EMB5}"],
     # on the int4 h200. At 8,192 rows an int8 embedding would add ~1.9 MB to its trained 13.79 MB (4,096
     # rows coded to 1.90 MB, 7.24 bits each): too close to 16 MB (the CPU preflight of barely trained
     # weights: 16.55 MB), so int7 (~15.2 MB expected trained).

@@ -103,3 +103,12 @@ def test_the_collector_records_what_each_run_ran_not_todays_table(tmp_path, caps
     assert "lowbit_int4_l13: ran with" in capsys.readouterr().err  # today's arm differs: said, not hidden
     with pytest.raises(SystemExit, match="expected ARM=RUNDIR"):
         collect(["--run", "ref", "--budget", "300", "--code-commit", "x", "--out", str(tmp_path / "r2.json")])
+
+
+@pytest.mark.parametrize("arm", ["h200_int7", "vocab8192", "vocab8192_b6", "emb_int5", "body_int6", "bigger_alloc"])
+def test_the_arms_written_for_the_int7_h200_keep_its_optimizer(arm):
+    """These arms' results are of the int7 h200, which trained without QAT and without Muon's weight
+    decay; h200 took both later, so each arm must switch both back off to keep its name's meaning."""
+    cfg = load_config("h200", ARMS[arm])
+    assert cfg.muon_weight_decay == 0.0 and cfg.qat_start == 1.0
+    assert load_config("h200", ARMS["no_muon_wd"]).muon_weight_decay == 0.0 < load_config("h200", []).muon_weight_decay
