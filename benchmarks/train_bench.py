@@ -38,10 +38,12 @@ VARIANTS = {
     "recurrence": ["loop_start=3", "loop_end=6", "loop_times=2"],
     "factorized_embed": ["embed_dim=256"],
     # the trainer's fused kernels and pinned attention backends (pgolf_train/fused.py)
+    "unfused": ["fused="],  # the reference path, for a config that sets fusions (h200)
     "fused_ce": ["fused=ce"],
     "fused_rope": ["fused=rope"],
     "fused_ce_rope": ["fused=ce,rope"],
     "fused_epilogue": ["fused=ce,rope,epilogue"],
+    "fused_tune": ["fused=ce,rope,tune"],
     "fused_ce_rope_flash": ["fused=ce,rope", "sdpa_backend=flash"],
     "sdpa_flash": ["sdpa_backend=flash"],
     "sdpa_cudnn": ["sdpa_backend=cudnn"],

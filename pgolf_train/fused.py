@@ -10,6 +10,10 @@ otherwise recomputes them inside every rotary kernel: 4 of them per layer in the
 ``epilogue``: inductor's max-autotune GEMMs, so that elementwise work after a matmul can run in
 its epilogue (``compile_options``).
 
+``tune``: inductor's coordinate-descent search over the block sizes of the Triton kernels it
+generates (the norms, activations and their backward: ~30% of the ``h200`` step in its profile),
+timed per kernel during the compile (``compile_options``).
+
 ``ce``: the output head, its soft cap and the cross-entropy in one pass over row chunks of the
 batch. Per chunk of ``CE_CHUNK`` rows: the bf16 logits (one matmul), then one kernel per row that
 computes the loss and writes d loss / d logits over the logits in place, then the two matmuls of
@@ -208,9 +212,13 @@ def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_le
 def compile_options(fusions: str | tuple[str, ...]) -> dict:
     """Inductor options the fusions ask for: ``epilogue`` = max-autotune GEMMs (Triton templates
     benchmarked against cuBLAS per shape; a template takes the elementwise work after it, e.g. relu²,
-    into its epilogue). Compiling takes longer; the warm-up pays it, outside the budget."""
+    into its epilogue); ``tune`` = coordinate-descent tuning of the generated kernels' block sizes.
+    Compiling takes longer; the warm-up pays it, outside the budget."""
     names = parse_fusions(fusions) if isinstance(fusions, str) else fusions
-    return {"max_autotune": True, "epilogue_fusion": True} if "epilogue" in names else {}
+    options = {"max_autotune": True, "epilogue_fusion": True} if "epilogue" in names else {}
+    if "tune" in names:
+        options["coordinate_descent_tuning"] = True
+    return options
 
 
 def sdpa_context(backend: str) -> contextlib.AbstractContextManager:

@@ -179,6 +179,19 @@ def test_rope_tables_made_once_are_what_the_compiled_model_reads():
     assert model.rope_cache == {}
     assert fused.compile_options("ce,epilogue") == {"max_autotune": True, "epilogue_fusion": True}
     assert fused.compile_options("ce,rope") == {}
+    assert fused.compile_options("ce,rope,tune") == {"coordinate_descent_tuning": True}
+
+
+def test_tune_compiles_the_same_model():
+    """fused=tune only changes how inductor picks its kernels' block sizes: torch.compile takes the
+    option and computes the compiled model's loss (on a GPU it times the candidates at the compile)."""
+    torch.manual_seed(0)
+    model = GPT(_cfg()).train()
+    x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+    torch._dynamo.reset()
+    ref = compile_model(model)(x, y)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compile_model(model, extra=fused.compile_options("tune"))(x, y), ref)
 
 
 def test_fusion_and_backend_names_are_checked():
