@@ -45,6 +45,9 @@ ARMS: dict[str, list[str]] = {
     "ln_scale": ["ln_scale=true"],
     "skip_gate": ["skip_gate=true"],
     "polar_express": ["muon_ns_coeffs=polar_express"],
+    # the records' AdamW decay on the embedding (0.085 at their lr 0.03); here h200's Muon value, whose
+    # per-step decay at the peak lr (0.04 x 0.05 = 0.002) is near theirs (0.0026)
+    "embed_wd": ["embed_weight_decay=0.04"],
     "doc_attention": ["doc_attention=true"],
     "parallel_residual": ["parallel_residual=true"],
     # issue 23's bets at ~15.5 MB: low-bit QAT from step 0 at 2-4x the parameters (shapes and recipes from

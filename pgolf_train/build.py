@@ -45,7 +45,9 @@ def build_optimizers(cfg: TrainConfig, model: GPT, device: torch.device) -> tupl
     """Adam for the embedding/head/scalars and Muon for the block matrices, as the baseline splits them.
 
     Every param group carries ``base_lr``; the loop sets ``lr = base_lr * lr_mul``. Muon's group also
-    carries ``base_weight_decay``; the loop sets ``weight_decay = base_weight_decay * wd_mul``.
+    carries ``base_weight_decay``, and so does the embedding's with ``embed_weight_decay > 0`` (then
+    AdamW, whose decay is decoupled like Muon's, p ← p·(1 − lr·wd); the other Adam groups at wd 0);
+    the loop sets ``weight_decay = base_weight_decay * wd_mul``.
     """
     groups = split_params(model)
     fused = device.type == "cuda"  # fused Adam: one kernel per step instead of one per tensor
@@ -56,7 +58,13 @@ def build_optimizers(cfg: TrainConfig, model: GPT, device: torch.device) -> tupl
         {"params": groups["scalar"], "lr": cfg.scalar_lr, "base_lr": cfg.scalar_lr},
         {"params": groups["head"], "lr": cfg.head_lr, "base_lr": cfg.head_lr},
     ]
-    adam = torch.optim.Adam([g for g in adam_groups if g["params"]], **adam_kw)
+    adam_cls = torch.optim.Adam  # without a decay the optimizer (and its arithmetic) is the baseline's
+    if cfg.embed_weight_decay > 0:
+        adam_cls = torch.optim.AdamW
+        for g in adam_groups:
+            g["weight_decay"] = 0.0
+        adam_groups[0].update(weight_decay=cfg.embed_weight_decay, base_weight_decay=cfg.embed_weight_decay)
+    adam = adam_cls([g for g in adam_groups if g["params"]], **adam_kw)
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum_warmup_start,
                 backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_weight_decay,
                 row_normalize=cfg.muon_row_normalize, ns_coeffs=cfg.muon_ns_coeffs)

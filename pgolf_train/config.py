@@ -73,6 +73,7 @@ class TrainFields:
     muon_ns_coeffs: str = "quintic"  # Newton-Schulz coefficients: "quintic" (one fixed quintic) or "polar_express" (per-iteration minimax, Amsel et al. 2025)
     muon_weight_decay: float = 0.0  # decoupled weight decay of the Muon matrices (p <- p * (1 - lr * wd), lr the scheduled one)
     muon_wd_schedule: str = "constant"  # wd over the run: "constant", "lr" (wd * the LR multiplier: decay ~ mult^2) or "linear_to_zero" (wd * (1 - budget fraction))
+    embed_weight_decay: float = 0.0  # decoupled weight decay of the embedding group (tok_emb, a bigram table) under Adam, p <- p * (1 - lr * wd) (AdamW), tapered by muon_wd_schedule as Muon's
     muon_row_normalize: bool = False  # normalize each row of the orthogonalized update to unit RMS
     beta1: float = 0.9  # Adam beta1
     beta2: float = 0.95  # Adam beta2
@@ -347,7 +348,7 @@ def validate(cfg: "TrainConfig") -> None:
     need(0.0 <= cfg.min_lr_frac <= 1.0, "min_lr_frac", "must be in [0, 1]")
     for k in ("max_wallclock_seconds", "iterations", "compile_warmup_steps", "lr_warmup_steps", "warmdown_iters",
               "grad_clip_norm",
-              "muon_weight_decay", "muon_momentum_warmup_steps", "checkpoint_every_s", "checkpoint_every_steps",
+              "muon_weight_decay", "embed_weight_decay", "muon_momentum_warmup_steps", "checkpoint_every_s", "checkpoint_every_steps",
               "max_artifact_bytes", "quantize_tolerance"):
         need(getattr(cfg, k) >= 0, k, "must be >= 0")
     for k in ("embed_lr", "tied_embed_lr", "head_lr", "matrix_lr", "scalar_lr"):

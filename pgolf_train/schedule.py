@@ -67,12 +67,13 @@ def budget_fraction(cfg: TrainConfig, step: int, elapsed_ms: float) -> float:
 
 def set_schedule(optimizers: list[torch.optim.Optimizer], muon: Muon, lr_mul: float, momentum: float,
                  wd_mul: float = 1.0) -> None:
-    """lr = base_lr·lr_mul in every group; Muon's momentum, and its weight_decay = base_weight_decay·wd_mul
-    in groups that carry ``base_weight_decay`` (:func:`pgolf_train.build.build_optimizers` sets it)."""
+    """lr = base_lr·lr_mul in every group; Muon's momentum; weight_decay = base_weight_decay·wd_mul in
+    every group that carries ``base_weight_decay`` (Muon's, a decayed embedding's:
+    :func:`pgolf_train.build.build_optimizers` sets it)."""
     for opt in optimizers:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_mul
+            if "base_weight_decay" in g:
+                g["weight_decay"] = g["base_weight_decay"] * wd_mul
     for g in muon.param_groups:
         g["momentum"] = momentum
-        if "base_weight_decay" in g:
-            g["weight_decay"] = g["base_weight_decay"] * wd_mul

@@ -1,5 +1,5 @@
 """Optimizer and export techniques as config switches: the Polar-Express table against its derivation,
-the Muon weight-decay taper, and GPTQ of the tied embedding at int7."""
+the Muon weight-decay taper, the embedding's decay, and GPTQ of the tied embedding at int7."""
 from __future__ import annotations
 
 import importlib.util
@@ -168,6 +168,46 @@ def test_set_schedule_leaves_a_plain_muon_alone() -> None:
     muon.param_groups[0]["base_lr"] = 0.04
     set_schedule([muon], muon, 0.5, 0.9, wd_mul=0.0)
     assert muon.param_groups[0]["weight_decay"] == 0.2 and muon.param_groups[0]["lr"] == 0.02
+
+
+# ---- the embedding's weight decay (AdamW) ----------------------------------------------------------
+
+@pytest.mark.parametrize("sched", ["constant", "lr"])
+def test_embedding_decay_is_decoupled_scheduled_and_only_on_the_embedding(sched: str) -> None:
+    """embed_weight_decay: with zero gradients only the decay acts, tok_emb ← tok_emb·(1 − lr·wd·m)
+    with lr = tied_embed_lr·mult and m the schedule's multiplier (as Muon's); the scalars, under the
+    same Adam, do not move."""
+    wd, step = 0.5, 80
+    cfg = make_config({**TINY, "max_wallclock_seconds": 0.0, "iterations": 100, "warmdown_iters": 50,
+                       "embed_weight_decay": wd, "muon_wd_schedule": sched})
+    model = build_model(cfg, torch.device("cpu"))
+    optimizers, muon = build_optimizers(cfg, model, torch.device("cpu"))
+    adam = optimizers[0]
+    assert type(adam) is torch.optim.AdamW and [g["weight_decay"] for g in adam.param_groups][1:] == [0.0] * (
+        len(adam.param_groups) - 1)
+    mult = lr_multiplier(cfg, step, 0.0)
+    m = muon_wd_multiplier(cfg, mult, budget_fraction(cfg, step, 0.0))
+    set_schedule(optimizers, muon, mult, muon_momentum(cfg, step), m)
+    params = [p for g in adam.param_groups for p in g["params"]]
+    before = {id(p): p.detach().clone() for p in params}
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    adam.step()
+    factor = 1 - cfg.tied_embed_lr * mult * wd * m
+    torch.testing.assert_close(model.tok_emb.weight.detach(), before[id(model.tok_emb.weight)] * factor,
+                               rtol=1e-6, atol=0)
+    assert not torch.equal(model.tok_emb.weight.detach(), before[id(model.tok_emb.weight)])
+    for p in adam.param_groups[1]["params"]:
+        assert torch.equal(p.detach(), before[id(p)])
+
+
+def test_without_embedding_decay_the_optimizer_is_the_baselines() -> None:
+    cfg = make_config(TINY)
+    optimizers, _ = build_optimizers(cfg, build_model(cfg, torch.device("cpu")), torch.device("cpu"))
+    assert type(optimizers[0]) is torch.optim.Adam
+    assert all("base_weight_decay" not in g for g in optimizers[0].param_groups)
+    with pytest.raises(ConfigError, match="embed_weight_decay"):
+        make_config({**TINY, "embed_weight_decay": -0.1})
 
 
 # ---- GPTQ of the tied embedding at int7 ----------------------------------------------------------

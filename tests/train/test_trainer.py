@@ -183,7 +183,9 @@ def test_force_keeps_the_previous_run_until_the_new_one_finishes(tiny_data, sp10
 def test_resume_after_kill_continues_the_same_run(tiny_data, sp1024, tmp_path):
     args = ["--config", "tiny", "--data", str(tiny_data), "--tokenizer", str(sp1024),
             "--set", "iterations=20", "--set", "checkpoint_every_steps=4", "--set", "val_max_tokens=2048",
-            "--set", "ema_decay=0.9"]
+            "--set", "ema_decay=0.9",
+            # h200 decays both optimizers' weights on the lr's taper: resume must restore that state too
+            "--set", "muon_weight_decay=0.1", "--set", "embed_weight_decay=0.1", "--set", "muon_wd_schedule=lr"]
     ref = tmp_path / "ref"
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     subprocess.run([sys.executable, "-m", "pgolf", "train", *args, "--out", str(ref)], check=True, env=env,
