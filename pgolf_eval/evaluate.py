@@ -77,11 +77,13 @@ def _batches(plan: WindowPlan, batch_tokens: int) -> list[np.ndarray]:
 def score_plan(model: torch.nn.Module, tokens: np.ndarray, plan: WindowPlan, *, device: torch.device,
                batch_tokens: int | None = None, scorer: Callable | None = None,
                log: Log | None = None, label: str = "eval",
-               target_losses: TargetLosses | None = None) -> tuple[float, int]:
+               target_losses: TargetLosses | None = None, aux: np.ndarray | None = None) -> tuple[float, int]:
     """Sum of the scored targets' losses (nats, float64) and their count, for this process's plan.
 
     ``scorer(idx, targets) -> float32 (B, T)`` defaults to ``model.token_losses``; ``batch_tokens``
     to :func:`default_batch_tokens` of ``device``; ``target_losses`` also records each target's loss.
+    ``aux`` (int, the stream's shape): gathered per window as the targets are, and passed as a third
+    argument, ``scorer(idx, targets, aux_windows)`` (the n-gram tilt's proposals).
     """
     scorer = scorer or model.token_losses
     batch_tokens = batch_tokens or default_batch_tokens(device)
@@ -93,8 +95,9 @@ def score_plan(model: torch.nn.Module, tokens: np.ndarray, plan: WindowPlan, *, 
         width = int(lengths.max())
         x, y = gather_windows(tokens, plan.starts[idx], lengths, width)
         mask = score_mask(lengths, score_from, width).to(device, non_blocking=True)
+        more = () if aux is None else (gather_windows(aux, plan.starts[idx], lengths, width)[1].to(device),)
         with autocast_for(device):
-            losses = scorer(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            losses = scorer(x.to(device, non_blocking=True), y.to(device, non_blocking=True), *more)
         # float64 accumulation on the device: no host sync per batch
         total += torch.where(mask, losses.float(), 0.0).sum(dtype=torch.float64)
         if target_losses is not None:
@@ -160,7 +163,7 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
                     seq_len: int, stride: int | None = None, batch_tokens: int | None = None,
                     device: str | torch.device = "cpu", doc_isolated: bool = False, ttt: Any = None,
                     time_budget: float | None = None, truncate: bool = False, bos_id: int = BOS_ID,
-                    compile: bool = False, early_exit: float | None = None,
+                    compile: bool = False, early_exit: float | None = None, tilt: Any = None,
                     log: Log | None = stderr_log) -> EvalResult:
     """Evaluate ``model`` on the token stream ``tokens`` (shape ``(N,)``; targets ``tokens[1:]``).
 
@@ -176,6 +179,9 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
     with ``exit_counts`` reset first, and reported in ``EvalResult.early_exit``. With TTT it applies
     to the scoring forwards only: adaptation steps train on the last layer's loss (see
     :mod:`pgolf_eval.ttt`).
+    ``tilt`` (a :class:`pgolf_eval.ngram.NgramTilt`, plain and sliding only): every target's
+    distribution tilted toward the causal n-gram's confident proposal (``extra["tilt"]`` says how
+    many targets it touched and how often it was right).
     Under an initialized process group each rank must pass the same arguments; the result is global.
     """
     device = torch.device(device)
@@ -198,6 +204,8 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
 
             if truncate:
                 raise ValueError("--truncate applies to plain/sliding evaluation, not TTT")
+            if tilt is not None:
+                raise ValueError("the n-gram tilt applies to plain/sliding evaluation, not yet to TTT")
             loss_sum, count, extra["ttt"] = run_ttt(
                 model, tokens, ttt, seq_len=seq_len, device=device, doc_isolated=doc_isolated,
                 time_budget=time_budget, bos_id=bos_id, batch_tokens=batch_tokens, log=log, target_losses=losses)
@@ -207,10 +215,20 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
             segments = document_segments(tokens, bos_id) if doc_isolated else None
             plan = plan_windows(n_targets, seq_len, stride, segments=segments, truncate=truncate)
             mine = plan.shard(rank, world)
-            scorer = torch.compile(model.token_losses) if compile else None
+            scorer, hat = torch.compile(model.token_losses) if compile else None, None
+            if tilt is not None:
+                from .ngram import proposals, tilt_scorer
+
+                hat = proposals(tokens, tilt)
+                scorer = tilt_scorer(model, tilt.boost)
+                scorer = torch.compile(scorer) if compile else scorer
+                on = hat[1:] >= 0
+                extra["tilt"] = {**asdict(tilt), "targets_tilted": int(on.sum()),
+                                 "tilted_share": float(on.mean()),
+                                 "proposal_right": float((hat[1:][on] == tokens[1:][on]).mean()) if on.any() else None}
             loss_sum, count = score_plan(model, tokens, mine, device=device, batch_tokens=batch_tokens,
                                          scorer=scorer, log=log, label=f"eval seq_len={seq_len} stride={stride}",
-                                         target_losses=losses)
+                                         target_losses=losses, aux=hat)
             mode = "plain" if stride == seq_len else "sliding"
             extra["forward_tokens"] = plan.input_tokens
     # the bytes of exactly the targets scored (on any rank), with each document's share
