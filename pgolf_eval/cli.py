@@ -17,6 +17,7 @@ from pathlib import Path
 def register(sub) -> None:
     from pgolf_codec.argtypes import float_range, int_range, nonneg_int, positive_float, positive_int
 
+    from .ngram import NgramTilt
     from .ttt import FULL_LR, LORA_LR, TTTConfig
 
     p = sub.add_parser("eval", help="exact val bpb of an artifact (plain, sliding, long-context, TTT)",
@@ -57,6 +58,16 @@ def register(sub) -> None:
                    help="windows of seq-len per step of the carried adapter")
     p.add_argument("--ttt-parallel-docs", type=nonneg_int, default=d.parallel_docs,
                    help="phased scopes: documents in flight, in stream order (0: from the stream's lengths)")
+    p.add_argument("--ngram-tilt", action="store_true",
+                   help="tilt each target's distribution toward a causal token n-gram's confident proposal "
+                        "(pgolf_eval.ngram; score-first legal, no weight changes; with --ttt the scores only)")
+    p.add_argument("--ngram-order", type=int_range(1, 64), default=NgramTilt.order, help="longest n-gram context")
+    p.add_argument("--ngram-threshold", type=float_range(0.0, 1.0, lo_open=True), default=NgramTilt.threshold,
+                   help="least confidence that tilts")
+    p.add_argument("--ngram-boost", type=positive_float, default=NgramTilt.boost,
+                   help="nats added to the proposal's logit")
+    p.add_argument("--ngram-min-count", type=positive_int, default=NgramTilt.min_count,
+                   help="times the proposing context must have been seen")
     p.add_argument("--early-exit", type=float_range(0.0, 1.0, lo_open=True), default=None, metavar="TAU",
                    help="a model with exit heads (exit_layers) scores each token with the first exit whose top "
                         "probability reaches TAU, else its last layer; reports where the positions left "
@@ -128,6 +139,12 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--stride {args.stride}: must be at most --seq-len ({args.seq_len})")
     device = _device(args.device)
     ttt = ttt_config(args)
+    tilt = None
+    if args.ngram_tilt:
+        from .ngram import NgramTilt
+
+        tilt = NgramTilt(order=args.ngram_order, threshold=args.ngram_threshold, boost=args.ngram_boost,
+                         min_count=args.ngram_min_count)
     owns_group = _init_distributed(device)
     ok = False
     try:
@@ -136,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
                                 max_tokens=args.max_tokens, seq_len=args.seq_len, stride=args.stride,
                                 truncate=args.truncate, doc_isolated=args.doc_isolated, ttt=ttt,
                                 time_budget=args.time_budget, compile=args.compile,
-                                batch_tokens=args.batch_tokens, early_exit=args.early_exit)
+                                batch_tokens=args.batch_tokens, early_exit=args.early_exit, tilt=tilt)
         ok = True
     finally:
         if owns_group:
@@ -174,6 +191,11 @@ def format_report(d: dict) -> str:
                      + (f", {t['phases_trained']}/{t['phases']} phases" if "phases" in t else ""))
         if t.get("warmup_s") is not None:
             lines.append(f"warm-up       {t['warmup_s']:.1f} s on synthetic tokens, outside the timer")
+    if "tilt" in ex:
+        t = ex["tilt"]
+        lines.append(f"n-gram tilt   order {t['order']} threshold {t['threshold']:g} boost {t['boost']:g} "
+                     f"min-count {t['min_count']}: {t['targets_tilted']:,} targets ({t['tilted_share']:.1%}), "
+                     f"proposal right {t['proposal_right'] or 0:.1%}")
     if d.get("early_exit"):
         e = d["early_exit"]
         where = ", ".join(f"layer {x['layer']} {x['share']:.1%}" for x in e["exits"])

@@ -179,9 +179,9 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
     with ``exit_counts`` reset first, and reported in ``EvalResult.early_exit``. With TTT it applies
     to the scoring forwards only: adaptation steps train on the last layer's loss (see
     :mod:`pgolf_eval.ttt`).
-    ``tilt`` (a :class:`pgolf_eval.ngram.NgramTilt`, plain and sliding only): every target's
-    distribution tilted toward the causal n-gram's confident proposal (``extra["tilt"]`` says how
-    many targets it touched and how often it was right).
+    ``tilt`` (a :class:`pgolf_eval.ngram.NgramTilt`): every target's distribution tilted toward the
+    causal n-gram's confident proposal, with TTT too (``extra["tilt"]`` says how many targets it
+    touched and how often it was right).
     Under an initialized process group each rank must pass the same arguments; the result is global.
     """
     device = torch.device(device)
@@ -204,11 +204,10 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
 
             if truncate:
                 raise ValueError("--truncate applies to plain/sliding evaluation, not TTT")
-            if tilt is not None:
-                raise ValueError("the n-gram tilt applies to plain/sliding evaluation, not yet to TTT")
             loss_sum, count, extra["ttt"] = run_ttt(
                 model, tokens, ttt, seq_len=seq_len, device=device, doc_isolated=doc_isolated,
-                time_budget=time_budget, bos_id=bos_id, batch_tokens=batch_tokens, log=log, target_losses=losses)
+                time_budget=time_budget, bos_id=bos_id, batch_tokens=batch_tokens, log=log, target_losses=losses,
+                tilt=tilt)
             mode, stride = "ttt", ttt.chunk
             doc_isolated = doc_isolated or ttt.reset == "doc"  # per-document state keeps context in the document
         else:
@@ -222,15 +221,18 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
                 hat = proposals(tokens, tilt)
                 scorer = tilt_scorer(model, tilt.boost)
                 scorer = torch.compile(scorer) if compile else scorer
-                on = hat[1:] >= 0
-                extra["tilt"] = {**asdict(tilt), "targets_tilted": int(on.sum()),
-                                 "tilted_share": float(on.mean()),
-                                 "proposal_right": float((hat[1:][on] == tokens[1:][on]).mean()) if on.any() else None}
             loss_sum, count = score_plan(model, tokens, mine, device=device, batch_tokens=batch_tokens,
                                          scorer=scorer, log=log, label=f"eval seq_len={seq_len} stride={stride}",
                                          target_losses=losses, aux=hat)
             mode = "plain" if stride == seq_len else "sliding"
             extra["forward_tokens"] = plan.input_tokens
+    if tilt is not None:  # what the tilt touched, over the whole stream (the proposals are the same on every rank)
+        from .ngram import proposals
+
+        hat = proposals(tokens, tilt)[1:]
+        on = hat >= 0
+        extra["tilt"] = {**asdict(tilt), "targets_tilted": int(on.sum()), "tilted_share": float(on.mean()),
+                         "proposal_right": float((hat[on] == tokens[1:][on]).mean()) if on.any() else None}
     # the bytes of exactly the targets scored (on any rank), with each document's share
     per_doc = _per_document(tokens, tables, losses, bos_id, device)
     loss_sum, count = all_reduce_sums([loss_sum, float(count)], device)

@@ -410,7 +410,7 @@ def _phase_plan(steps: list[np.ndarray], segments: np.ndarray, phase_tokens: int
 def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_len: int, device: torch.device,
             doc_isolated: bool = False, time_budget: float | None = None, bos_id: int = 1,
             batch_tokens: int | None = None, log: Log | None = None, target_losses: TargetLosses | None = None,
-            warmup: bool | None = None) -> tuple[float, int, dict[str, Any]]:
+            warmup: bool | None = None, tilt: Any = None) -> tuple[float, int, dict[str, Any]]:
     """Score ``tokens`` with score-first TTT; returns ``(loss_sum_nats, tokens, info)`` of this rank.
 
     Scope "doc": this rank scores a contiguous run of documents, like-length ones batched together.
@@ -424,11 +424,18 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
     is set. ``info["adapted_fraction"]`` is the share of scored targets processed while adaptation
     was on. ``warmup`` (default: with a time budget or on a GPU) first runs the scoring and adapting
     passes on synthetic tokens, outside the clock. The model's weights are restored before returning.
+    ``tilt`` (a :class:`pgolf_eval.ngram.NgramTilt`): the scores (not the adaptation, which trains on
+    the model's own loss) are tilted toward the causal n-gram's confident proposals.
     """
     if cfg.chunk > seq_len:
         raise ValueError(f"TTT chunk {cfg.chunk} exceeds seq_len {seq_len}")
     device = torch.device(device)
     rank, world = dist_rank_world()
+    hat = None
+    if tilt is not None:
+        from .ngram import proposals, tilt_losses
+
+        hat = proposals(tokens, tilt)
     segments = document_segments(tokens, bos_id)
     batch_tokens = batch_tokens or default_batch_tokens(device)  # / seq_len = documents adapted at once
     per_doc, carries = cfg.scope != "phased", cfg.scope != "doc"
@@ -518,7 +525,11 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
                 # 1. score: no gradient can flow from these losses into any update
                 with budget.timed(step, int(positions[step]), doc_adapting or phase_adapting), \
                         torch.inference_mode(), autocast_for(device):
-                    losses = model.token_losses(x, y)
+                    if hat is None:
+                        losses = model.token_losses(x, y)
+                    else:  # the proposals for these targets, gathered as the targets are
+                        hat_y = gather_windows(hat, starts, lengths, width)[1].to(device)
+                        losses = tilt_losses(model.logits(x), y, hat_y, tilt.boost)
                     total += torch.where(mask, losses.float(), 0.0).sum(dtype=torch.float64)
                     if target_losses is not None:
                         target_losses.add(losses, mask, starts)

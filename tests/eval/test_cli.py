@@ -121,3 +121,23 @@ def test_ttt_says_how_much_it_adapted_and_shows_length_buckets(artifact, val_dir
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("WARNING: TTT adapted") and "time budget" in lines[-1]
     assert any(line.startswith("<512") for line in lines) and f"tokens        {d['tokens']:,}" in "\n".join(lines)
+
+
+def test_ngram_tilt_from_the_command_line(artifact, val_dir, sp1024, tmp_path, capsys):
+    """`pgolf eval --ngram-tilt` equals the API's tilted evaluation, and its report says what the tilt
+    touched, with --ttt too; a setting out of range is refused by the parser."""
+    from pgolf_eval.ngram import NgramTilt
+
+    base = ["eval", str(artifact), "--data", str(val_dir), "--tokenizer", str(sp1024)]
+    out = tmp_path / "t.json"
+    assert main(base + ["--ngram-tilt", "--ngram-order", "4", "--ngram-min-count", "2", "--out", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "n-gram tilt   order 4 threshold 0.8 boost 2.625 min-count 2" in report
+    api = evaluate_artifact(artifact, val_dir, sp1024, tilt=NgramTilt(order=4, min_count=2), log=None)
+    written = json.loads(out.read_text())
+    assert written["val_bpb"] == pytest.approx(api.val_bpb, rel=1e-9) and written["extra"]["tilt"]["min_count"] == 2
+    assert main(base + ["--ngram-tilt", "--ttt", "lora", "--ttt-chunk", "8"]) == 0
+    report = capsys.readouterr().out
+    assert "n-gram tilt   order 16" in report and "ttt           lora" in report
+    with pytest.raises(SystemExit):
+        main(base + ["--ngram-tilt", "--ngram-threshold", "1.5"])

@@ -150,11 +150,30 @@ def test_a_stream_without_repeats_scores_as_untilted(sp1024):
     assert a.val_loss == pytest.approx(b.val_loss, rel=1e-6)
 
 
-def test_settings_and_modes_are_checked(val_tokens, sp1024):
+def test_settings_are_checked():
     for bad in (dict(order=0), dict(threshold=0.0), dict(threshold=1.5), dict(boost=-1.0),
                 dict(boost=float("nan")), dict(min_count=0), dict(table_bits=40)):
         with pytest.raises(ValueError, match="n-gram"):
             NgramTilt(**bad)
-    with pytest.raises(ValueError, match="not yet to TTT"):
-        evaluate_tokens(tiny_model(), val_tokens[:100], byte_tables(sp1024, 1024), seq_len=16,
-                        ttt=TTTConfig(chunk=8), tilt=NgramTilt(), log=None)
+
+
+def test_ttt_scores_tilted_and_adapts_as_without(val_tokens, sp1024):
+    """With TTT the tilt changes the scores, not the adaptation: a stream where nothing is proposed
+    scores exactly as without it; on one with repeats, the same chunks adapt, and the tilted score
+    differs, by an amount that vanishes with the boost."""
+    tables, ttt = byte_tables(sp1024, 1024), TTTConfig(chunk=8, scope="doc")
+    fresh = np.concatenate([[1], np.arange(2, 160)])
+    a = evaluate_tokens(tiny_model(), fresh, tables, seq_len=16, ttt=ttt, tilt=NgramTilt(), log=None)
+    b = evaluate_tokens(tiny_model(), fresh, tables, seq_len=16, ttt=ttt, log=None)
+    assert a.extra["tilt"]["targets_tilted"] == 0 and a.val_loss == pytest.approx(b.val_loss, rel=1e-6)
+    toks = val_tokens[:200].copy()
+    toks[120:180] = toks[20:80]
+    cfg = NgramTilt(order=4, threshold=0.5)
+    tilted = evaluate_tokens(tiny_model(), toks, tables, seq_len=16, ttt=ttt, tilt=cfg, log=None)
+    plain = evaluate_tokens(tiny_model(), toks, tables, seq_len=16, ttt=ttt, log=None)
+    faint = evaluate_tokens(tiny_model(), toks, tables, seq_len=16, ttt=ttt,
+                            tilt=NgramTilt(order=4, threshold=0.5, boost=1e-6), log=None)
+    assert tilted.extra["tilt"]["targets_tilted"] > 20
+    assert tilted.extra["ttt"]["adapted_chunks"] == plain.extra["ttt"]["adapted_chunks"] > 0
+    assert tilted.val_loss != pytest.approx(plain.val_loss, rel=1e-4)
+    assert faint.val_loss == pytest.approx(plain.val_loss, rel=1e-5)
