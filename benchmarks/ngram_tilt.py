@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    commit = git("rev-parse", "HEAD")  # at the start: the code that runs (a later commit may land meanwhile)
     rows = {}
     for name, tilt in [("untilted", None), *((v, VARIANTS[v]) for v in names)]:
         t0 = time.perf_counter()
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  tilted {t['tilted_share']:.1%} of the targets, proposal right {t['proposal_right'] or 0:.1%}")
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "code_commit": git("rev-parse", "HEAD"),
+        "code_commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, torch {torch.__version__}",
         "artifact": args.artifact,
