@@ -9,7 +9,8 @@ with the same numerics (on the CPU fp32, on CUDA bf16 autocast), so the differen
 ``--variants``: ``records`` is ``NgramTilt()``, the 1.0565 stack's settings as its README states them
 (a context seen once proposes, with confidence 1); ``min2`` asks the proposing context to have
 been seen twice (one discrete choice, from how often once-seen contexts are right on these
-documents). Nothing else is tuned here.
+documents); ``doc`` proposes only from earlier in the same document (the second choice, after the
+first two lost on the short documents). Nothing else is tuned here.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from pgolf_eval.breakdown import compare  # noqa: E402
 from pgolf_eval.evaluate import evaluate_artifact  # noqa: E402
 from pgolf_eval.ngram import NgramTilt  # noqa: E402
 
-VARIANTS = {"records": NgramTilt(), "min2": NgramTilt(min_count=2)}
+VARIANTS = {"records": NgramTilt(), "min2": NgramTilt(min_count=2), "doc": NgramTilt(scope="doc")}
 
 
 def main(argv: list[str] | None = None) -> dict:

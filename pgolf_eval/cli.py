@@ -68,6 +68,8 @@ def register(sub) -> None:
                    help="nats added to the proposal's logit")
     p.add_argument("--ngram-min-count", type=positive_int, default=NgramTilt.min_count,
                    help="times the proposing context must have been seen")
+    p.add_argument("--ngram-scope", choices=("stream", "doc"), default=NgramTilt.scope,
+                   help="contexts from anywhere earlier in the stream, or only earlier in the same document")
     p.add_argument("--early-exit", type=float_range(0.0, 1.0, lo_open=True), default=None, metavar="TAU",
                    help="a model with exit heads (exit_layers) scores each token with the first exit whose top "
                         "probability reaches TAU, else its last layer; reports where the positions left "
@@ -144,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
         from .ngram import NgramTilt
 
         tilt = NgramTilt(order=args.ngram_order, threshold=args.ngram_threshold, boost=args.ngram_boost,
-                         min_count=args.ngram_min_count)
+                         min_count=args.ngram_min_count, scope=args.ngram_scope)
     owns_group = _init_distributed(device)
     ok = False
     try:
@@ -194,7 +196,7 @@ def format_report(d: dict) -> str:
     if "tilt" in ex:
         t = ex["tilt"]
         lines.append(f"n-gram tilt   order {t['order']} threshold {t['threshold']:g} boost {t['boost']:g} "
-                     f"min-count {t['min_count']}: {t['targets_tilted']:,} targets ({t['tilted_share']:.1%}), "
+                     f"min-count {t['min_count']} scope {t['scope']}: {t['targets_tilted']:,} targets ({t['tilted_share']:.1%}), "
                      f"proposal right {t['proposal_right'] or 0:.1%}")
     if d.get("early_exit"):
         e = d["early_exit"]

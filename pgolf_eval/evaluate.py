@@ -218,7 +218,7 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
             if tilt is not None:
                 from .ngram import proposals, tilt_scorer
 
-                hat = proposals(tokens, tilt)
+                hat = proposals(tokens, tilt, bos_id)
                 scorer = tilt_scorer(model, tilt.boost)
                 scorer = torch.compile(scorer) if compile else scorer
             loss_sum, count = score_plan(model, tokens, mine, device=device, batch_tokens=batch_tokens,
@@ -229,7 +229,7 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
     if tilt is not None:  # what the tilt touched, over the whole stream (the proposals are the same on every rank)
         from .ngram import proposals
 
-        hat = proposals(tokens, tilt)[1:]
+        hat = proposals(tokens, tilt, bos_id)[1:]
         on = hat >= 0
         extra["tilt"] = {**asdict(tilt), "targets_tilted": int(on.sum()), "tilted_share": float(on.mean()),
                          "proposal_right": float((hat[on] == tokens[1:][on]).mean()) if on.any() else None}

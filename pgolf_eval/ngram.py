@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from pgolf_codec.jit import njit
+from pgolf_train.shards import BOS_ID
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,15 @@ class NgramTilt:
     """``order``: longest context in tokens; ``threshold``: least confidence in (0, 1] that tilts;
     ``boost``: β, in nats added to the proposal's logit; ``min_count``: how often the proposing
     context must have been seen (1: once is enough, as the records' rule reads; a context seen once
-    has confidence 1); ``table_bits``: log2 of the slots per table."""
+    has confidence 1); ``scope``: "stream" (contexts seen anywhere earlier in the stream) or "doc"
+    (only earlier in the same document, documents starting at BOS); ``table_bits``: log2 of the
+    slots per table."""
 
     order: int = 16
     threshold: float = 0.8
     boost: float = 2.625
     min_count: int = 1
+    scope: str = "stream"
     table_bits: int = 22
 
     def __post_init__(self) -> None:
@@ -49,12 +53,14 @@ class NgramTilt:
             raise ValueError(f"n-gram boost must be a positive number, got {self.boost}")
         if not 1 <= self.min_count <= 1 << 20:
             raise ValueError(f"n-gram min_count must be in [1, 2**20], got {self.min_count}")
+        if self.scope not in ("stream", "doc"):
+            raise ValueError(f"n-gram scope must be 'stream' or 'doc', got {self.scope!r}")
         if not 10 <= self.table_bits <= 26:
             raise ValueError(f"n-gram table_bits must be in [10, 26], got {self.table_bits}")
 
 
 @njit(nogil=True)
-def _propose(tokens, order, table_bits, out_tok, out_conf, out_seen):  # pragma: no cover - numba
+def _propose(tokens, docs, starts, order, table_bits, out_tok, out_conf, out_seen):  # pragma: no cover - numba
     size = 1 << table_bits
     mask = np.uint64(size - 1)
     ctx_key = np.full(size, -1, np.int64)
@@ -67,9 +73,10 @@ def _propose(tokens, order, table_bits, out_tok, out_conf, out_seen):  # pragma:
     mix = np.uint64(0x9E3779B97F4A7C15)
     key_mask = np.uint64(0x7FFFFFFFFFFFFFFF)  # keys stay non-negative: -1 marks an empty slot
     for t in range(len(tokens)):
-        # the contexts tokens[t-k:t], k = 1..order, hashed nearest token first
-        h = np.uint64(0)
-        kmax = min(order, t)
+        # the contexts tokens[t-k:t], k = 1..order, hashed nearest token first; with the document's
+        # number in the hash, a context matches only within its document
+        h = np.uint64(docs[t]) * mix
+        kmax = min(order, t - starts[t])  # and no context reaches back past its document's start
         for k in range(1, kmax + 1):
             h = (h ^ np.uint64(tokens[t - k] + 1)) * mix
             keys[k - 1] = np.int64((h ^ np.uint64(k)) & key_mask)
@@ -110,7 +117,8 @@ def _propose(tokens, order, table_bits, out_tok, out_conf, out_seen):  # pragma:
                 ctx_best[s] = nxt
 
 
-def propose(tokens: np.ndarray, cfg: NgramTilt = NgramTilt()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def propose(tokens: np.ndarray, cfg: NgramTilt = NgramTilt(),
+            bos_id: int = BOS_ID) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every position ``t`` of ``tokens`` (shape ``(N,)``), from ``tokens[:t]`` alone: the proposed
     token (int64, -1 where no context was seen), its confidence (float32 in [0, 1]) and how often its
     context was seen (int32)."""
@@ -120,17 +128,23 @@ def propose(tokens: np.ndarray, cfg: NgramTilt = NgramTilt()) -> tuple[np.ndarra
     out_tok = np.empty(len(tokens), np.int32)
     out_conf = np.empty(len(tokens), np.float32)
     out_seen = np.empty(len(tokens), np.int32)
-    _propose(tokens, cfg.order, cfg.table_bits, out_tok, out_conf, out_seen)
+    docs = np.zeros(len(tokens), np.int64)
+    starts = np.zeros(len(tokens), np.int64)
+    if cfg.scope == "doc":
+        bos = tokens == bos_id
+        docs = np.cumsum(bos)
+        starts = np.maximum.accumulate(np.where(bos, np.arange(len(tokens)), 0))
+    _propose(tokens, docs, starts, cfg.order, cfg.table_bits, out_tok, out_conf, out_seen)
     return out_tok.astype(np.int64), out_conf, out_seen
 
 
-def proposals(tokens: np.ndarray, cfg: NgramTilt = NgramTilt()) -> np.ndarray:
+def proposals(tokens: np.ndarray, cfg: NgramTilt = NgramTilt(), bos_id: int = BOS_ID) -> np.ndarray:
     """int64 ``(N,)``: the proposal for each position where its confidence reaches the threshold and its
     context was seen ``min_count`` times, else -1.
 
     Aligned with the stream (entry ``t`` is for target ``tokens[t]``), so the windows of a plan
     gather it as they gather their targets."""
-    tok, conf, seen = propose(tokens, cfg)
+    tok, conf, seen = propose(tokens, cfg, bos_id)
     return np.where((conf >= cfg.threshold) & (seen >= cfg.min_count), tok, -1)
 
 

@@ -435,7 +435,7 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
     if tilt is not None:
         from .ngram import proposals, tilt_losses
 
-        hat = proposals(tokens, tilt)
+        hat = proposals(tokens, tilt, bos_id)
     segments = document_segments(tokens, bos_id)
     batch_tokens = batch_tokens or default_batch_tokens(device)  # / seq_len = documents adapted at once
     per_doc, carries = cfg.scope != "phased", cfg.scope != "doc"

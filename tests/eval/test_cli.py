@@ -130,10 +130,11 @@ def test_ngram_tilt_from_the_command_line(artifact, val_dir, sp1024, tmp_path, c
 
     base = ["eval", str(artifact), "--data", str(val_dir), "--tokenizer", str(sp1024)]
     out = tmp_path / "t.json"
-    assert main(base + ["--ngram-tilt", "--ngram-order", "4", "--ngram-min-count", "2", "--out", str(out)]) == 0
+    assert main(base + ["--ngram-tilt", "--ngram-order", "4", "--ngram-min-count", "2", "--ngram-scope", "doc",
+                        "--out", str(out)]) == 0
     report = capsys.readouterr().out
-    assert "n-gram tilt   order 4 threshold 0.8 boost 2.625 min-count 2" in report
-    api = evaluate_artifact(artifact, val_dir, sp1024, tilt=NgramTilt(order=4, min_count=2), log=None)
+    assert "n-gram tilt   order 4 threshold 0.8 boost 2.625 min-count 2 scope doc" in report
+    api = evaluate_artifact(artifact, val_dir, sp1024, tilt=NgramTilt(order=4, min_count=2, scope="doc"), log=None)
     written = json.loads(out.read_text())
     assert written["val_bpb"] == pytest.approx(api.val_bpb, rel=1e-9) and written["extra"]["tilt"]["min_count"] == 2
     assert main(base + ["--ngram-tilt", "--ttt", "lora", "--ttt-chunk", "8"]) == 0

@@ -61,6 +61,22 @@ def test_proposals_match_the_dictionary_rule(tokens, order):
 
 
 @settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=150), st.integers(1, 5))
+def test_doc_scope_is_the_rule_within_each_document(tokens, order):
+    """scope "doc": each document (from a BOS, id 1) on its own, as if the stream began there; what
+    precedes a document's first BOS is a document too."""
+    tokens = np.array(tokens)
+    tok, conf, seen = propose(tokens, NgramTilt(order=order, scope="doc", table_bits=16), bos_id=1)
+    cuts = [0, *np.flatnonzero(tokens == 1).tolist(), len(tokens)]
+    for a, b in zip(cuts, cuts[1:]):
+        if a == b:
+            continue
+        want_t, want_c, want_n = reference_propose(tokens[a:b].tolist(), order)
+        assert tok[a:b].tolist() == want_t and seen[a:b].tolist() == want_n
+        np.testing.assert_allclose(conf[a:b], want_c, rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(0, 7), min_size=2, max_size=200), st.data())
 def test_a_proposal_reads_only_earlier_tokens(tokens, data):
     """Changing tokens[t:] leaves every proposal up to t as it was (the score stays score-first)."""
@@ -152,7 +168,7 @@ def test_a_stream_without_repeats_scores_as_untilted(sp1024):
 
 def test_settings_are_checked():
     for bad in (dict(order=0), dict(threshold=0.0), dict(threshold=1.5), dict(boost=-1.0),
-                dict(boost=float("nan")), dict(min_count=0), dict(table_bits=40)):
+                dict(boost=float("nan")), dict(min_count=0), dict(scope="corpus"), dict(table_bits=40)):
         with pytest.raises(ValueError, match="n-gram"):
             NgramTilt(**bad)
 
