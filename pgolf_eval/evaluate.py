@@ -198,6 +198,12 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
         tau = check_early_exit(model, tau)
     extra: dict[str, Any] = {}
     losses = TargetLosses(n_targets, device)
+    hat = None  # the n-gram's proposal per position (-1: none), the same on every rank
+    if tilt is not None:
+        from .ngram import proposals, tilt_summary
+
+        hat = proposals(tokens, tilt, bos_id)
+        extra["tilt"] = tilt_summary(tilt, tokens, hat)
     with _exit_threshold(model, tau):
         if ttt is not None:
             from .ttt import run_ttt  # local: TTT pulls in the optimizer machinery only when used
@@ -207,18 +213,17 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
             loss_sum, count, extra["ttt"] = run_ttt(
                 model, tokens, ttt, seq_len=seq_len, device=device, doc_isolated=doc_isolated,
                 time_budget=time_budget, bos_id=bos_id, batch_tokens=batch_tokens, log=log, target_losses=losses,
-                tilt=tilt)
+                tilt=tilt, tilt_proposals=hat)
             mode, stride = "ttt", ttt.chunk
             doc_isolated = doc_isolated or ttt.reset == "doc"  # per-document state keeps context in the document
         else:
             segments = document_segments(tokens, bos_id) if doc_isolated else None
             plan = plan_windows(n_targets, seq_len, stride, segments=segments, truncate=truncate)
             mine = plan.shard(rank, world)
-            scorer, hat = torch.compile(model.token_losses) if compile else None, None
+            scorer = torch.compile(model.token_losses) if compile else None
             if tilt is not None:
-                from .ngram import proposals, tilt_scorer
+                from .ngram import tilt_scorer
 
-                hat = proposals(tokens, tilt, bos_id)
                 scorer = tilt_scorer(model, tilt.boost)
                 scorer = torch.compile(scorer) if compile else scorer
             loss_sum, count = score_plan(model, tokens, mine, device=device, batch_tokens=batch_tokens,
@@ -226,13 +231,6 @@ def evaluate_tokens(model: torch.nn.Module, tokens: np.ndarray, tables: ByteTabl
                                          target_losses=losses, aux=hat)
             mode = "plain" if stride == seq_len else "sliding"
             extra["forward_tokens"] = plan.input_tokens
-    if tilt is not None:  # what the tilt touched, over the whole stream (the proposals are the same on every rank)
-        from .ngram import proposals
-
-        hat = proposals(tokens, tilt, bos_id)[1:]
-        on = hat >= 0
-        extra["tilt"] = {**asdict(tilt), "targets_tilted": int(on.sum()), "tilted_share": float(on.mean()),
-                         "proposal_right": float((hat[on] == tokens[1:][on]).mean()) if on.any() else None}
     # the bytes of exactly the targets scored (on any rank), with each document's share
     per_doc = _per_document(tokens, tables, losses, bos_id, device)
     loss_sum, count = all_reduce_sums([loss_sum, float(count)], device)

@@ -18,7 +18,7 @@ stream and a long stream only forgets. The defaults are the 1.0565 stack's (orde
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -146,6 +146,15 @@ def proposals(tokens: np.ndarray, cfg: NgramTilt = NgramTilt(), bos_id: int = BO
     gather it as they gather their targets."""
     tok, conf, seen = propose(tokens, cfg, bos_id)
     return np.where((conf >= cfg.threshold) & (seen >= cfg.min_count), tok, -1)
+
+
+def tilt_summary(cfg: NgramTilt, tokens: np.ndarray, hat: np.ndarray) -> dict:
+    """The settings, and what the proposals ``hat`` (of :func:`proposals`) touch among the stream's
+    targets ``tokens[1:]``: how many, their share, and how often the proposal is the target."""
+    hat, targets = hat[1:], np.asarray(tokens)[1:]
+    on = hat >= 0
+    return {**asdict(cfg), "targets_tilted": int(on.sum()), "tilted_share": float(on.mean()),
+            "proposal_right": float((hat[on] == targets[on]).mean()) if on.any() else None}
 
 
 def tilt_losses(logits: Tensor, targets: Tensor, hat: Tensor, boost: float) -> Tensor:

@@ -410,7 +410,8 @@ def _phase_plan(steps: list[np.ndarray], segments: np.ndarray, phase_tokens: int
 def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_len: int, device: torch.device,
             doc_isolated: bool = False, time_budget: float | None = None, bos_id: int = 1,
             batch_tokens: int | None = None, log: Log | None = None, target_losses: TargetLosses | None = None,
-            warmup: bool | None = None, tilt: Any = None) -> tuple[float, int, dict[str, Any]]:
+            warmup: bool | None = None, tilt: Any = None,
+            tilt_proposals: np.ndarray | None = None) -> tuple[float, int, dict[str, Any]]:
     """Score ``tokens`` with score-first TTT; returns ``(loss_sum_nats, tokens, info)`` of this rank.
 
     Scope "doc": this rank scores a contiguous run of documents, like-length ones batched together.
@@ -425,17 +426,19 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
     was on. ``warmup`` (default: with a time budget or on a GPU) first runs the scoring and adapting
     passes on synthetic tokens, outside the clock. The model's weights are restored before returning.
     ``tilt`` (a :class:`pgolf_eval.ngram.NgramTilt`): the scores (not the adaptation, which trains on
-    the model's own loss) are tilted toward the causal n-gram's confident proposals.
+    the model's own loss) are tilted toward the causal n-gram's confident proposals
+    (``tilt_proposals``, :func:`pgolf_eval.ngram.proposals` of ``tokens``, when the caller has them).
     """
     if cfg.chunk > seq_len:
         raise ValueError(f"TTT chunk {cfg.chunk} exceeds seq_len {seq_len}")
     device = torch.device(device)
     rank, world = dist_rank_world()
-    hat = None
+    hat = tilt_proposals
     if tilt is not None:
         from .ngram import proposals, tilt_losses
 
-        hat = proposals(tokens, tilt, bos_id)
+        if hat is None:
+            hat = proposals(tokens, tilt, bos_id)
     segments = document_segments(tokens, bos_id)
     batch_tokens = batch_tokens or default_batch_tokens(device)  # / seq_len = documents adapted at once
     per_doc, carries = cfg.scope != "phased", cfg.scope != "doc"
