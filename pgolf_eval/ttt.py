@@ -433,12 +433,12 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
         raise ValueError(f"TTT chunk {cfg.chunk} exceeds seq_len {seq_len}")
     device = torch.device(device)
     rank, world = dist_rank_world()
-    hat = tilt_proposals
+    hat, tilted = tilt_proposals, None
     if tilt is not None:
-        from .ngram import proposals, tilt_losses
+        from .ngram import proposals, tilt_scorer
 
-        if hat is None:
-            hat = proposals(tokens, tilt, bos_id)
+        hat = proposals(tokens, tilt, bos_id) if hat is None else hat
+        tilted = tilt_scorer(model, tilt.boost)
     segments = document_segments(tokens, bos_id)
     batch_tokens = batch_tokens or default_batch_tokens(device)  # / seq_len = documents adapted at once
     per_doc, carries = cfg.scope != "phased", cfg.scope != "doc"
@@ -528,11 +528,10 @@ def run_ttt(model: torch.nn.Module, tokens: np.ndarray, cfg: TTTConfig, *, seq_l
                 # 1. score: no gradient can flow from these losses into any update
                 with budget.timed(step, int(positions[step]), doc_adapting or phase_adapting), \
                         torch.inference_mode(), autocast_for(device):
-                    if hat is None:
+                    if tilted is None:
                         losses = model.token_losses(x, y)
                     else:  # the proposals for these targets, gathered as the targets are
-                        hat_y = gather_windows(hat, starts, lengths, width)[1].to(device)
-                        losses = tilt_losses(model.logits(x), y, hat_y, tilt.boost)
+                        losses = tilted(x, y, gather_windows(hat, starts, lengths, width)[1].to(device))
                     total += torch.where(mask, losses.float(), 0.0).sum(dtype=torch.float64)
                     if target_losses is not None:
                         target_losses.add(losses, mask, starts)
