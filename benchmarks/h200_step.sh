@@ -2,7 +2,7 @@
 # The faster step on one H200 (issue: fused kernels): GPU tests of the kernels, the step profile of
 # `h200` and `baseline`, and train_bench's side-by-side variants, all logged under $OUT as they go.
 #   STAGES="tests profile bench losscheck" (default all); BENCH_VARIANTS=baseline,fused_ce,...; BENCH_STEPS=30;
-#   LOSS_FUSED=ce,rope LOSS_SDPA= (the equal-loss check's fused arm)
+#   LOSS_FUSED=ce,rope LOSS_SDPA= (the equal-loss check's fused arm); PROFILE_H200_ONLY=1 skips baseline's profile
 # Needs the carried .data/{wikipedia,fineweb,tok,tokenizers} and .whl (see h200_setup.sh).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -21,8 +21,10 @@ fi
 if [[ " $STAGES " == *" profile "* ]]; then
   timeout 240 python3 benchmarks/profile_step.py --data /tmp/pg/sp4096 --configs h200 ${PROFILE_SET:-} \
     --out "$OUT/profile_step_h200.json" 2>&1 | tee "$OUT/profile_h200.log"; stamp "profile h200"
-  timeout 200 python3 benchmarks/profile_step.py --data /tmp/pg/sp1024 --configs baseline ${PROFILE_SET:-} \
-    --out "$OUT/profile_step_baseline.json" 2>&1 | tee "$OUT/profile_baseline.log"; stamp "profile baseline"
+  if [[ -z "${PROFILE_H200_ONLY:-}" ]]; then
+    timeout 200 python3 benchmarks/profile_step.py --data /tmp/pg/sp1024 --configs baseline ${PROFILE_SET:-} \
+      --out "$OUT/profile_step_baseline.json" 2>&1 | tee "$OUT/profile_baseline.log"; stamp "profile baseline"
+  fi
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/train_bench.py --data /tmp/pg/sp${BENCH_VOCAB:-4096} --config ${BENCH_CONFIG:-h200} \

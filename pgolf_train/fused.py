@@ -7,6 +7,13 @@ reference every fusion is tested against.
 ``rope``: the rotary cos/sin tables made once, eagerly, and read by the compiled graph (which
 otherwise recomputes them inside every rotary kernel: 4 of them per layer in the ``h200`` profile).
 
+``qkv``: the attention's three input projections as one matmul over the concatenated weights
+(each fake-quantized as before): the block input is read once, and one larger GEMM replaces three
+narrow ones (k and v are 256 wide in ``h200``, where a GEMM is bound by its memory traffic).
+
+``graphs``: the compiled forward and backward replayed as CUDA graphs (inductor's
+``triton.cudagraphs``): one launch per graph instead of one per kernel. The optimizer steps stay eager.
+
 ``epilogue``: inductor's max-autotune GEMMs, so that elementwise work after a matmul can run in
 its epilogue (``compile_options``).
 
@@ -203,6 +210,9 @@ def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_le
     ``rope`` needs the training ``seq_len`` and ``device``: the tables are made here, eagerly."""
     names = parse_fusions(fusions) if isinstance(fusions, str) else fusions
     model.head_loss = linear_softcap_ce if "ce" in names else None
+    for m in model.modules():
+        if hasattr(m, "fuse_qkv"):
+            m.fuse_qkv = "qkv" in names
     model.rope_cache = None
     if "rope" in names and seq_len > 0:
         device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0": the key the batches' device matches
@@ -212,12 +222,15 @@ def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_le
 def compile_options(fusions: str | tuple[str, ...]) -> dict:
     """Inductor options the fusions ask for: ``epilogue`` = max-autotune GEMMs (Triton templates
     benchmarked against cuBLAS per shape; a template takes the elementwise work after it, e.g. relu²,
-    into its epilogue); ``tune`` = coordinate-descent tuning of the generated kernels' block sizes.
+    into its epilogue); ``tune`` = coordinate-descent tuning of the generated kernels' block sizes;
+    ``graphs`` = CUDA graphs of the compiled forward and backward.
     Compiling takes longer; the warm-up pays it, outside the budget."""
     names = parse_fusions(fusions) if isinstance(fusions, str) else fusions
     options = {"max_autotune": True, "epilogue_fusion": True} if "epilogue" in names else {}
     if "tune" in names:
         options["coordinate_descent_tuning"] = True
+    if "graphs" in names:
+        options["triton.cudagraphs"] = True
     return options
 
 

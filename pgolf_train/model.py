@@ -211,13 +211,20 @@ class CausalSelfAttention(nn.Module):
         # Gated attention (Qiu et al. 2025), per head. Zero init: gate 0.5, its steepest point, free to
         # open or close; the halving only rescales a path that the zero-init proj starts at nothing.
         self.gate_w = nn.Parameter(torch.zeros(self.h, d)) if cfg.attn_out_gate else None
+        self.fuse_qkv = False  # a trainer's fusion: q, k, v as one matmul (pgolf_train.fused)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, scale: float | None, mask=None) -> Tensor:
         """x: [B, T, C] -> [B, T, C]; mask: None (causal) or a :func:`doc_mask`."""
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.h, self.hd).transpose(1, 2)
-        k = self.c_k(x).view(B, T, self.kv, self.hd).transpose(1, 2)
-        v = self.c_v(x).view(B, T, self.kv, self.hd).transpose(1, 2)
+        lin = (self.c_q, self.c_k, self.c_v)
+        if self.fuse_qkv and not any(m._forward_hooks for m in lin):  # hooks (TTT's LoRA) need each module's call
+            kvd = self.kv * self.hd
+            q, k, v = F.linear(x, torch.cat([_weight(m) for m in lin]).to(x.dtype)).split([C, kvd, kvd], -1)
+        else:
+            q, k, v = (m(x) for m in lin)
+        q = q.view(B, T, self.h, self.hd).transpose(1, 2)
+        k = k.view(B, T, self.kv, self.hd).transpose(1, 2)
+        v = v.view(B, T, self.kv, self.hd).transpose(1, 2)
         q = apply_rope(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[:, None, None]
         k = apply_rope(rms_norm(k), cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
