@@ -16,7 +16,7 @@ set +e  # h200_setup.sh sets -e: a failed stage must not end the script
 stamp "data ready"
 if [[ " $STAGES " == *" tests "* ]]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/train/test_fused_gpu.py tests/train/test_techniques_gpu.py} \
-    2>&1 | tail -30 > "$OUT/gpu_tests.log"; stamp "gpu tests: $(tail -1 "$OUT/gpu_tests.log")"
+    > "$OUT/gpu_tests.log" 2>&1; stamp "gpu tests: $(tail -1 "$OUT/gpu_tests.log")"  # the whole log: a failure's reason
 fi
 if [[ " $STAGES " == *" profile "* ]]; then
   timeout 240 python3 benchmarks/profile_step.py --data /tmp/pg/sp4096 --configs h200 ${PROFILE_SET:-} \

@@ -11,9 +11,6 @@ otherwise recomputes them inside every rotary kernel: 4 of them per layer in the
 (each fake-quantized as before): the block input is read once, and one larger GEMM replaces three
 narrow ones (k and v are 256 wide in ``h200``, where a GEMM is bound by its memory traffic).
 
-``graphs``: the compiled forward and backward replayed as CUDA graphs (inductor's
-``triton.cudagraphs``): one launch per graph instead of one per kernel. The optimizer steps stay eager.
-
 ``epilogue``: inductor's max-autotune GEMMs, so that elementwise work after a matmul can run in
 its epilogue (``compile_options``).
 
@@ -222,15 +219,12 @@ def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_le
 def compile_options(fusions: str | tuple[str, ...]) -> dict:
     """Inductor options the fusions ask for: ``epilogue`` = max-autotune GEMMs (Triton templates
     benchmarked against cuBLAS per shape; a template takes the elementwise work after it, e.g. relu²,
-    into its epilogue); ``tune`` = coordinate-descent tuning of the generated kernels' block sizes;
-    ``graphs`` = CUDA graphs of the compiled forward and backward.
+    into its epilogue); ``tune`` = coordinate-descent tuning of the generated kernels' block sizes.
     Compiling takes longer; the warm-up pays it, outside the budget."""
     names = parse_fusions(fusions) if isinstance(fusions, str) else fusions
     options = {"max_autotune": True, "epilogue_fusion": True} if "epilogue" in names else {}
     if "tune" in names:
         options["coordinate_descent_tuning"] = True
-    if "graphs" in names:
-        options["triton.cudagraphs"] = True
     return options
 
 

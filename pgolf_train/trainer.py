@@ -70,8 +70,6 @@ def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], loader
     scalar: reading it is a host sync, so the loop only does that on log steps).
 
     ``loss_fn(model, x, y)`` replaces the plain ``model(x, y)`` loss (distillation's soft targets)."""
-    if device.type == "cuda":  # a new iteration for CUDA graphs (fused=graphs): earlier outputs may be reused
-        torch.compiler.cudagraph_mark_step_begin()
     total = torch.zeros((), device=device)
     for micro in range(grad_accum):
         if distributed:  # all-reduce gradients only after the last micro-batch

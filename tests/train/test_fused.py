@@ -180,7 +180,7 @@ def test_rope_tables_made_once_are_what_the_compiled_model_reads():
     assert fused.compile_options("ce,epilogue") == {"max_autotune": True, "epilogue_fusion": True}
     assert fused.compile_options("ce,rope") == {}
     assert fused.compile_options("ce,rope,tune") == {"coordinate_descent_tuning": True}
-    assert fused.compile_options("qkv,graphs") == {"triton.cudagraphs": True}
+    assert fused.compile_options("qkv") == {}
 
 
 def test_qkv_one_matmul_matches_three_and_steps_aside_for_hooks():
