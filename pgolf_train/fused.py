@@ -11,6 +11,14 @@ otherwise recomputes them inside every rotary kernel: 4 of them per layer in the
 (each fake-quantized as before): the block input is read once, and one larger GEMM replaces three
 narrow ones (k and v are 256 wide in ``h200``, where a GEMM is bound by its memory traffic).
 
+``fp8``: the blocks' matmuls of the forward and of the input gradient in float8 (e4m3) with a
+scale per row of each operand (``torch._scaled_mm``, bf16 out): on Hopper twice the tensor-core rate
+of bf16 for two thirds of the block FLOPs. The weight gradient stays a bf16 matmul, so the weights
+learn from unrounded activations and output gradients. The weight, fake-quantized or not, is scaled
+per output row (forward) and per input column (input gradient); e4m3 keeps 3 mantissa bits, so each
+operand is rounded to ~6% relative, a noise the equal-loss check must show harmless. A matrix with a
+dimension not a multiple of 16 (the kernel's requirement) takes the bf16 path.
+
 ``epilogue``: inductor's max-autotune GEMMs, so that elementwise work after a matmul can run in
 its epilogue (``compile_options``).
 
@@ -200,6 +208,48 @@ def linear_softcap_ce(x: Tensor, w: Tensor, targets: Tensor, softcap: float) -> 
     return _linear_softcap_ce(x.reshape(-1, x.size(-1)), w, targets.reshape(-1), float(softcap), CE_CHUNK)[0]
 
 
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def _rows_fp8(t: Tensor) -> tuple[Tensor, Tensor]:
+    """t [M, K] -> (q float8_e4m3fn [M, K] contiguous, s float32 [M, 1]) with t ≈ q · s, each row's
+    largest magnitude at the format's largest value (an all-zero row: s tiny, q zero)."""
+    t = t.float()
+    s = t.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / E4M3_MAX
+    return (t / s).to(torch.float8_e4m3fn).contiguous(), s
+
+
+class _FP8Linear(torch.autograd.Function):
+    """x [..., K] (bf16) @ w [N, K]ᵀ -> [..., N] in x's dtype; see ``fp8`` in the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.size(-1))
+        xq, sx = _rows_fp8(x2)
+        wq, sw = _rows_fp8(w)  # per output row
+        y = torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw.t(), out_dtype=x.dtype)
+        ctx.save_for_backward(x2, w)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], w.size(0))
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor]:
+        x2, w = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.size(-1))
+        gq, sg = _rows_fp8(dy2)
+        wtq, swt = _rows_fp8(w.t())  # [K, N]: a scale per input column of w
+        dx = torch._scaled_mm(gq, wtq.t(), scale_a=sg, scale_b=swt.t(), out_dtype=dy.dtype)
+        dw = dy2.t().to(x2.dtype) @ x2  # bf16, as the reference's weight gradient
+        return dx.view(ctx.x_shape), dw.to(w.dtype)
+
+
+def fp8_linear(x: Tensor, w: Tensor) -> Tensor:
+    """``F.linear(x, w.to(x.dtype))`` with float8 forward and input-gradient matmuls (``fp8``)."""
+    if x.size(-1) % 16 or w.size(0) % 16:
+        return torch.nn.functional.linear(x, w.to(x.dtype))
+    return _FP8Linear.apply(x, w)
+
+
 def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_len: int = 0,
                   device: torch.device | None = None) -> None:
     """Swap ``fusions`` (``parse_fusions``) into ``model`` (a GPT); () restores the reference path.
@@ -210,6 +260,10 @@ def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_le
     for m in model.modules():
         if hasattr(m, "fuse_qkv"):
             m.fuse_qkv = "qkv" in names
+    for block in getattr(model, "blocks", ()):  # the blocks' matrices; the head's matmuls are the CE's
+        for m in block.modules():
+            if hasattr(m, "matmul"):
+                m.matmul = fp8_linear if "fp8" in names else None
     model.rope_cache = None
     if "rope" in names and seq_len > 0:
         device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0": the key the batches' device matches

@@ -226,6 +226,93 @@ def test_qkv_one_matmul_matches_three_and_steps_aside_for_hooks():
     assert not any(b.attn.fuse_qkv for b in model.blocks)
 
 
+def _exact_rows(draw, rows, cols):
+    """A matrix e4m3 holds exactly under a per-row scale: entries 0, ±a/2, ±a with a row's a = 2^k
+    reached (so the row scales to ±224, ±448), and a few rows all zero."""
+    out = []
+    for _ in range(rows):
+        k = draw(st.integers(-6, 3))
+        vals = draw(st.lists(st.sampled_from([0.0, 0.5, -0.5, 1.0, -1.0]), min_size=cols, max_size=cols))
+        if any(vals) and not any(abs(v) == 1.0 for v in vals):
+            vals[0] = 1.0
+        out.append([v * 2.0 ** k for v in vals])
+    return torch.tensor(out)
+
+
+@FEW
+@given(st.data(), st.sampled_from([(16, 16, 32), (32, 48, 16)]))
+def test_fp8_linear_is_exact_where_e4m3_is(data, shape):
+    """Operands e4m3 represents exactly (per-row scale) give F.linear's forward and input gradient
+    exactly, and the weight gradient is the bf16 matmul's: the fp8 path adds rounding, nothing else."""
+    M, K, N = shape
+    x = _exact_rows(data.draw, M, K).bfloat16().requires_grad_()
+    w = _exact_rows(data.draw, N, K)
+    w = (w * (1.0 if data.draw(st.booleans()) else 0.25)).requires_grad_()
+    dy = _exact_rows(data.draw, M, N).bfloat16()
+    # the input gradient scales w per input column: exact too when w's columns reach a power of two
+    wt_ok = all(col.abs().max() == 0 or (col.abs().max().log2() % 1 == 0) and
+                set((col / col.abs().max()).abs().tolist()) <= {0.0, 0.5, 1.0} for col in w.detach().t())
+    y = fused.fp8_linear(x, w)
+    y.backward(dy)
+    gx, gw = x.grad, w.grad
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = F.linear(x2.float(), w2.to(torch.bfloat16).float())
+    ref.backward(dy.float())
+    assert torch.equal(y.float(), ref.bfloat16().float())
+    if wt_ok:
+        assert torch.equal(gx.float(), x2.grad.bfloat16().float())
+    assert torch.equal(gw, (dy.t() @ x.detach()).float())
+
+
+def test_fp8_in_the_model_tracks_the_reference_and_keeps_hooks():
+    """fused=fp8 on the blocks' matrices (with qkv, under QAT, compiled): loss and gradients near the
+    bf16 reference's (e4m3 rounding, a few percent), the head untouched, a matrix whose sizes are not
+    multiples of 16 on the bf16 path exactly, forward hooks still run; "" restores the reference."""
+    from pgolf_codec.schemes import QuantSpec
+
+    torch.manual_seed(0)
+    model = GPT(_cfg()).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    for blk in model.blocks:
+        blk.mlp.fc.qat = QuantSpec.parse("int4:mse")
+    x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+
+    def loss_and_grads(m):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(x, y)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    ref, ref_g = loss_and_grads(model)
+    fused.apply_fusions(model, "fp8,qkv")
+    assert all(m.matmul is fused.fp8_linear for b in model.blocks for m in b.modules() if hasattr(m, "matmul"))
+    got, got_g = loss_and_grads(model)
+    assert got != ref and abs(got - ref) < 0.02 * ref
+    for n, g in ref_g.items():  # each matrix; scalars' gradients are sums that partly cancel: in the total
+        if g.ndim == 2:
+            assert ((got_g[n] - g).norm() / g.norm()).item() < 0.15, n
+    flat = (torch.cat([t.flatten() for t in d.values()]) for d in (got_g, ref_g))
+    got_flat, ref_flat = flat
+    assert ((got_flat - ref_flat).norm() / ref_flat.norm()).item() < 0.1
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(compile_model(model)(x, y).detach(), got, rtol=1e-2, atol=1e-2)
+    calls = []
+    h = model.blocks[0].mlp.proj.register_forward_hook(lambda m, i, o: calls.append(1))
+    loss_and_grads(model)
+    h.remove()
+    assert calls == [1]
+    a = torch.randn(3, 20, dtype=torch.bfloat16)
+    w = torch.randn(8, 20)
+    assert torch.equal(fused.fp8_linear(a, w), F.linear(a, w.bfloat16()))
+    fused.apply_fusions(model, "")
+    assert all(m.matmul is None for m in model.modules() if hasattr(m, "matmul"))
+    torch.testing.assert_close(loss_and_grads(model)[0], ref, rtol=0, atol=0)
+
+
 def test_tune_compiles_the_same_model():
     """fused=tune only changes how inductor picks its kernels' block sizes: torch.compile takes the
     option and computes the compiled model's loss (on a GPU it times the candidates at the compile)."""

@@ -58,7 +58,7 @@ def test_gpu_linear_softcap_ce_at_h200_shapes():
     assert rel_x < 1e-2 and rel_w < 1e-2, (rel_x, rel_w)
 
 
-@pytest.mark.parametrize("fusions", ["ce,rope", "ce,rope,qkv"])
+@pytest.mark.parametrize("fusions", ["ce,rope", "ce,rope,qkv", "ce,rope,qkv,fp8"])
 def test_gpu_compiled_gpt_with_fusions_matches_without(fusions):
     """h200's block shapes at a small batch, compiled with the trainer's options, bf16 autocast."""
     cfg = GPTConfig(vocab_size=4096, num_layers=3, model_dim=512, num_heads=8, num_kv_heads=4, seq_len=1024)
@@ -78,11 +78,16 @@ def test_gpu_compiled_gpt_with_fusions_matches_without(fusions):
             loss = compile_model(model)(x, y)
         loss.backward()
         out[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    torch.testing.assert_close(out[fusions][0], out[""][0], rtol=2e-3, atol=2e-3)
+    fp8 = "fp8" in fusions  # e4m3 operands: ~6% rounding each, averaged over the sums
+    tol = 2e-2 if fp8 else 2e-3
+    torch.testing.assert_close(out[fusions][0], out[""][0], rtol=tol, atol=tol)
     for n, ref in out[""][1].items():
         got = out[fusions][1][n]
         rel = ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
-        assert rel < 3e-2, (n, rel)
+        assert rel < (0.15 if fp8 and ref.ndim == 2 else 3e-2) or fp8 and ref.ndim < 2, (n, rel)
+    if fp8:  # scalars' gradients are sums that partly cancel: judged in the total
+        got, ref = (torch.cat([g.flatten() for g in out[k][1].values()]) for k in (fusions, ""))
+        assert ((got - ref).norm() / ref.norm()).item() < 0.1
 
 
 @pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient"])
