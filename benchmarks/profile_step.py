@@ -102,7 +102,8 @@ def phase_ms(events) -> dict[str, float]:
 def _phase(ranges: list[dict], ts: float) -> str:
     """The phase a kernel starting at ``ts`` ran in. The backward's kernels are launched by autograd's
     own thread, outside the main thread's ranges: a kernel after a forward range ends and before the
-    next range starts is the backward's."""
+    next range starts is the backward's, and so is one after the backward's own range (on the GPU
+    that range covers only what the main thread launched: the loss gradient's seed, a few µs)."""
     last = None
     for r in ranges:  # sorted by start
         if r["ts"] > ts:
@@ -113,7 +114,7 @@ def _phase(ranges: list[dict], ts: float) -> str:
     name = last["name"][len("pgolf."):]
     if ts < last["ts"] + last["dur"]:
         return name
-    return "backward" if name == "forward" else "unattributed"
+    return "backward" if name in ("forward", "backward") else "unattributed"
 
 
 def trace_tables(trace: dict, steps: int) -> dict:

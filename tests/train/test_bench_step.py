@@ -37,10 +37,11 @@ def test_profile_phases_and_kernel_table(tiny_data, one_thread):
     assert torch.isfinite(loss)
     trace = {"traceEvents": [
         {"cat": "gpu_user_annotation", "name": "pgolf.forward", "ts": 0, "dur": 100},
+        {"cat": "gpu_user_annotation", "name": "pgolf.backward", "ts": 165, "dur": 2},  # the seed's fill only
         {"cat": "gpu_user_annotation", "name": "pgolf.optimizer.muon", "ts": 300, "dur": 50},
         {"cat": "kernel", "name": "nvjet_sm90_tst_256x128", "ts": 1, "dur": 30},
         {"cat": "kernel", "name": "triton_red_fused_rms_norm_0", "ts": 140, "dur": 20},  # backward: after forward
-        {"cat": "kernel", "name": "cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "ts": 170, "dur": 20},
+        {"cat": "kernel", "name": "cudnn_generated_fort_native_sdpa_sm90_flash_bprop", "ts": 170, "dur": 20},  # after it
         {"cat": "kernel", "name": "multi_tensor_apply_kernel", "ts": 310, "dur": 10},
         {"cat": "kernel", "name": "void at::native::vectorized_elementwise_kernel", "ts": 400, "dur": 10},
     ]}
