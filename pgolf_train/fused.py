@@ -17,7 +17,8 @@ of bf16 for two thirds of the block FLOPs. The weight gradient stays a bf16 matm
 learn from unrounded activations and output gradients. The weight, fake-quantized or not, is scaled
 per output row (forward) and per input column (input gradient); e4m3 keeps 3 mantissa bits, so each
 operand is rounded to ~6% relative, a noise the equal-loss check must show harmless. A matrix with a
-dimension not a multiple of 16 (the kernel's requirement) takes the bf16 path.
+dimension not a multiple of 16 (the kernel's requirement) takes the bf16 path, and so does a model
+in eval mode: the trainer's validation and pre-quantization scores are of the artifact's function.
 
 ``epilogue``: inductor's max-autotune GEMMs, so that elementwise work after a matmul can run in
 its epilogue (``compile_options``).
@@ -36,6 +37,7 @@ kernel is Triton; elsewhere (or with no Triton) the same arithmetic in torch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -250,6 +252,12 @@ def fp8_linear(x: Tensor, w: Tensor) -> Tensor:
     return _FP8Linear.apply(x, w)
 
 
+def _fp8_in_training(m: torch.nn.Module, x: Tensor, w: Tensor) -> Tensor:
+    """``fp8_linear`` while ``m`` trains; in eval mode (the trainer's validation and pre-quantization
+    scores) the bf16 matmul, so those score the function the artifact computes."""
+    return fp8_linear(x, w) if m.training else torch.nn.functional.linear(x, w.to(x.dtype))
+
+
 def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_len: int = 0,
                   device: torch.device | None = None) -> None:
     """Swap ``fusions`` (``parse_fusions``) into ``model`` (a GPT); () restores the reference path.
@@ -263,7 +271,7 @@ def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_le
     for block in getattr(model, "blocks", ()):  # the blocks' matrices; the head's matmuls are the CE's
         for m in block.modules():
             if hasattr(m, "matmul"):
-                m.matmul = fp8_linear if "fp8" in names else None
+                m.matmul = functools.partial(_fp8_in_training, m) if "fp8" in names else None
     model.rope_cache = None
     if "rope" in names and seq_len > 0:
         device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0": the key the batches' device matches

@@ -266,8 +266,9 @@ def test_fp8_linear_is_exact_where_e4m3_is(data, shape):
 
 def test_fp8_in_the_model_tracks_the_reference_and_keeps_hooks():
     """fused=fp8 on the blocks' matrices (with qkv, under QAT, compiled): loss and gradients near the
-    bf16 reference's (e4m3 rounding, a few percent), the head untouched, a matrix whose sizes are not
-    multiples of 16 on the bf16 path exactly, forward hooks still run; "" restores the reference."""
+    bf16 reference's (e4m3 rounding, a few percent), the head untouched, eval mode and a matrix whose
+    sizes are not multiples of 16 on the bf16 path exactly, forward hooks still run; "" restores the
+    reference."""
     from pgolf_codec.schemes import QuantSpec
 
     torch.manual_seed(0)
@@ -288,7 +289,7 @@ def test_fp8_in_the_model_tracks_the_reference_and_keeps_hooks():
 
     ref, ref_g = loss_and_grads(model)
     fused.apply_fusions(model, "fp8,qkv")
-    assert all(m.matmul is fused.fp8_linear for b in model.blocks for m in b.modules() if hasattr(m, "matmul"))
+    assert all(m.matmul.func is fused._fp8_in_training for b in model.blocks for m in b.modules() if hasattr(m, "matmul"))
     got, got_g = loss_and_grads(model)
     assert got != ref and abs(got - ref) < 0.02 * ref
     for n, g in ref_g.items():  # each matrix; scalars' gradients are sums that partly cancel: in the total
@@ -305,6 +306,13 @@ def test_fp8_in_the_model_tracks_the_reference_and_keeps_hooks():
     loss_and_grads(model)
     h.remove()
     assert calls == [1]
+    model.eval()  # the trainer's validation scores the artifact's function: no fp8 outside training
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused.apply_fusions(model, "fp8")
+        fp8_eval = model(x, y)
+        fused.apply_fusions(model, "")
+        assert torch.equal(fp8_eval, model(x, y))
+    model.train()
     a = torch.randn(3, 20, dtype=torch.bfloat16)
     w = torch.randn(8, 20)
     assert torch.equal(fused.fp8_linear(a, w), F.linear(a, w.bfloat16()))
