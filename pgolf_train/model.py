@@ -326,8 +326,11 @@ class MLP(nn.Module):
         self.fc = CastedLinear(cfg.model_dim, hidden)
         self.proj = CastedLinear(hidden, cfg.model_dim, zero_init=True)
         self.leaky = cfg.activation == "leaky_relu2"
+        self.fused = None  # a trainer's (x, w_fc, w_proj, leaky) -> the MLP (pgolf_train.fused)
 
     def forward(self, x: Tensor, aux: list | None = None) -> Tensor:
+        if self.fused is not None and not (self.fc._forward_hooks or self.proj._forward_hooks):
+            return self.fused(x, _weight(self.fc), _weight(self.proj), self.leaky)
         return self.proj(_activation(self.fc(x), self.leaky))
 
 

@@ -83,6 +83,53 @@ def test_rows_kernel_interpreted_matches_autograd():
         assert ulps <= 1.01, (case, ulps)
 
 
+INTERPRETED_MM = """
+import json, sys
+import torch
+from pgolf_train import fused
+assert fused._interpreter(), "Triton is not interpreting"
+out = []
+for M, K, N, leaky, seed in json.loads(sys.argv[1]):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(M, K, generator=g).bfloat16()
+    b = (torch.randn(N, K, generator=g) * 0.3).bfloat16().t()  # [K, N] with W_fc's transposed strides
+    acc = a.float() @ b.float()
+    h, act = fused._mm_act(a, b, None, leaky)
+    hf = h.float()
+    want_act = torch.where(hf > 0, hf, 0.5 * hf if leaky else 0 * hf) ** 2
+    h2 = torch.randn(M, N, generator=g).bfloat16()
+    _, dh = fused._mm_act(a, b.contiguous(), h2, leaky)
+    h2f = h2.float()
+    want_dh = acc * torch.where(h2f > 0, 2 * h2f, 0.5 * h2f if leaky else 0 * h2f)
+    ulp = lambda x: x.abs().clamp_min(1e-30).log2().floor().exp2() / 128  # one bf16 step at x
+    out.append([float(((hf - acc).abs() / (ulp(acc) + 1e-6 * acc.abs().max())).max()),
+                float(((act.float() - want_act).abs() / (ulp(want_act) + 1e-30)).max()),
+                float(((dh.float() - want_dh).abs() / (ulp(want_dh) + 1e-6 * want_dh.abs().max())).max())])
+print(json.dumps(out))
+"""
+
+
+def test_mm_act_kernel_interpreted_matches_the_arithmetic():
+    """The MLP's matmul kernel (fused=mlp) under the Triton interpreter: ragged tiles (M, N, K not
+    multiples of the block), transposed and contiguous operands, both activations. Forward: h within
+    one bf16 step of the fp32 product (accumulation order aside), act(h) within one bf16 step of the
+    activation of that h (the interpreter rounds its casts unlike the GPU, so not bitwise); backward:
+    (a·b) ⊙ act'(h) within one bf16 step."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cases = [[40, 48, 24, True, 0], [40, 48, 24, False, 1], [32, 16, 64, True, 2], [7, 5, 3, False, 3]]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", INTERPRETED_MM, json.dumps(cases)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for case, ulps in zip(cases, json.loads(r.stdout.strip().splitlines()[-1]), strict=True):
+        assert max(ulps) <= 1.01, (case, ulps)  # h, act(h), d h
+
+
 @FEW
 @given(n=st.integers(1, 40), V=st.sampled_from([2, 7, 300, 4096, 9000]), seed=st.integers(0, 2**16),
        spread=st.sampled_from([1.0, 30.0, 300.0]))
@@ -319,6 +366,47 @@ def test_fp8_in_the_model_tracks_the_reference_and_keeps_hooks():
     fused.apply_fusions(model, "")
     assert all(m.matmul is None for m in model.modules() if hasattr(m, "matmul"))
     torch.testing.assert_close(loss_and_grads(model)[0], ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu2", "relu2"])
+def test_mlp_fusion_matches_the_reference_and_steps_aside_for_hooks(activation):
+    """fused=mlp (the torch arithmetic off the GPU): loss and every gradient equal the model's MLP
+    (fp32: the same products; the activation's gradient as one factor), compiled too and under QAT;
+    a forward hook on fc (TTT's LoRA) sends the MLP back to the module calls; "" restores it."""
+    from pgolf_codec.schemes import QuantSpec
+
+    torch.manual_seed(0)
+    model = GPT(_cfg(activation=activation)).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    for blk in model.blocks:
+        blk.mlp.fc.qat = QuantSpec.parse("int4:mse")
+    x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+
+    def loss_and_grads(m):
+        m.zero_grad(set_to_none=True)
+        loss = m(x, y)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    ref, ref_g = loss_and_grads(model)
+    fused.apply_fusions(model, "mlp")
+    assert all(b.mlp.fused is fused.fused_mlp for b in model.blocks)
+    got, got_g = loss_and_grads(model)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert got_g.keys() == ref_g.keys()
+    for n in ref_g:
+        torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-5, atol=1e-6, msg=n)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compile_model(model)(x, y).detach(), got, rtol=1e-5, atol=1e-5)
+    calls = []
+    h = model.blocks[0].mlp.fc.register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)
+    hooked = model(x, y)
+    h.remove()
+    assert calls == [1] and not torch.allclose(hooked, got)
+    fused.apply_fusions(model, "")
+    assert all(b.mlp.fused is None for b in model.blocks)
 
 
 def test_tune_compiles_the_same_model():
