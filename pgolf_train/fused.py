@@ -24,7 +24,8 @@ in eval mode: the trainer's validation and pre-quantization scores are of the ar
 h = x·W_fcᵀ and a = act(h) from its accumulator, so no pass reads h back; in the backward, the kernel
 of d a = d out·W_proj multiplies by act'(h) before it stores, so d a never reaches memory. That saves
 three [tokens, hidden] passes per layer (1.2 GB in ``h200``). The other three matmuls stay cuBLAS's.
-Without Triton (or off the GPU without the interpreter) the same arithmetic in torch.
+Without Triton (or off the GPU without the interpreter) the same arithmetic in torch. With ``fp8``
+too, the MLP's matmuls are these bf16 ones (``fp8`` keeps the attention's).
 
 ``epilogue``: inductor's max-autotune GEMMs, so that elementwise work after a matmul can run in
 its epilogue (``compile_options``).
