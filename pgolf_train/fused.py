@@ -121,16 +121,11 @@ def _softcap_ce_rows(logits_ptr, stride, targets_ptr, loss_ptr, V, softcap, grad
     tl.store(loss_ptr + row, lse - zt)
 
 
-_KERNEL = None
-
-
-def _rows_kernel():
-    """``_softcap_ce_rows`` wrapped by ``triton.jit`` at first use, in the mode Triton was imported in."""
-    global _KERNEL
-    if _KERNEL is None:
-        with _env("TRITON_INTERPRET", "1" if _interpreter() else "0"):
-            _KERNEL = triton.jit(_softcap_ce_rows)
-    return _KERNEL
+@functools.cache
+def _jit(fn):
+    """``fn`` wrapped by ``triton.jit`` at first use, in the mode Triton was imported in."""
+    with _env("TRITON_INTERPRET", "1" if _interpreter() else "0"):
+        return triton.jit(fn)
 
 
 @contextlib.contextmanager
@@ -155,8 +150,8 @@ def softcap_ce_rows(logits: Tensor, targets: Tensor, softcap: float, grad_scale:
         return loss
     if _use_triton(logits):
         block = min(triton.next_power_of_2(V), 8192)
-        _rows_kernel()[(n,)](logits, logits.stride(0), targets, loss, V, float(softcap), float(grad_scale),
-                               BLOCK=block, ONE_BLOCK=block >= V, num_warps=8 if block >= 4096 else 4)
+        _jit(_softcap_ce_rows)[(n,)](logits, logits.stride(0), targets, loss, V, float(softcap), float(grad_scale),
+                                     BLOCK=block, ONE_BLOCK=block >= V, num_warps=8 if block >= 4096 else 4)
         return loss
     th = torch.tanh(logits.float() / softcap)
     z = softcap * th
@@ -310,17 +305,6 @@ def _mm_act_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s_bn
         tl.store(out_ptr + offs, (act * act).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_MM_KERNEL = None
-
-
-def _mm_kernel():
-    global _MM_KERNEL
-    if _MM_KERNEL is None:
-        with _env("TRITON_INTERPRET", "1" if _interpreter() else "0"):
-            _MM_KERNEL = triton.jit(_mm_act_kernel)
-    return _MM_KERNEL
-
-
 def _mm_act(a: Tensor, b: Tensor, h: Tensor | None, leaky: bool) -> tuple[Tensor, Tensor]:
     """Forward (h None): a [M, K] · b [K, N] -> (h, act(h)); backward: -> (h, (a·b) ⊙ act'(h))."""
     M, K = a.shape
@@ -338,10 +322,10 @@ def _mm_act(a: Tensor, b: Tensor, h: Tensor | None, leaky: bool) -> tuple[Tensor
         h = torch.empty(M, N, dtype=a.dtype, device=a.device)
     bm, bn, bk = (128, 128, 64) if a.is_cuda else (16, 16, 16)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _mm_kernel()[grid](a, b, h, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                       h.stride(0), h.stride(1), LEAKY=leaky, BACKWARD=backward, UPCAST=not a.is_cuda,
-                       BM=bm, BN=bn, BK=bk,
-                       GROUP_M=8, **({"num_warps": 8, "num_stages": 4} if a.is_cuda else {}))
+    _jit(_mm_act_kernel)[grid](a, b, h, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                               h.stride(0), h.stride(1), LEAKY=leaky, BACKWARD=backward, UPCAST=not a.is_cuda,
+                               BM=bm, BN=bn, BK=bk, GROUP_M=8,
+                               **({"num_warps": 8, "num_stages": 4} if a.is_cuda else {}))
     return h, out
 
 
