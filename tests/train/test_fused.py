@@ -230,45 +230,65 @@ def test_rope_tables_made_once_are_what_the_compiled_model_reads():
     assert fused.compile_options("qkv") == {}
 
 
+def _perturbed(**kw) -> tuple[GPT, torch.Tensor, torch.Tensor]:
+    """A small GPT in training mode with every parameter moved off its init (zero-init projections
+    would hide what the blocks compute), and one batch (x, y)."""
+    torch.manual_seed(0)
+    model = GPT(_cfg(**kw)).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model, torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+
+
+def _loss_and_grads(m, x, y, bf16: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    m.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = m(x, y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def _matches_reference(model, x, y, fusions: str) -> torch.Tensor:
+    """With ``fusions`` the loss and every gradient equal the reference path's (fp32: the same
+    products, summed in another order), eager and compiled; returns the fused loss."""
+    fused.apply_fusions(model, "")
+    ref, ref_g = _loss_and_grads(model, x, y)
+    fused.apply_fusions(model, fusions)
+    got, got_g = _loss_and_grads(model, x, y)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert got_g.keys() == ref_g.keys()
+    for n in ref_g:
+        torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-5, atol=1e-6, msg=n)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compile_model(model)(x, y).detach(), got, rtol=1e-5, atol=1e-5)
+    return got
+
+
+def _hook_runs(model, x, y, module, fused_loss: torch.Tensor) -> None:
+    """A forward hook on ``module`` (as TTT's LoRA registers) runs and changes the loss: the fused
+    path stepped aside for the module's own call."""
+    calls = []
+    h = module.register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)
+    hooked = model(x, y)
+    h.remove()
+    assert calls == [1] and not torch.allclose(hooked, fused_loss)
+
+
 def test_qkv_one_matmul_matches_three_and_steps_aside_for_hooks():
     """fused=qkv: loss and every gradient equal the three projections' (fp32: one dot product per
     output either way), compiled too and under QAT; a forward hook on a projection (TTT's LoRA)
     sends the block back to the three calls, so the hook still runs; "" restores the reference."""
     from pgolf_codec.schemes import QuantSpec
 
-    torch.manual_seed(0)
-    model = GPT(_cfg()).train()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
-
-    def loss_and_grads(m):
-        m.zero_grad(set_to_none=True)
-        loss = m(x, y)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-
+    model, x, y = _perturbed()
     for qat in (False, True):
         for blk in model.blocks:
             for lin in (blk.attn.c_q, blk.attn.c_k, blk.attn.c_v):
                 lin.qat = QuantSpec.parse("int4:mse") if qat else None
-        fused.apply_fusions(model, "")
-        ref, ref_g = loss_and_grads(model)
-        fused.apply_fusions(model, "qkv")
+        got = _matches_reference(model, x, y, "qkv")
         assert all(b.attn.fuse_qkv for b in model.blocks)
-        got, got_g = loss_and_grads(model)
-        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-        assert got_g.keys() == ref_g.keys()
-        for n in ref_g:
-            torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-5, atol=1e-6, msg=n)
-    torch._dynamo.reset()
-    torch.testing.assert_close(compile_model(model)(x, y).detach(), got, rtol=1e-5, atol=1e-5)
-    calls = []
-    h = model.blocks[0].attn.c_v.register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)  # k is normed: v
-    hooked = model(x, y)
-    h.remove()
-    assert calls == [1] and not torch.allclose(hooked, got)
+    _hook_runs(model, x, y, model.blocks[0].attn.c_v, got)  # c_v: k is normed, doubling it changes nothing
     fused.apply_fusions(model, "")
     assert not any(b.attn.fuse_qkv for b in model.blocks)
 
@@ -318,21 +338,12 @@ def test_fp8_in_the_model_tracks_the_reference_and_keeps_hooks():
     reference."""
     from pgolf_codec.schemes import QuantSpec
 
-    torch.manual_seed(0)
-    model = GPT(_cfg()).train()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model, x, y = _perturbed()
     for blk in model.blocks:
         blk.mlp.fc.qat = QuantSpec.parse("int4:mse")
-    x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
 
     def loss_and_grads(m):
-        m.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = m(x, y)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        return _loss_and_grads(m, x, y, bf16=True)
 
     ref, ref_g = loss_and_grads(model)
     fused.apply_fusions(model, "fp8,qkv")
@@ -375,36 +386,12 @@ def test_mlp_fusion_matches_the_reference_and_steps_aside_for_hooks(activation):
     a forward hook on fc (TTT's LoRA) sends the MLP back to the module calls; "" restores it."""
     from pgolf_codec.schemes import QuantSpec
 
-    torch.manual_seed(0)
-    model = GPT(_cfg(activation=activation)).train()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model, x, y = _perturbed(activation=activation)
     for blk in model.blocks:
         blk.mlp.fc.qat = QuantSpec.parse("int4:mse")
-    x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
-
-    def loss_and_grads(m):
-        m.zero_grad(set_to_none=True)
-        loss = m(x, y)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-
-    ref, ref_g = loss_and_grads(model)
-    fused.apply_fusions(model, "mlp")
+    got = _matches_reference(model, x, y, "mlp")
     assert all(b.mlp.fused is fused.fused_mlp for b in model.blocks)
-    got, got_g = loss_and_grads(model)
-    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-    assert got_g.keys() == ref_g.keys()
-    for n in ref_g:
-        torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-5, atol=1e-6, msg=n)
-    torch._dynamo.reset()
-    torch.testing.assert_close(compile_model(model)(x, y).detach(), got, rtol=1e-5, atol=1e-5)
-    calls = []
-    h = model.blocks[0].mlp.fc.register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)
-    hooked = model(x, y)
-    h.remove()
-    assert calls == [1] and not torch.allclose(hooked, got)
+    _hook_runs(model, x, y, model.blocks[0].mlp.fc, got)
     fused.apply_fusions(model, "")
     assert all(b.mlp.fused is None for b in model.blocks)
 
