@@ -49,6 +49,7 @@ VARIANTS = {
     "fused_qkv_fp8": ["fused=ce,rope,qkv,fp8"],
     "fused_mlp": ["fused=ce,rope,mlp"],
     "fused_qkv_mlp": ["fused=ce,rope,qkv,mlp"],
+    "fused_all": ["fused=ce,rope,qkv,fp8,mlp"],
     "fused_ce_rope_flash": ["fused=ce,rope", "sdpa_backend=flash"],
     "sdpa_flash": ["sdpa_backend=flash"],
     "sdpa_cudnn": ["sdpa_backend=cudnn"],

@@ -305,6 +305,9 @@ def _mm_act_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s_bn
         tl.store(out_ptr + offs, (act * act).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+MM_ACT_TILES = (128, 128, 64, 8, 4)  # BM, BN, BK, warps, stages on the GPU (benchmarks/fused_kernels_bench.py)
+
+
 def _mm_act(a: Tensor, b: Tensor, h: Tensor | None, leaky: bool) -> tuple[Tensor, Tensor]:
     """Forward (h None): a [M, K] · b [K, N] -> (h, act(h)); backward: -> (h, (a·b) ⊙ act'(h))."""
     M, K = a.shape
@@ -320,12 +323,12 @@ def _mm_act(a: Tensor, b: Tensor, h: Tensor | None, leaky: bool) -> tuple[Tensor
     out = torch.empty(M, N, dtype=a.dtype, device=a.device)
     if not backward:
         h = torch.empty(M, N, dtype=a.dtype, device=a.device)
-    bm, bn, bk = (128, 128, 64) if a.is_cuda else (16, 16, 16)
+    bm, bn, bk, warps, stages = MM_ACT_TILES if a.is_cuda else (16, 16, 16, 4, 1)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _jit(_mm_act_kernel)[grid](a, b, h, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                                h.stride(0), h.stride(1), LEAKY=leaky, BACKWARD=backward, UPCAST=not a.is_cuda,
                                BM=bm, BN=bn, BK=bk, GROUP_M=8,
-                               **({"num_warps": 8, "num_stages": 4} if a.is_cuda else {}))
+                               **({"num_warps": warps, "num_stages": stages} if a.is_cuda else {}))
     return h, out
 
 

@@ -78,7 +78,8 @@ def test_gpu_mm_act_kernel_at_h200_shapes(leaky):
     assert ((dh.float() - want).abs() <= ulp(want) * 1.01 + 1e-4 * want.abs().max()).all()
 
 
-@pytest.mark.parametrize("fusions", ["ce,rope", "ce,rope,qkv", "ce,rope,qkv,fp8", "ce,rope,mlp", "ce,rope,qkv,mlp"])
+@pytest.mark.parametrize("fusions", ["ce,rope", "ce,rope,qkv", "ce,rope,qkv,fp8", "ce,rope,mlp", "ce,rope,qkv,mlp",
+                                     "ce,rope,qkv,fp8,mlp"])
 def test_gpu_compiled_gpt_with_fusions_matches_without(fusions):
     """h200's block shapes at a small batch, compiled with the trainer's options, bf16 autocast."""
     cfg = GPTConfig(vocab_size=4096, num_layers=3, model_dim=512, num_heads=8, num_kv_heads=4, seq_len=1024)
