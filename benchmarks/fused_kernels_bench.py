@@ -28,7 +28,10 @@ from pgolf_train import fused
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import git, write_json  # noqa: E402
 
-TILES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4)]
+# (BM, BN, BK, warps, stages): fewer stages leave shared memory for a second program per SM, whose
+# main loop can overlap this one's epilogue (K = 512 is only 8 steps of BK = 64)
+TILES = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 2), (128, 128, 64, 4, 3), (128, 128, 64, 4, 2),
+         (128, 256, 64, 8, 2), (256, 128, 64, 8, 2), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3)]
 
 
 def cuda_ms(fn, iters: int = 20, warmup: int = 5) -> float:
@@ -92,7 +95,18 @@ def main() -> int:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
         record(f"linear {n}x{k} fwd+bwd (fp8)", cuda_ms(fwd_bwd(bf16_linear, a, w)), cuda_ms(fwd_bwd(fp8_linear, a, w)))
         with torch.no_grad():
-            record(f"linear {n}x{k} fwd (fp8)", cuda_ms(lambda: bf16_linear(a, w)), cuda_ms(lambda: fp8_linear(a, w)))
+            bf16_ms = cuda_ms(lambda: bf16_linear(a, w))
+            record(f"linear {n}x{k} fwd (fp8)", bf16_ms, cuda_ms(lambda: fp8_linear(a, w)))
+            # where fp8's time goes: the cast of the activation, and the GEMM alone with per-row or
+            # per-tensor scales
+            rows_fp8 = torch.compile(fused._rows_fp8)
+            record(f"linear {n}x{k} fwd vs cast of x", bf16_ms, cuda_ms(lambda: rows_fp8(a)))
+            (aq, sa), (wq, sw) = rows_fp8(a), rows_fp8(w)
+            record(f"linear {n}x{k} fwd vs rowwise mm", bf16_ms, cuda_ms(
+                lambda: torch._scaled_mm(aq, wq.t(), scale_a=sa, scale_b=sw.t(), out_dtype=torch.bfloat16)))
+            one = torch.ones((), device="cuda")
+            record(f"linear {n}x{k} fwd vs tensorwise mm", bf16_ms, cuda_ms(
+                lambda: torch._scaled_mm(aq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)))
 
     w_fc = torch.randn(H, D, device="cuda", dtype=torch.bfloat16) * D ** -0.5
     w_proj = torch.randn(D, H, device="cuda", dtype=torch.bfloat16) * H ** -0.5
