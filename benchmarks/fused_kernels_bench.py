@@ -28,10 +28,12 @@ from pgolf_train import fused
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import git, write_json  # noqa: E402
 
-# (BM, BN, BK, warps, stages): fewer stages leave shared memory for a second program per SM, whose
-# main loop can overlap this one's epilogue (K = 512 is only 8 steps of BK = 64)
-TILES = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 2), (128, 128, 64, 4, 3), (128, 128, 64, 4, 2),
-         (128, 256, 64, 8, 2), (256, 128, 64, 8, 2), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3)]
+# (BM, BN, BK, warps, stages, programs per SM; 0 = a program per tile): fewer stages leave shared
+# memory for a second program per SM, whose main loop can overlap this one's epilogue (K = 512 is
+# only 8 steps of BK = 64); a persistent grid overlaps them within one program
+TILES = [(128, 128, 64, 8, 3, 0), (128, 128, 64, 4, 3, 0), (128, 128, 64, 8, 4, 1), (128, 128, 64, 8, 3, 2),
+         (128, 256, 64, 8, 3, 0), (128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1), (128, 64, 64, 4, 4, 0),
+         (128, 128, 64, 4, 4, 2)]
 
 
 def cuda_ms(fn, iters: int = 20, warmup: int = 5) -> float:
@@ -71,6 +73,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--hidden", type=int, default=1536)
+    ap.add_argument("--parts", default="linear,mlp", help="which rows: linear (fp8), mlp")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "fused_kernels_bench.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -90,7 +93,7 @@ def main() -> int:
 
     bf16_linear = torch.compile(lambda a, w: F.linear(a, w))
     fp8_linear = torch.compile(lambda a, w: fused.fp8_linear(a, w))
-    for n, k in [(D, D), (D // 2, D), (H, D), (D, H)]:
+    for n, k in [(D, D), (D // 2, D), (H, D), (D, H)] if "linear" in args.parts else []:
         a = x if k == D else torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
         record(f"linear {n}x{k} fwd+bwd (fp8)", cuda_ms(fwd_bwd(bf16_linear, a, w)), cuda_ms(fwd_bwd(fp8_linear, a, w)))
@@ -108,6 +111,8 @@ def main() -> int:
             record(f"linear {n}x{k} fwd vs tensorwise mm", bf16_ms, cuda_ms(
                 lambda: torch._scaled_mm(aq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)))
 
+    if "mlp" not in args.parts:
+        return 0
     w_fc = torch.randn(H, D, device="cuda", dtype=torch.bfloat16) * D ** -0.5
     w_proj = torch.randn(D, H, device="cuda", dtype=torch.bfloat16) * H ** -0.5
     ref_mlp = torch.compile(lambda a, wf, wp: F.linear(F.leaky_relu(F.linear(a, wf), 0.5).square(), wp))

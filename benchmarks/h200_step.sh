@@ -18,7 +18,7 @@ source benchmarks/h200_setup.sh
 set +e  # h200_setup.sh sets -e: a failed stage must not end the script
 stamp "data ready"
 if [[ " $STAGES " == *" kernels "* ]]; then
-  timeout ${KERNELS_TIMEOUT:-150} python3 benchmarks/fused_kernels_bench.py --out "$OUT/fused_kernels_bench.json" 2>&1 \
+  timeout ${KERNELS_TIMEOUT:-150} python3 benchmarks/fused_kernels_bench.py --parts "${KERNELS_PARTS:-linear,mlp}" --out "$OUT/fused_kernels_bench.json" 2>&1 \
     | tee "$OUT/kernels.log"; stamp "kernels"
 fi
 if [[ " $STAGES " == *" tests "* ]]; then

@@ -260,52 +260,49 @@ def _fp8_in_training(m: torch.nn.Module, x: Tensor, w: Tensor) -> Tensor:
     return fp8_linear(x, w) if m.training else torch.nn.functional.linear(x, w.to(x.dtype))
 
 
-def _mm_act_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, s_hm, s_hn,
+def _mm_act_kernel(a_desc, b_desc, h_desc, out_desc, M, N, K, B_NK: tl.constexpr,
                    LEAKY: tl.constexpr, BACKWARD: tl.constexpr, UPCAST: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """acc = A[M, K] · B[K, N] (fp32 accumulate) on a BM × BN tile, then the epilogue:
-    forward: h = bf16(acc) stored to h_ptr, act(h) to out_ptr (h rounded first, as the reference
-    rounds the matmul's output before the activation); backward: out = bf16(acc · act'(h)), h read.
+    """acc = A[M, K] · B[K, N] (fp32 accumulate) on BM × BN tiles, then the epilogue:
+    forward: h = bf16(acc) stored to h, act(h) to out (h rounded first, as the reference rounds the
+    matmul's output before the activation); backward: out = bf16(acc · act'(h)), h read.
+    Operands and results move by TMA descriptors (zero-filled / clipped at the edges); B is given as
+    [N, K] (B_NK, a weight's own layout) or [K, N]. Each program takes the tiles pid, pid + programs,
+    ... so a grid of about one program per SM keeps loading the next tile while one finishes.
     UPCAST: the tiles multiplied in fp32 (the same products, exact for bf16 inputs): the interpreter's
     dot mishandles bf16."""
-    pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    group = pid // (GROUP_M * n_n)  # grouped order: neighbouring programs share A's rows in L2
-    first_m = group * GROUP_M
-    size_m = min(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-    pid_n = (pid % (GROUP_M * n_n)) // size_m
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + rk
-        a = tl.load(a_ptr + rm[:, None].to(tl.int64) * s_am + kk[None, :] * s_ak,
-                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + kk[:, None] * s_bk + rn[None, :] * s_bn,
-                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    offs = rm[:, None].to(tl.int64) * s_hm + rn[None, :] * s_hn
-    if BACKWARD:  # d act / d h: 2h for h > 0; else 0.5h (leaky_relu(·, 0.5)²) or 0 (relu²)
-        h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(h > 0, 2.0 * h, 0.5 * h if LEAKY else 0.0 * h)
-        tl.store(out_ptr + offs, (acc * g).to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        h = acc.to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + offs, h, mask=mask)
-        hf = h.to(tl.float32)
-        if LEAKY:
-            act = tl.where(hf > 0, hf, 0.5 * hf)
+    for tile in range(tl.program_id(0), n_m * n_n, tl.num_programs(0)):
+        group = tile // (GROUP_M * n_n)  # grouped order: neighbouring tiles share A's rows in L2
+        first_m = group * GROUP_M
+        size_m = min(n_m - first_m, GROUP_M)
+        om = (first_m + (tile % (GROUP_M * n_n)) % size_m) * BM
+        on = ((tile % (GROUP_M * n_n)) // size_m) * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            a = a_desc.load([om, k0])
+            b = b_desc.load([on, k0]).T if B_NK else b_desc.load([k0, on])
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        if BACKWARD:  # d act / d h: 2h for h > 0; else 0.5h (leaky_relu(·, 0.5)²) or 0 (relu²)
+            h = h_desc.load([om, on]).to(tl.float32)
+            g = tl.where(h > 0, 2.0 * h, 0.5 * h if LEAKY else 0.0 * h)
+            out_desc.store([om, on], (acc * g).to(out_desc.dtype))
         else:
-            act = tl.maximum(hf, 0.0)
-        tl.store(out_ptr + offs, (act * act).to(out_ptr.dtype.element_ty), mask=mask)
+            h = acc.to(h_desc.dtype)
+            h_desc.store([om, on], h)
+            hf = h.to(tl.float32)
+            if LEAKY:
+                act = tl.where(hf > 0, hf, 0.5 * hf)
+            else:
+                act = tl.maximum(hf, 0.0)
+            out_desc.store([om, on], (act * act).to(out_desc.dtype))
 
 
-MM_ACT_TILES = (128, 128, 64, 8, 4)  # BM, BN, BK, warps, stages on the GPU (benchmarks/fused_kernels_bench.py)
+# BM, BN, BK, warps, stages, programs per SM (0: one program per tile) on the GPU
+# (benchmarks/fused_kernels_bench.py times the candidates)
+MM_ACT_TILES = (128, 128, 64, 8, 3, 0)
 
 
 def _mm_act(a: Tensor, b: Tensor, h: Tensor | None, leaky: bool) -> tuple[Tensor, Tensor]:
@@ -313,22 +310,30 @@ def _mm_act(a: Tensor, b: Tensor, h: Tensor | None, leaky: bool) -> tuple[Tensor
     M, K = a.shape
     N = b.size(1)
     backward = h is not None
-    if not _use_triton(a):  # the same arithmetic; the product rounded to a's dtype first, as cuBLAS's
-        acc = a @ b
+    # TMA needs 16-byte aligned rows: K and N multiples of 8 (bf16); other shapes take the torch path
+    if not _use_triton(a) or K % 8 or N % 8 or a.element_size() != 2:
+        acc = a @ b  # the same arithmetic; the product rounded to a's dtype first, as cuBLAS's
         if backward:
             hf = h.float()
             return h, (acc.float() * torch.where(hf > 0, 2 * hf, 0.5 * hf if leaky else 0 * hf)).to(a.dtype)
         act = acc.float().clamp_min(0) if not leaky else torch.where(acc > 0, acc, 0.5 * acc).float()
         return acc, (act * act).to(a.dtype)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    a = a.contiguous()
+    b_nk = b.stride(0) == 1  # b is the transpose of a row-major [N, K] (the weight as stored)
+    b = b.t().contiguous() if b_nk else b.contiguous()
     out = torch.empty(M, N, dtype=a.dtype, device=a.device)
-    if not backward:
-        h = torch.empty(M, N, dtype=a.dtype, device=a.device)
-    bm, bn, bk, warps, stages = MM_ACT_TILES if a.is_cuda else (16, 16, 16, 4, 1)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _jit(_mm_act_kernel)[grid](a, b, h, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                               h.stride(0), h.stride(1), LEAKY=leaky, BACKWARD=backward, UPCAST=not a.is_cuda,
-                               BM=bm, BN=bn, BK=bk, GROUP_M=8,
-                               **({"num_warps": warps, "num_stages": stages} if a.is_cuda else {}))
+    h = torch.empty(M, N, dtype=a.dtype, device=a.device) if not backward else h.contiguous()
+    bm, bn, bk, warps, stages, per_sm = MM_ACT_TILES if a.is_cuda else (16, 16, 16, 4, 1, 0)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if per_sm:
+        tiles = min(tiles, per_sm * torch.cuda.get_device_properties(a.device).multi_processor_count)
+    desc = TensorDescriptor.from_tensor
+    _jit(_mm_act_kernel)[(tiles,)](
+        desc(a, [bm, bk]), desc(b, [bn, bk] if b_nk else [bk, bn]), desc(h, [bm, bn]), desc(out, [bm, bn]),
+        M, N, K, B_NK=b_nk, LEAKY=leaky, BACKWARD=backward, UPCAST=not a.is_cuda, BM=bm, BN=bn, BK=bk, GROUP_M=8,
+        **({"num_warps": warps, "num_stages": stages} if a.is_cuda else {}))
     return h, out
 
 

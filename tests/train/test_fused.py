@@ -121,7 +121,8 @@ def test_mm_act_kernel_interpreted_matches_the_arithmetic():
     import subprocess
     import sys
 
-    cases = [[40, 48, 24, True, 0], [40, 48, 24, False, 1], [32, 16, 64, True, 2], [7, 5, 3, False, 3]]
+    # ragged M, K and N (not multiples of the 16-wide blocks); [7, 5, 3]: rows TMA cannot address, the torch path
+    cases = [[40, 40, 24, True, 0], [40, 48, 24, False, 1], [32, 16, 64, True, 2], [7, 8, 8, False, 3], [7, 5, 3, False, 4]]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", INTERPRETED_MM, json.dumps(cases)], env=env, capture_output=True,
                        text=True, timeout=600)
