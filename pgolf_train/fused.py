@@ -11,22 +11,6 @@ otherwise recomputes them inside every rotary kernel: 4 of them per layer in the
 (each fake-quantized as before): the block input is read once, and one larger GEMM replaces three
 narrow ones (k and v are 256 wide in ``h200``, where a GEMM is bound by its memory traffic).
 
-``fp8``: the blocks' matmuls of the forward and of the input gradient in float8 (e4m3) with a
-scale per row of each operand (``torch._scaled_mm``, bf16 out): on Hopper twice the tensor-core rate
-of bf16 for two thirds of the block FLOPs. The weight gradient stays a bf16 matmul, so the weights
-learn from unrounded activations and output gradients. The weight, fake-quantized or not, is scaled
-per output row (forward) and per input column (input gradient); e4m3 keeps 3 mantissa bits, so each
-operand is rounded to ~6% relative, a noise the equal-loss check must show harmless. A matrix with a
-dimension not a multiple of 16 (the kernel's requirement) takes the bf16 path, and so does a model
-in eval mode: the trainer's validation and pre-quantization scores are of the artifact's function.
-
-``mlp``: the MLP's activation inside its matmuls (Triton): the up projection's kernel writes both
-h = x·W_fcᵀ and a = act(h) from its accumulator, so no pass reads h back; in the backward, the kernel
-of d a = d out·W_proj multiplies by act'(h) before it stores, so d a never reaches memory. That saves
-three [tokens, hidden] passes per layer (1.2 GB in ``h200``). The other three matmuls stay cuBLAS's.
-Without Triton (or off the GPU without the interpreter) the same arithmetic in torch. With ``fp8``
-too, the MLP's matmuls are these bf16 ones (``fp8`` keeps the attention's).
-
 ``epilogue``: inductor's max-autotune GEMMs, so that elementwise work after a matmul can run in
 its epilogue (``compile_options``).
 
@@ -44,7 +28,6 @@ kernel is Triton; elsewhere (or with no Triton) the same arithmetic in torch.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -121,11 +104,16 @@ def _softcap_ce_rows(logits_ptr, stride, targets_ptr, loss_ptr, V, softcap, grad
     tl.store(loss_ptr + row, lse - zt)
 
 
-@functools.cache
-def _jit(fn):
-    """``fn`` wrapped by ``triton.jit`` at first use, in the mode Triton was imported in."""
-    with _env("TRITON_INTERPRET", "1" if _interpreter() else "0"):
-        return triton.jit(fn)
+_KERNEL = None
+
+
+def _rows_kernel():
+    """``_softcap_ce_rows`` wrapped by ``triton.jit`` at first use, in the mode Triton was imported in."""
+    global _KERNEL
+    if _KERNEL is None:
+        with _env("TRITON_INTERPRET", "1" if _interpreter() else "0"):
+            _KERNEL = triton.jit(_softcap_ce_rows)
+    return _KERNEL
 
 
 @contextlib.contextmanager
@@ -150,8 +138,8 @@ def softcap_ce_rows(logits: Tensor, targets: Tensor, softcap: float, grad_scale:
         return loss
     if _use_triton(logits):
         block = min(triton.next_power_of_2(V), 8192)
-        _jit(_softcap_ce_rows)[(n,)](logits, logits.stride(0), targets, loss, V, float(softcap), float(grad_scale),
-                                     BLOCK=block, ONE_BLOCK=block >= V, num_warps=8 if block >= 4096 else 4)
+        _rows_kernel()[(n,)](logits, logits.stride(0), targets, loss, V, float(softcap), float(grad_scale),
+                               BLOCK=block, ONE_BLOCK=block >= V, num_warps=8 if block >= 4096 else 4)
         return loss
     th = torch.tanh(logits.float() / softcap)
     z = softcap * th
@@ -212,180 +200,6 @@ def linear_softcap_ce(x: Tensor, w: Tensor, targets: Tensor, softcap: float) -> 
     return _linear_softcap_ce(x.reshape(-1, x.size(-1)), w, targets.reshape(-1), float(softcap), CE_CHUNK)[0]
 
 
-E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
-
-
-def _rows_fp8(t: Tensor) -> tuple[Tensor, Tensor]:
-    """t [M, K] -> (q float8_e4m3fn [M, K] contiguous, s float32 [M, 1]) with t ≈ q · s, each row's
-    largest magnitude at the format's largest value (an all-zero row: s tiny, q zero)."""
-    t = t.float()
-    s = t.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / E4M3_MAX
-    return (t / s).to(torch.float8_e4m3fn).contiguous(), s
-
-
-class _FP8Linear(torch.autograd.Function):
-    """x [..., K] (bf16) @ w [N, K]ᵀ -> [..., N] in x's dtype; see ``fp8`` in the module docstring."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
-        x2 = x.reshape(-1, x.size(-1))
-        xq, sx = _rows_fp8(x2)
-        wq, sw = _rows_fp8(w)  # per output row
-        y = torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw.t(), out_dtype=x.dtype)
-        ctx.save_for_backward(x2, w)
-        ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], w.size(0))
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor]:
-        x2, w = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.size(-1))
-        gq, sg = _rows_fp8(dy2)
-        wtq, swt = _rows_fp8(w.t())  # [K, N]: a scale per input column of w
-        dx = torch._scaled_mm(gq, wtq.t(), scale_a=sg, scale_b=swt.t(), out_dtype=dy.dtype)
-        dw = dy2.t().to(x2.dtype) @ x2  # bf16, as the reference's weight gradient
-        return dx.view(ctx.x_shape), dw.to(w.dtype)
-
-
-def fp8_linear(x: Tensor, w: Tensor) -> Tensor:
-    """``F.linear(x, w.to(x.dtype))`` with float8 forward and input-gradient matmuls (``fp8``)."""
-    if x.size(-1) % 16 or w.size(0) % 16:
-        return torch.nn.functional.linear(x, w.to(x.dtype))
-    return _FP8Linear.apply(x, w)
-
-
-def _fp8_in_training(m: torch.nn.Module, x: Tensor, w: Tensor) -> Tensor:
-    """``fp8_linear`` while ``m`` trains; in eval mode (the trainer's validation and pre-quantization
-    scores) the bf16 matmul, so those score the function the artifact computes."""
-    return fp8_linear(x, w) if m.training else torch.nn.functional.linear(x, w.to(x.dtype))
-
-
-def _mm_act_kernel(a_desc, b_desc, h_desc, out_desc, M, N, K, B_NK: tl.constexpr,
-                   LEAKY: tl.constexpr, BACKWARD: tl.constexpr, UPCAST: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """acc = A[M, K] · B[K, N] (fp32 accumulate) on BM × BN tiles, then the epilogue:
-    forward: h = bf16(acc) stored to h, act(h) to out (h rounded first, as the reference rounds the
-    matmul's output before the activation); backward: out = bf16(acc · act'(h)), h read.
-    Operands and results move by TMA descriptors (zero-filled / clipped at the edges); B is given as
-    [N, K] (B_NK, a weight's own layout) or [K, N]. Each program takes the tiles pid, pid + programs,
-    ... so a grid of about one program per SM keeps loading the next tile while one finishes.
-    UPCAST: the tiles multiplied in fp32 (the same products, exact for bf16 inputs): the interpreter's
-    dot mishandles bf16."""
-    n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    for tile in range(tl.program_id(0), n_m * n_n, tl.num_programs(0)):
-        group = tile // (GROUP_M * n_n)  # grouped order: neighbouring tiles share A's rows in L2
-        first_m = group * GROUP_M
-        size_m = min(n_m - first_m, GROUP_M)
-        om = (first_m + (tile % (GROUP_M * n_n)) % size_m) * BM
-        on = ((tile % (GROUP_M * n_n)) // size_m) * BN
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            a = a_desc.load([om, k0])
-            b = b_desc.load([on, k0]).T if B_NK else b_desc.load([k0, on])
-            if UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-        if BACKWARD:  # d act / d h: 2h for h > 0; else 0.5h (leaky_relu(·, 0.5)²) or 0 (relu²)
-            h = h_desc.load([om, on]).to(tl.float32)
-            g = tl.where(h > 0, 2.0 * h, 0.5 * h if LEAKY else 0.0 * h)
-            out_desc.store([om, on], (acc * g).to(out_desc.dtype))
-        else:
-            h = acc.to(h_desc.dtype)
-            h_desc.store([om, on], h)
-            hf = h.to(tl.float32)
-            if LEAKY:
-                act = tl.where(hf > 0, hf, 0.5 * hf)
-            else:
-                act = tl.maximum(hf, 0.0)
-            out_desc.store([om, on], (act * act).to(out_desc.dtype))
-
-
-# BM, BN, BK, warps, stages, programs per SM (0: one program per tile) on the GPU
-# (benchmarks/fused_kernels_bench.py times the candidates)
-MM_ACT_TILES = (128, 128, 64, 8, 3, 0)
-
-
-def _mm_act(a: Tensor, b: Tensor, h: Tensor | None, leaky: bool) -> tuple[Tensor, Tensor]:
-    """Forward (h None): a [M, K] · b [K, N] -> (h, act(h)); backward: -> (h, (a·b) ⊙ act'(h))."""
-    M, K = a.shape
-    N = b.size(1)
-    backward = h is not None
-    # TMA needs 16-byte aligned rows: K and N multiples of 8 (bf16); other shapes take the torch path
-    if not _use_triton(a) or K % 8 or N % 8 or a.element_size() != 2:
-        acc = a @ b  # the same arithmetic; the product rounded to a's dtype first, as cuBLAS's
-        if backward:
-            hf = h.float()
-            return h, (acc.float() * torch.where(hf > 0, 2 * hf, 0.5 * hf if leaky else 0 * hf)).to(a.dtype)
-        act = acc.float().clamp_min(0) if not leaky else torch.where(acc > 0, acc, 0.5 * acc).float()
-        return acc, (act * act).to(a.dtype)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    a = a.contiguous()
-    b_nk = b.stride(0) == 1  # b is the transpose of a row-major [N, K] (the weight as stored)
-    b = b.t().contiguous() if b_nk else b.contiguous()
-    out = torch.empty(M, N, dtype=a.dtype, device=a.device)
-    h = torch.empty(M, N, dtype=a.dtype, device=a.device) if not backward else h.contiguous()
-    bm, bn, bk, warps, stages, per_sm = MM_ACT_TILES if a.is_cuda else (16, 16, 16, 4, 1, 0)
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    if per_sm:
-        tiles = min(tiles, per_sm * torch.cuda.get_device_properties(a.device).multi_processor_count)
-    desc = TensorDescriptor.from_tensor
-    _jit(_mm_act_kernel)[(tiles,)](
-        desc(a, [bm, bk]), desc(b, [bn, bk] if b_nk else [bk, bn]), desc(h, [bm, bn]), desc(out, [bm, bn]),
-        M, N, K, B_NK=b_nk, LEAKY=leaky, BACKWARD=backward, UPCAST=not a.is_cuda, BM=bm, BN=bn, BK=bk, GROUP_M=8,
-        **({"num_warps": warps, "num_stages": stages} if a.is_cuda else {}))
-    return h, out
-
-
-@torch.library.custom_op("pgolf::mm_act", mutates_args=())
-def _mm_act_op(a: Tensor, b: Tensor, leaky: bool) -> tuple[Tensor, Tensor]:
-    return _mm_act(a, b, None, leaky)
-
-
-@_mm_act_op.register_fake
-def _(a, b, leaky):
-    return a.new_empty(a.size(0), b.size(1)), a.new_empty(a.size(0), b.size(1))
-
-
-@torch.library.custom_op("pgolf::mm_act_grad", mutates_args=())
-def _mm_act_grad_op(a: Tensor, b: Tensor, h: Tensor, leaky: bool) -> Tensor:
-    return _mm_act(a, b, h, leaky)[1]
-
-
-@_mm_act_grad_op.register_fake
-def _(a, b, h, leaky):
-    return torch.empty_like(h)
-
-
-class _FusedMLP(torch.autograd.Function):
-    """proj(act(fc(x))) with ``_mm_act`` for the up projection and for d act; see ``mlp`` above."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor, leaky: bool) -> Tensor:
-        x2 = x.reshape(-1, x.size(-1))
-        wf, wp = w_fc.to(x.dtype), w_proj.to(x.dtype)
-        h, a = _mm_act_op(x2, wf.t(), leaky)
-        out = a @ wp.t()
-        ctx.save_for_backward(x2, wf, wp, h, a)
-        ctx.leaky, ctx.x_shape, ctx.w_dtypes = leaky, x.shape, (w_fc.dtype, w_proj.dtype)
-        return out.view(*x.shape[:-1], wp.size(0))
-
-    @staticmethod
-    def backward(ctx, dout: Tensor):
-        x2, wf, wp, h, a = ctx.saved_tensors
-        d2 = dout.reshape(-1, dout.size(-1)).to(x2.dtype)
-        dh = _mm_act_grad_op(d2, wp, h, ctx.leaky)  # (d out · W_proj) ⊙ act'(h)
-        dw_proj = d2.t() @ a
-        dx = dh @ wf
-        dw_fc = dh.t() @ x2
-        return dx.view(ctx.x_shape), dw_fc.to(ctx.w_dtypes[0]), dw_proj.to(ctx.w_dtypes[1]), None
-
-
-def fused_mlp(x: Tensor, w_fc: Tensor, w_proj: Tensor, leaky: bool) -> Tensor:
-    """``proj(act(fc(x)))`` of the model's MLP (weights [hidden, d] and [d, hidden], cast to x's dtype)."""
-    return _FusedMLP.apply(x, w_fc, w_proj, leaky)
-
-
 def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_len: int = 0,
                   device: torch.device | None = None) -> None:
     """Swap ``fusions`` (``parse_fusions``) into ``model`` (a GPT); () restores the reference path.
@@ -396,12 +210,6 @@ def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_le
     for m in model.modules():
         if hasattr(m, "fuse_qkv"):
             m.fuse_qkv = "qkv" in names
-    for block in getattr(model, "blocks", ()):  # the blocks' matrices; the head's matmuls are the CE's
-        for m in block.modules():
-            if hasattr(m, "matmul"):
-                m.matmul = functools.partial(_fp8_in_training, m) if "fp8" in names else None
-            if hasattr(m, "fused"):  # a dense MLP (an MoE's experts are bmm'ed, not called)
-                m.fused = fused_mlp if "mlp" in names else None
     model.rope_cache = None
     if "rope" in names and seq_len > 0:
         device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0": the key the batches' device matches

@@ -153,16 +153,11 @@ class CastedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.qat = None  # a pgolf_codec QuantSpec during QAT
-        self.matmul = None  # a trainer's (x, w) -> x @ wᵀ (pgolf_train.fused)
         if zero_init:  # output projections: every block starts as the identity
             nn.init.zeros_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _matmul(self, x, _weight(self))
-
-
-def _matmul(m: CastedLinear, x: Tensor, w: Tensor) -> Tensor:
-    return F.linear(x, w.to(x.dtype)) if m.matmul is None else m.matmul(x, w)
+        return F.linear(x, _weight(self).to(x.dtype))
 
 
 class CastedEmbedding(nn.Embedding):
@@ -216,15 +211,15 @@ class CausalSelfAttention(nn.Module):
         # Gated attention (Qiu et al. 2025), per head. Zero init: gate 0.5, its steepest point, free to
         # open or close; the halving only rescales a path that the zero-init proj starts at nothing.
         self.gate_w = nn.Parameter(torch.zeros(self.h, d)) if cfg.attn_out_gate else None
-        self.fuse_qkv = False  # a trainer's: q, k, v as one matmul
+        self.fuse_qkv = False  # a trainer's fusion: q, k, v as one matmul (pgolf_train.fused)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, scale: float | None, mask=None) -> Tensor:
         """x: [B, T, C] -> [B, T, C]; mask: None (causal) or a :func:`doc_mask`."""
         B, T, C = x.shape
         lin = (self.c_q, self.c_k, self.c_v)
-        if self.fuse_qkv and not any(m._forward_hooks for m in lin):  # hooks (TTT's LoRA) need the calls
+        if self.fuse_qkv and not any(m._forward_hooks for m in lin):  # hooks (TTT's LoRA) need each module's call
             kvd = self.kv * self.hd
-            q, k, v = _matmul(self.c_q, x, torch.cat([_weight(m) for m in lin])).split([C, kvd, kvd], -1)
+            q, k, v = F.linear(x, torch.cat([_weight(m) for m in lin]).to(x.dtype)).split([C, kvd, kvd], -1)
         else:
             q, k, v = (m(x) for m in lin)
         q = q.view(B, T, self.h, self.hd).transpose(1, 2)
@@ -326,11 +321,8 @@ class MLP(nn.Module):
         self.fc = CastedLinear(cfg.model_dim, hidden)
         self.proj = CastedLinear(hidden, cfg.model_dim, zero_init=True)
         self.leaky = cfg.activation == "leaky_relu2"
-        self.fused = None  # a trainer's (x, w_fc, w_proj, leaky) -> the MLP (pgolf_train.fused)
 
     def forward(self, x: Tensor, aux: list | None = None) -> Tensor:
-        if self.fused is not None and not (self.fc._forward_hooks or self.proj._forward_hooks):
-            return self.fused(x, _weight(self.fc), _weight(self.proj), self.leaky)
         return self.proj(_activation(self.fc(x), self.leaky))
 
 

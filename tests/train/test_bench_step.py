@@ -26,9 +26,6 @@ def test_train_bench_and_the_loss_check_run_the_trainers_step(tiny_data, one_thr
     fz = fused_loss_check.run("tiny", ["fused=ce,rope"], str(tiny_data), steps=7, device=CPU)
     assert len(ref["losses"]) == 7 and ref["ms_per_step"] > 0
     assert np.abs(np.array(ref["losses"]) - np.array(fz["losses"])).max() < 1e-3  # fp32 on the CPU: rounding
-    f8 = fused_loss_check.run("tiny", train_bench.VARIANTS["fused_qkv_fp8"], str(tiny_data), steps=7, device=CPU)
-    diff = np.abs(np.array(ref["losses"]) - np.array(f8["losses"]))
-    assert 0 < diff.max() < 0.05, diff  # e4m3 operands: rounded, not another model
 
 
 def test_profile_phases_and_kernel_table(tiny_data, one_thread):

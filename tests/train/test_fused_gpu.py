@@ -58,28 +58,7 @@ def test_gpu_linear_softcap_ce_at_h200_shapes():
     assert rel_x < 1e-2 and rel_w < 1e-2, (rel_x, rel_w)
 
 
-@pytest.mark.parametrize("leaky", [True, False])
-def test_gpu_mm_act_kernel_at_h200_shapes(leaky):
-    """fused=mlp's kernel on the GPU: 16,384 tokens × 512 → 1,536 (W_fcᵀ's strides) forward, and the
-    backward's 512 → 1,536 with act'(h): within one bf16 step of the fp32 arithmetic (accumulation
-    order aside), the activation bitwise that of the stored h."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(16384, 512, generator=g).cuda().bfloat16()
-    w = (torch.randn(1536, 512, generator=g) * 0.05).cuda().bfloat16()
-    h, act = fused._mm_act(a, w.t(), None, leaky)
-    acc = a.float() @ w.float().t()
-    ulp = lambda x: x.abs().clamp_min(1e-30).log2().floor().exp2() / 128  # noqa: E731
-    assert ((h.float() - acc).abs() <= ulp(acc) * 1.01 + 1e-4 * acc.abs().max()).all()
-    hf = h.float()
-    assert torch.equal(act, (torch.where(hf > 0, hf, 0.5 * hf if leaky else 0 * hf) ** 2).bfloat16())
-    d = torch.randn(16384, 512, generator=g).cuda().bfloat16()
-    _, dh = fused._mm_act(d, w.t().contiguous(), h, leaky)
-    want = (d.float() @ w.float().t()) * torch.where(hf > 0, 2 * hf, 0.5 * hf if leaky else 0 * hf)
-    assert ((dh.float() - want).abs() <= ulp(want) * 1.01 + 1e-4 * want.abs().max()).all()
-
-
-@pytest.mark.parametrize("fusions", ["ce,rope", "ce,rope,qkv", "ce,rope,qkv,fp8", "ce,rope,mlp", "ce,rope,qkv,mlp",
-                                     "ce,rope,qkv,fp8,mlp"])
+@pytest.mark.parametrize("fusions", ["ce,rope", "ce,rope,qkv"])
 def test_gpu_compiled_gpt_with_fusions_matches_without(fusions):
     """h200's block shapes at a small batch, compiled with the trainer's options, bf16 autocast."""
     cfg = GPTConfig(vocab_size=4096, num_layers=3, model_dim=512, num_heads=8, num_kv_heads=4, seq_len=1024)
@@ -99,16 +78,11 @@ def test_gpu_compiled_gpt_with_fusions_matches_without(fusions):
             loss = compile_model(model)(x, y)
         loss.backward()
         out[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    fp8 = "fp8" in fusions  # e4m3 operands: ~6% rounding each, averaged over the sums
-    tol = 2e-2 if fp8 else 2e-3
-    torch.testing.assert_close(out[fusions][0], out[""][0], rtol=tol, atol=tol)
+    torch.testing.assert_close(out[fusions][0], out[""][0], rtol=2e-3, atol=2e-3)
     for n, ref in out[""][1].items():
         got = out[fusions][1][n]
         rel = ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
-        assert rel < (0.15 if fp8 and ref.ndim == 2 else 3e-2) or fp8 and ref.ndim < 2, (n, rel)
-    if fp8:  # scalars' gradients are sums that partly cancel: judged in the total
-        got, ref = (torch.cat([g.flatten() for g in out[k][1].values()]) for k in (fusions, ""))
-        assert ((got - ref).norm() / ref.norm()).item() < 0.1
+        assert rel < 3e-2, (n, rel)
 
 
 @pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient"])
