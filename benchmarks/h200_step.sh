@@ -2,7 +2,7 @@
 # The faster step on one H200 (issue: fused kernels): GPU tests of the kernels, the step profile of
 # `h200` and `baseline`, and train_bench's side-by-side variants, all logged under $OUT as they go.
 #   STAGES="tests profile bench losscheck" (default all); BENCH_VARIANTS=baseline,fused_ce,...; BENCH_STEPS=30;
-#   LOSS_FUSED=ce,rope LOSS_SDPA= (the equal-loss check's fused arm); PROFILE_H200_ONLY=1 skips baseline's profile
+#   LOSS_FUSED=ce,rope LOSS_SDPA= (the equal-loss check's fused arm); PROFILE_H200_ONLY=1 skips baseline's profile; *_TIMEOUT caps a stage
 # Needs the carried .data/{wikipedia,fineweb,tok,tokenizers} and .whl (see h200_setup.sh).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -18,7 +18,7 @@ source benchmarks/h200_setup.sh
 set +e  # h200_setup.sh sets -e: a failed stage must not end the script
 stamp "data ready"
 if [[ " $STAGES " == *" tests "* ]]; then
-  timeout 300 python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/train/test_fused_gpu.py tests/train/test_techniques_gpu.py} \
+  timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/train/test_fused_gpu.py tests/train/test_techniques_gpu.py} \
     > "$OUT/gpu_tests.log" 2>&1; stamp "gpu tests: $(tail -1 "$OUT/gpu_tests.log")"  # the whole log: a failure's reason
 fi
 if [[ " $STAGES " == *" profile "* ]]; then
