@@ -183,64 +183,45 @@ def test_rope_tables_made_once_are_what_the_compiled_model_reads():
     assert fused.compile_options("qkv") == {}
 
 
-def _perturbed(**kw) -> tuple[GPT, torch.Tensor, torch.Tensor]:
-    """A small GPT in training mode with every parameter moved off its init (zero-init projections
-    would hide what the blocks compute), and one batch (x, y)."""
-    torch.manual_seed(0)
-    model = GPT(_cfg(**kw)).train()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model, torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
-
-
-def _loss_and_grads(m, x, y) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    m.zero_grad(set_to_none=True)
-    loss = m(x, y)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-
-
-def _matches_reference(model, x, y, fusions: str) -> torch.Tensor:
-    """With ``fusions`` the loss and every gradient equal the reference path's (fp32: the same
-    products, summed in another order), eager and compiled; returns the fused loss."""
-    fused.apply_fusions(model, "")
-    ref, ref_g = _loss_and_grads(model, x, y)
-    fused.apply_fusions(model, fusions)
-    got, got_g = _loss_and_grads(model, x, y)
-    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-    assert got_g.keys() == ref_g.keys()
-    for n in ref_g:
-        torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-5, atol=1e-6, msg=n)
-    torch._dynamo.reset()
-    torch.testing.assert_close(compile_model(model)(x, y).detach(), got, rtol=1e-5, atol=1e-5)
-    return got
-
-
-def _hook_runs(model, x, y, module, fused_loss: torch.Tensor) -> None:
-    """A forward hook on ``module`` (as TTT's LoRA registers) runs and changes the loss: the fused
-    path stepped aside for the module's own call."""
-    calls = []
-    h = module.register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)
-    hooked = model(x, y)
-    h.remove()
-    assert calls == [1] and not torch.allclose(hooked, fused_loss)
-
-
 def test_qkv_one_matmul_matches_three_and_steps_aside_for_hooks():
     """fused=qkv: loss and every gradient equal the three projections' (fp32: one dot product per
     output either way), compiled too and under QAT; a forward hook on a projection (TTT's LoRA)
     sends the block back to the three calls, so the hook still runs; "" restores the reference."""
     from pgolf_codec.schemes import QuantSpec
 
-    model, x, y = _perturbed()
+    torch.manual_seed(0)
+    model = GPT(_cfg()).train()
+    with torch.no_grad():  # off the init: zero-init projections would hide what the blocks compute
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+
+    def loss_and_grads(m):
+        m.zero_grad(set_to_none=True)
+        loss = m(x, y)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
     for qat in (False, True):
         for blk in model.blocks:
             for lin in (blk.attn.c_q, blk.attn.c_k, blk.attn.c_v):
                 lin.qat = QuantSpec.parse("int4:mse") if qat else None
-        got = _matches_reference(model, x, y, "qkv")
+        fused.apply_fusions(model, "")
+        ref, ref_g = loss_and_grads(model)
+        fused.apply_fusions(model, "qkv")
         assert all(b.attn.fuse_qkv for b in model.blocks)
-    _hook_runs(model, x, y, model.blocks[0].attn.c_v, got)  # c_v: k is normed, doubling it changes nothing
+        got, got_g = loss_and_grads(model)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+        assert got_g.keys() == ref_g.keys()
+        for n in ref_g:
+            torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-5, atol=1e-6, msg=n)
+        torch._dynamo.reset()
+        torch.testing.assert_close(compile_model(model)(x, y).detach(), got, rtol=1e-5, atol=1e-5)
+    calls = []
+    h = model.blocks[0].attn.c_v.register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)  # k is normed: v
+    hooked = model(x, y)
+    h.remove()
+    assert calls == [1] and not torch.allclose(hooked, got)
     fused.apply_fusions(model, "")
     assert not any(b.attn.fuse_qkv for b in model.blocks)
 
