@@ -13,7 +13,10 @@ all, e.g. ``fused=ce`` or ``sdpa_backend=cudnn``), warms up, then:
   by its name (matmul, attention, the compiled graph's fused Triton kernels = norms, elementwise,
   loss; Newton–Schulz is inside Muon's phase, ...) and attributed to the phase it ran in; ``idle``
   is the step's wall time with no kernel running;
-- the attention kernels that ran (which SDPA backend torch picked).
+- the attention kernels that ran (which SDPA backend torch picked);
+- with ``--kernel-table DIR``: every compiled Triton kernel with inductor's estimate of the bytes it
+  moves (``benchmark_kernel``; the graph is compiled afresh into ``DIR``, whose generated sources stay
+  there to read) and the bandwidth it reached: which fused kernels are slow, which move too much.
 
 Writes ``benchmarks/results/profile_step.json`` (``--out``): ms per step, tokens/s, MFU (as
 ``train_bench``), and per config the tables above.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import sys
 import tempfile
@@ -30,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from pgolf_train.build import autocast_ctx
@@ -117,8 +122,26 @@ def _phase(ranges: list[dict], ts: float) -> str:
     return "backward" if name in ("forward", "backward") else "unattributed"
 
 
-def trace_tables(trace: dict, steps: int) -> dict:
-    """Kernel time per category and per phase (ms per step), idle time, the top kernels."""
+def kernel_bytes(cache: Path) -> dict[str, float]:
+    """GB moved per call of each Triton kernel inductor generated under ``cache`` (its estimate, from
+    the ``kernel_num_gb`` in a kernel's metadata), by kernel name. A name generated more than once
+    (two graphs) with different estimates maps to NaN: its calls cannot be told apart in a trace."""
+    out: dict[str, float] = {}
+    for f in cache.rglob("*.py"):
+        for line in f.read_text(errors="replace").splitlines():
+            name = re.search(r"'kernel_name': '(\w+)'", line)
+            gb = re.search(r"'kernel_num_gb': ([0-9.eE+-]+)", line)
+            if name and gb:
+                v = float(gb.group(1))
+                old = out.setdefault(name.group(1), v)
+                if abs(old - v) > 1e-9 * max(abs(v), 1.0):
+                    out[name.group(1)] = float("nan")
+    return out
+
+
+def trace_tables(trace: dict, steps: int, gb: dict[str, float] | None = None) -> dict:
+    """Kernel time per category and per phase (ms per step), idle time, the top kernels; with ``gb``
+    (``kernel_bytes``) also every compiled kernel's bytes per call and achieved bandwidth."""
     evs = trace["traceEvents"]
     kernels = [e for e in evs if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
     ranges = [e for e in evs if e.get("cat") == "gpu_user_annotation" and str(e.get("name", "")).startswith("pgolf.")]
@@ -150,7 +173,23 @@ def trace_tables(trace: dict, steps: int) -> dict:
         rec[0] += e["dur"]
         rec[1] += 1
     per = 1000.0 * steps  # µs in the trace -> ms per step
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    top = ranked[:25]
+    extra = {}
+    if gb is not None:
+        rows = []
+        for n, (t, k, c) in ranked:
+            if c != "compiled_triton" and n not in gb:
+                continue
+            g = gb.get(n)
+            ok = g is not None and g == g
+            rows.append({"name": n[:160], "ms_per_step": t / per, "calls_per_step": k / steps,
+                         "us_per_call": t / k, "gb_per_call": g if ok else None,
+                         "gb_per_s": g * k / (t / 1e6) if ok and t > 0 else None})
+        known = [r for r in rows if r["gb_per_s"] is not None]
+        extra = {"compiled_kernels": rows,
+                 "compiled_gb_per_step": sum(r["gb_per_call"] * r["calls_per_step"] for r in known),
+                 "compiled_ms_with_bytes": sum(r["ms_per_step"] for r in known)}
     return {
         "window_ms_per_step": (end - start) / per,
         "kernel_ms_per_step": busy / per,
@@ -162,10 +201,12 @@ def trace_tables(trace: dict, steps: int) -> dict:
         "top_kernels": [{"name": n[:160], "category": c, "ms_per_step": t / per, "calls_per_step": k / steps}
                         for n, (t, k, c) in top],
         "attention_kernels": sorted({n[:160] for n, (_, _, c) in by_name.items() if c == "attention"}),
+        **extra,
     }
 
 
-def profile_config(config: str, overrides: list[str], data: str, steps: int, prof_steps: int, warmup: int) -> dict:
+def profile_config(config: str, overrides: list[str], data: str, steps: int, prof_steps: int, warmup: int,
+                   kernel_dir: Path | None = None) -> dict:
     st = setup_step(config, overrides, data)
     cfg, device, accum, compiled, optimizers, loader, params = (st.cfg, st.device, st.accum, st.compiled,
                                                                 st.optimizers, st.loader, st.params)
@@ -193,7 +234,8 @@ def profile_config(config: str, overrides: list[str], data: str, steps: int, pro
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "trace.json"
         prof.export_chrome_trace(str(path))
-        tables = trace_tables(json.loads(path.read_text()), prof_steps)
+        tables = trace_tables(json.loads(path.read_text()), prof_steps,
+                              kernel_bytes(kernel_dir) if kernel_dir is not None else None)
     tok_s = cfg.train_batch_tokens / (ms / 1000)
     return {"config": config, "overrides": overrides, "ms_per_step": ms, "tokens_per_s": tok_s,
             "mfu": flops_per_token(cfg) * tok_s / PEAK_FLOPS, "warmup_s": warm_s, "grad_accum": accum,
@@ -214,6 +256,13 @@ def print_profile(r: dict) -> None:
         print("  attention kernels: " + "; ".join(r["attention_kernels"]))
         for k in r["top_kernels"][:12]:
             print(f"    {k['ms_per_step']:7.2f} ms  x{k['calls_per_step']:<5.0f} {k['category']:15s} {k['name'][:90]}")
+    if "compiled_kernels" in r:
+        print(f"  compiled kernels: {r['compiled_gb_per_step']:.1f} GB in {r['compiled_ms_with_bytes']:.2f} ms per step"
+              " (those with an estimate)")
+        for k in r["compiled_kernels"]:
+            bw = "      -" if k["gb_per_s"] is None else f"{k['gb_per_s']:7.0f}"
+            gbc = "     -" if k["gb_per_call"] is None else f"{1000 * k['gb_per_call']:6.0f}"
+            print(f"    {k['ms_per_step']:6.2f} ms x{k['calls_per_step']:<3.0f} {gbc} MB/call {bw} GB/s  {k['name'][:100]}")
 
 
 def main() -> int:
@@ -224,6 +273,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--kernel-table", type=Path, default=None, metavar="DIR",
+                    help="compile afresh into DIR with inductor's byte estimates; add the compiled-kernel table")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "profile_step.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -231,12 +282,19 @@ def main() -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if args.kernel_table is not None:  # before the first compile: every kernel generated afresh, with its bytes
+        args.kernel_table.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.kernel_table.resolve())
+        torch._inductor.config.benchmark_kernel = True
+        torch._inductor.config.fx_graph_cache = False
+        torch._inductor.config.autotune_local_cache = False
     commit = git("rev-parse", "HEAD")
     rows = []
     for config in args.configs.split(","):
         torch._dynamo.reset()
         torch.cuda.reset_peak_memory_stats()
-        r = profile_config(config, args.set, args.data, args.steps, args.profile_steps, args.warmup)
+        r = profile_config(config, args.set, args.data, args.steps, args.profile_steps, args.warmup,
+                           args.kernel_table)
         rows.append(r)
         print_profile(r)
         write_json(args.out, {"command": " ".join([sys.executable, *sys.argv]),

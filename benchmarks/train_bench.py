@@ -45,6 +45,8 @@ VARIANTS = {
     "fused_epilogue": ["fused=ce,rope,epilogue"],
     "fused_tune": ["fused=ce,rope,tune"],
     "fused_qkv": ["fused=ce,rope,qkv"],
+    "fused_qk_xsa": ["fused=ce,rope,qk,xsa"],
+    "fused_qkv_qk_xsa": ["fused=ce,rope,qkv,qk,xsa"],
     "fused_ce_rope_flash": ["fused=ce,rope", "sdpa_backend=flash"],
     "sdpa_flash": ["sdpa_backend=flash"],
     "sdpa_cudnn": ["sdpa_backend=cudnn"],

@@ -11,6 +11,10 @@ otherwise recomputes them inside every rotary kernel: 4 of them per layer in the
 (each fake-quantized as before): the block input is read once, and one larger GEMM replaces three
 narrow ones (k and v are 256 wide in ``h200``, where a GEMM is bound by its memory traffic).
 
+``qk`` and ``xsa``: the attention block's QK-norm + rotary + gain and its exclusive
+self-attention, one Triton kernel each way (``pgolf_train.fused_attn``, bound to each attention
+module's forward).
+
 ``epilogue``: inductor's max-autotune GEMMs, so that elementwise work after a matmul can run in
 its epilogue (``compile_options``).
 
@@ -210,6 +214,9 @@ def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_le
     for m in model.modules():
         if hasattr(m, "fuse_qkv"):
             m.fuse_qkv = "qkv" in names
+    from pgolf_train import fused_attn  # it imports this module's Triton helpers
+
+    fused_attn.bind(model, "qk" in names, "xsa" in names)
     model.rope_cache = None
     if "rope" in names and seq_len > 0:
         device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0": the key the batches' device matches

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgolf_train import fused
+from pgolf_train import fused, fused_attn
 from pgolf_train.build import compile_model
 from pgolf_train.model import GPT, GPTConfig
 
@@ -58,10 +58,12 @@ def test_gpu_linear_softcap_ce_at_h200_shapes():
     assert rel_x < 1e-2 and rel_w < 1e-2, (rel_x, rel_w)
 
 
-@pytest.mark.parametrize("fusions", ["ce,rope", "ce,rope,qkv"])
+@pytest.mark.parametrize("fusions", ["ce,rope", "ce,rope,qkv", "ce,rope,qk,xsa", "ce,rope,qkv,qk,xsa"])
 def test_gpu_compiled_gpt_with_fusions_matches_without(fusions):
-    """h200's block shapes at a small batch, compiled with the trainer's options, bf16 autocast."""
-    cfg = GPTConfig(vocab_size=4096, num_layers=3, model_dim=512, num_heads=8, num_kv_heads=4, seq_len=1024)
+    """h200's block shapes (exclusive attention in every block) at a small batch, compiled with the
+    trainer's options, bf16 autocast."""
+    cfg = GPTConfig(vocab_size=4096, num_layers=3, model_dim=512, num_heads=8, num_kv_heads=4, seq_len=1024,
+                    xsa_layers="all")
     torch.manual_seed(0)
     model = GPT(cfg).cuda().train()
     with torch.no_grad():
@@ -106,3 +108,66 @@ def test_gpu_pinned_attention_backend_matches_math(backend):
     for a, b in zip(inp, ref_in):
         rel = ((a.grad.float() - b.grad).norm() / b.grad.norm()).item()
         assert rel < 2e-2, rel
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("rope_half", [32, 8])
+def test_gpu_qk_kernel_at_h200_shapes(rope_half):
+    """q and k as the split views of one [16, 1024, 1024] bf16 qkv projection (8 query heads, 4 KV
+    heads of 64; full and partial rotation), q with its gain: forward within a rounding step of the
+    eager ops in bf16 on almost every element, and forward and gradients at least as close to the
+    float64 ops as the eager bf16 path is."""
+    g = torch.Generator().manual_seed(rope_half)
+    B, T, H, KV, D = 16, 1024, 8, 4, 64
+    qkv = (torch.randn(B, T, (H + 2 * KV) * D, generator=g) * 2).cuda().bfloat16()
+    ang = torch.rand(T, rope_half, generator=g) * 6.3
+    cos, sin = ang.cos().cuda(), ang.sin().cuda()  # float32, as the model passes them
+    gain = (torch.rand(H, generator=g) + 1).cuda()
+    for h, off, gn in ((H, 0, gain), (KV, H * D, None)):
+        base = qkv.detach().requires_grad_()
+        x = base[..., off:off + h * D].view(B, T, h, D)
+        gg = gn.clone().requires_grad_() if gn is not None else None
+        wrt = [base] + ([gg] if gg is not None else [])
+        do = torch.randn(B, h, T, D, generator=g).cuda().bfloat16()
+        got = fused_attn.qk_norm_rope(x, cos, sin, gg)
+        got_g = torch.autograd.grad(got, wrt, do)
+        ref = fused_attn._qk_reference(x, cos, sin, gg).transpose(1, 2)
+        ref_g = torch.autograd.grad(ref, wrt, do)
+        wrt64 = [t.detach().double().requires_grad_() for t in wrt]
+        x64 = wrt64[0][..., off:off + h * D].view(B, T, h, D)
+        exact = fused_attn._qk_reference(x64, cos.double(), sin.double(), wrt64[1] if gn is not None else None)
+        exact_g = torch.autograd.grad(exact.transpose(1, 2), wrt64, do.double())
+        exact = exact.transpose(1, 2)
+        assert got.shape == ref.shape and got.dtype == torch.bfloat16
+        step = ref.float().abs().clamp_min(1e-3) / 128  # one bf16 rounding step, give or take
+        assert ((got.float() - ref.float()).abs() <= step).float().mean().item() > 0.999
+        assert _rel(got, exact) <= 1.05 * _rel(ref, exact) + 1e-6
+        for a, b, c in zip(got_g, ref_g, exact_g, strict=True):
+            assert _rel(a, c) <= 1.05 * _rel(b, c) + 1e-6, (_rel(a, c), _rel(b, c))
+
+
+def test_gpu_xsa_kernel_at_h200_shapes():
+    """The attention output [16, 8, 1024, 64] bf16 and v the transposed view of its projection
+    [16, 1024, 4, 64] (every third token's value zero): forward and gradients at least as close to
+    the float64 ops as the eager bf16 path is, the output laid out [B, T, H, D]."""
+    g = torch.Generator().manual_seed(7)
+    B, T, H, KV, D = 16, 1024, 8, 4, 64
+    y = torch.randn(B, H, T, D, generator=g).cuda().bfloat16().requires_grad_()
+    v0 = torch.randn(B, T, KV, D, generator=g)
+    v0[:, ::3] = 0
+    v0 = v0.cuda().bfloat16().requires_grad_()
+    do = torch.randn(B, H, T, D, generator=g).cuda().bfloat16()
+    got = fused_attn.xsa(y, v0.transpose(1, 2))
+    assert got.transpose(1, 2).is_contiguous()
+    got_g = torch.autograd.grad(got, (y, v0), do)
+    ref = fused_attn._xsa_reference(y, v0.transpose(1, 2))
+    ref_g = torch.autograd.grad(ref, (y, v0), do)
+    y64, v64 = y.detach().double().requires_grad_(), v0.detach().double().requires_grad_()
+    exact = fused_attn._xsa_reference(y64, v64.transpose(1, 2))
+    exact_g = torch.autograd.grad(exact, (y64, v64), do.double())
+    assert _rel(got, exact) <= 1.05 * _rel(ref, exact) + 1e-6
+    for a, b, c in zip(got_g, ref_g, exact_g, strict=True):
+        assert _rel(a, c) <= 1.05 * _rel(b, c) + 1e-6, (_rel(a, c), _rel(b, c))
