@@ -18,20 +18,17 @@ math runs in float32 with one rounding at the end. Without Triton (or off CUDA w
 interpreter) the wrappers run the model's own ops instead, autograd and all.
 
 ``attention_forward`` is ``CausalSelfAttention.forward`` with these swapped in; ``apply_fusions``
-binds it to each attention module of a model, so the model file (which ships in every artifact)
-carries none of this.
+makes each attention module of a model a ``FusedAttention`` (that forward, the same parameters), so
+the model file (which ships in every artifact) carries none of this.
 """
 from __future__ import annotations
-
-import functools
-import types
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from pgolf_train.fused import _env, _interpreter, _use_triton, tl, triton
-from pgolf_train.model import _weight, apply_rope, rms_norm
+from pgolf_train.model import CausalSelfAttention, _weight, apply_rope, rms_norm
 
 BLOCK_ROWS = 32  # (token, head) rows per program: 32 × 64 bf16 = 4 KiB per tile
 XSA_EPS = 1e-12  # F.normalize's
@@ -354,10 +351,9 @@ def xsa(y: Tensor, v: Tensor) -> Tensor:
     return _xsa_op(y, v).transpose(1, 2)
 
 
-def attention_forward(m, x: Tensor, cos: Tensor, sin: Tensor, scale: float | None, mask=None, *,
-                      qk: bool = False, fuse_xsa: bool = False) -> Tensor:
-    """``CausalSelfAttention.forward`` of module ``m`` with ``qk_norm_rope`` (``qk``) and ``xsa``
-    (``fuse_xsa``, where ``m.xsa``) in place of the model's ops; otherwise the same computation."""
+def attention_forward(m, x: Tensor, cos: Tensor, sin: Tensor, scale: float | None, mask=None) -> Tensor:
+    """``CausalSelfAttention.forward`` of module ``m`` with ``qk_norm_rope`` (``m.fused_qk``) and
+    ``xsa`` (``m.fused_xsa``, where ``m.xsa``) in place of the model's ops; otherwise the same computation."""
     B, T, C = x.shape
     lin = (m.c_q, m.c_k, m.c_v)
     if m.fuse_qkv and not any(l._forward_hooks for l in lin):
@@ -367,25 +363,35 @@ def attention_forward(m, x: Tensor, cos: Tensor, sin: Tensor, scale: float | Non
         q, k, v = (l(x) for l in lin)
     q, k = q.view(B, T, m.h, m.hd), k.view(B, T, m.kv, m.hd)
     v = v.view(B, T, m.kv, m.hd).transpose(1, 2)
-    if qk:
+    if m.fused_qk:
         q, k = qk_norm_rope(q, cos, sin, m.q_gain), qk_norm_rope(k, cos, sin)
     else:
         q = apply_rope(rms_norm(q.transpose(1, 2)), cos, sin) * m.q_gain.to(q.dtype)[:, None, None]
         k = apply_rope(rms_norm(k.transpose(1, 2)), cos, sin)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
     if m.xsa:
-        y = xsa(y, v) if fuse_xsa else _xsa_reference(y, v)
+        y = xsa(y, v) if m.fused_xsa else _xsa_reference(y, v)
     if m.gate_w is not None:
         y = y * torch.sigmoid(F.linear(x, m.gate_w.to(x.dtype))).transpose(1, 2)[..., None]
     return m.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+class FusedAttention(CausalSelfAttention):
+    """The model's attention module with ``attention_forward``: the same parameters and state dict.
+    ``bind`` switches a module's class to it and back, which ``torch.compile`` traces as any module
+    (a bound partial on the instance it cannot) and ``copy.deepcopy`` carries."""
+    fused_qk = fused_xsa = False
+    forward = attention_forward
+
+
 def bind(model: torch.nn.Module, qk: bool, fuse_xsa: bool) -> None:
-    """Bind ``attention_forward`` to every attention module of ``model`` (both False: unbind, the
-    class's forward again). A bound method, so ``copy.deepcopy`` rebinds it to the copy."""
+    """Make every attention module of ``model`` a ``FusedAttention`` with these switches (both
+    False: a ``CausalSelfAttention`` again, the model file's forward)."""
     for m in model.modules():
-        if not hasattr(m, "fuse_qkv"):
+        if not isinstance(m, CausalSelfAttention):
             continue
-        m.__dict__.pop("forward", None)
+        m.__dict__.pop("fused_qk", None)
+        m.__dict__.pop("fused_xsa", None)
+        m.__class__ = FusedAttention if qk or fuse_xsa else CausalSelfAttention
         if qk or fuse_xsa:
-            m.forward = types.MethodType(functools.partial(attention_forward, qk=qk, fuse_xsa=fuse_xsa), m)
+            m.fused_qk, m.fused_xsa = qk, fuse_xsa

@@ -117,9 +117,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("rope_half", [32, 8])
 def test_gpu_qk_kernel_at_h200_shapes(rope_half):
     """q and k as the split views of one [16, 1024, 1024] bf16 qkv projection (8 query heads, 4 KV
-    heads of 64; full and partial rotation), q with its gain: forward within a rounding step of the
-    eager ops in bf16 on almost every element, and forward and gradients at least as close to the
-    float64 ops as the eager bf16 path is."""
+    heads of 64; full and partial rotation), q with its gain: forward and gradients at least as close
+    to the float64 ops as the eager bf16 path is, the forward within bf16 tolerance of it."""
     g = torch.Generator().manual_seed(rope_half)
     B, T, H, KV, D = 16, 1024, 8, 4, 64
     qkv = (torch.randn(B, T, (H + 2 * KV) * D, generator=g) * 2).cuda().bfloat16()
@@ -142,9 +141,8 @@ def test_gpu_qk_kernel_at_h200_shapes(rope_half):
         exact_g = torch.autograd.grad(exact.transpose(1, 2), wrt64, do.double())
         exact = exact.transpose(1, 2)
         assert got.shape == ref.shape and got.dtype == torch.bfloat16
-        step = ref.float().abs().clamp_min(1e-3) / 128  # one bf16 rounding step, give or take
-        assert ((got.float() - ref.float()).abs() <= step).float().mean().item() > 0.999
-        assert _rel(got, exact) <= 1.05 * _rel(ref, exact) + 1e-6
+        assert _rel(got, exact) <= 1.05 * _rel(ref, exact) + 1e-6, (_rel(got, exact), _rel(ref, exact))
+        torch.testing.assert_close(got, ref, rtol=1.6e-2, atol=1e-2)  # bf16 steps apart at most
         for a, b, c in zip(got_g, ref_g, exact_g, strict=True):
             assert _rel(a, c) <= 1.05 * _rel(b, c) + 1e-6, (_rel(a, c), _rel(b, c))
 
