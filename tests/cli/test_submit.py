@@ -1,6 +1,7 @@
 """`pgolf submit`: a run becomes a records folder whose train_gpt.py runs without pgolf installed."""
 from __future__ import annotations
 
+import dataclasses
 import ast
 import json
 import os
@@ -140,13 +141,16 @@ def test_closure_comes_from_the_import_graph_and_the_config():
     assert "pgolf_train.distill" not in names and "pgolf_train.distill" in closure(ENTRY, load_config("distill"))
     # the trainer's fused kernels travel only with a config that uses them (h200 does)
     assert "pgolf_train.fused" in names and "pgolf_train.fused" not in closure(ENTRY, load_config("baseline"))
+    # the attention kernels only with fused=qk or xsa (h200 sets ce,rope)
+    attn = closure(ENTRY, dataclasses.replace(load_config("h200"), fused="ce,rope,xsa"))
+    assert "pgolf_train.fused_attn" not in names and {"pgolf_train.fused", "pgolf_train.fused_attn"} <= set(attn)
     for name in names:  # parents are in: every package __init__ on the way
         parts = name.split(".")
         assert all(".".join(parts[:i]) in names for i in range(1, len(parts)))
 
 
 def test_minified_modules_compile_and_keep_dataclass_fields():
-    for name in closure(ENTRY, load_config("h200")):
+    for name in closure(ENTRY, dataclasses.replace(load_config("h200"), fused="ce,rope,qk,xsa")):
         path, _ = module_file(name)
         small = minify(path.read_text(encoding="utf-8"))
         compile(small, name, "exec")
