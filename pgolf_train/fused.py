@@ -13,7 +13,7 @@ narrow ones (k and v are 256 wide in ``h200``, where a GEMM is bound by its memo
 
 ``qk`` and ``xsa``: the attention block's QK-norm + rotary + gain and its exclusive
 self-attention, one Triton kernel each way (``pgolf_train.fused_attn``, bound to each attention
-module's forward).
+module a ``FusedAttention``).
 
 ``epilogue``: inductor's max-autotune GEMMs, so that elementwise work after a matmul can run in
 its epilogue (``compile_options``).
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 from torch import Tensor
@@ -214,9 +215,11 @@ def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_le
     for m in model.modules():
         if hasattr(m, "fuse_qkv"):
             m.fuse_qkv = "qkv" in names
-    from pgolf_train import fused_attn  # it imports this module's Triton helpers
+    # imported only when asked for (or to undo it): a generated train_gpt.py carries it only then
+    if {"qk", "xsa"} & set(names) or sys.modules.get("pgolf_train.fused_attn") is not None:
+        from pgolf_train import fused_attn  # it imports this module's Triton helpers
 
-    fused_attn.bind(model, "qk" in names, "xsa" in names)
+        fused_attn.bind(model, "qk" in names, "xsa" in names)
     model.rope_cache = None
     if "rope" in names and seq_len > 0:
         device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0": the key the batches' device matches
