@@ -217,7 +217,7 @@ def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_le
             m.fuse_qkv = "qkv" in names
     # imported only when asked for (or to undo it): a generated train_gpt.py carries it only then
     if {"qk", "xsa"} & set(names) or sys.modules.get("pgolf_train.fused_attn") is not None:
-        from pgolf_train import fused_attn  # it imports this module's Triton helpers
+        from pgolf_train import fused_attn
 
         fused_attn.bind(model, "qk" in names, "xsa" in names)
     model.rope_cache = None

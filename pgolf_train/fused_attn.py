@@ -23,11 +23,44 @@ the model file (which ships in every artifact) carries none of this.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pgolf_train.fused import _env, _interpreter, _use_triton, tl, triton
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # evaluation and CPU training need no Triton
+    triton = tl = None
+
+# pgolf_train.fused imports this module (apply_fusions), so its helpers are restated here: an
+# import back would be a cycle.
+
+
+def _interpreter() -> bool:
+    """Triton interprets (CPU) only when imported under ``TRITON_INTERPRET=1`` (as fused's)."""
+    return triton is not None and type(tl.standard.sum).__name__ == "InterpretedFunction"
+
+
+def _use_triton(t: Tensor) -> bool:
+    return triton is not None and (t.is_cuda or (t.device.type == "cpu" and _interpreter()))
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
+
 from pgolf_train.model import CausalSelfAttention, _weight, apply_rope, rms_norm
 
 BLOCK_ROWS = 32  # (token, head) rows per program: 32 × 64 bf16 = 4 KiB per tile
