@@ -32,19 +32,14 @@ kernel is Triton; elsewhere (or with no Triton) the same arithmetic in torch.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 
 import torch
 from torch import Tensor
 
+from pgolf_train import triton_env
 from pgolf_train.config import FUSIONS, SDPA_BACKENDS  # the one table of the choices
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # evaluation and CPU training need no Triton
-    triton = tl = None
+from pgolf_train.triton_env import tl, triton
 
 CE_CHUNK = 16384  # rows per chunk: 16,384 × 4,096 bf16 logits = 128 MiB live at a time
 
@@ -56,16 +51,6 @@ def parse_fusions(spec: str) -> tuple[str, ...]:
         if n not in FUSIONS:
             raise ValueError(f"unknown fusion {n!r}; expected a comma-separated list of {', '.join(FUSIONS)}")
     return names
-
-
-def _interpreter() -> bool:
-    """Triton runs on the CPU (interpreted) only when it was imported under ``TRITON_INTERPRET=1``:
-    its own library functions (tl.sum, tl.max) are interpreted or compiled from that moment on."""
-    return triton is not None and type(tl.standard.sum).__name__ == "InterpretedFunction"
-
-
-def _use_triton(t: Tensor) -> bool:
-    return triton is not None and (t.is_cuda or (t.device.type == "cpu" and _interpreter()))
 
 
 def _softcap_ce_rows(logits_ptr, stride, targets_ptr, loss_ptr, V, softcap, grad_scale,
@@ -109,31 +94,6 @@ def _softcap_ce_rows(logits_ptr, stride, targets_ptr, loss_ptr, V, softcap, grad
     tl.store(loss_ptr + row, lse - zt)
 
 
-_KERNEL = None
-
-
-def _rows_kernel():
-    """``_softcap_ce_rows`` wrapped by ``triton.jit`` at first use, in the mode Triton was imported in."""
-    global _KERNEL
-    if _KERNEL is None:
-        with _env("TRITON_INTERPRET", "1" if _interpreter() else "0"):
-            _KERNEL = triton.jit(_softcap_ce_rows)
-    return _KERNEL
-
-
-@contextlib.contextmanager
-def _env(key: str, value: str):
-    old = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = old
-
-
 def softcap_ce_rows(logits: Tensor, targets: Tensor, softcap: float, grad_scale: float) -> Tensor:
     """Per-row soft-capped cross-entropy of ``logits`` [n, V] (any float dtype) against ``targets``
     long[n]: returns float32 losses [n] in nats and overwrites ``logits`` with grad_scale × d loss/d logits."""
@@ -141,10 +101,11 @@ def softcap_ce_rows(logits: Tensor, targets: Tensor, softcap: float, grad_scale:
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return loss
-    if _use_triton(logits):
+    if triton_env.use_triton(logits):
         block = min(triton.next_power_of_2(V), 8192)
-        _rows_kernel()[(n,)](logits, logits.stride(0), targets, loss, V, float(softcap), float(grad_scale),
-                               BLOCK=block, ONE_BLOCK=block >= V, num_warps=8 if block >= 4096 else 4)
+        triton_env.jit(_softcap_ce_rows)[(n,)](
+            logits, logits.stride(0), targets, loss, V, float(softcap), float(grad_scale),
+            BLOCK=block, ONE_BLOCK=block >= V, num_warps=8 if block >= 4096 else 4)
         return loss
     th = torch.tanh(logits.float() / softcap)
     z = softcap * th

@@ -23,45 +23,13 @@ the model file (which ships in every artifact) carries none of this.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # evaluation and CPU training need no Triton
-    triton = tl = None
-
-# pgolf_train.fused imports this module (apply_fusions), so its helpers are restated here: an
-# import back would be a cycle.
-
-
-def _interpreter() -> bool:
-    """Triton interprets (CPU) only when imported under ``TRITON_INTERPRET=1`` (as fused's)."""
-    return triton is not None and type(tl.standard.sum).__name__ == "InterpretedFunction"
-
-
-def _use_triton(t: Tensor) -> bool:
-    return triton is not None and (t.is_cuda or (t.device.type == "cpu" and _interpreter()))
-
-
-@contextlib.contextmanager
-def _env(key: str, value: str):
-    old = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = old
-
+from pgolf_train import triton_env
 from pgolf_train.model import CausalSelfAttention, _weight, apply_rope, rms_norm
+from pgolf_train.triton_env import tl, triton
 
 BLOCK_ROWS = 32  # (token, head) rows per program: 32 × 64 bf16 = 4 KiB per tile
 XSA_EPS = 1e-12  # F.normalize's
@@ -213,18 +181,13 @@ def _xsa_bwd(y_ptr, syb, syh, syt, v_ptr, svb, svh, svt, do_ptr, sdb, sdt, sdh, 
     tl.store(dv_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], dv.to(DT), mask=md)
 
 
-_KERNELS: dict = {}
-
-
 def _kernel(fn):
-    """``fn`` wrapped by ``triton.jit`` at first use, in the mode Triton was imported in."""
+    """``fn`` jitted (``triton_env.jit``), with ``_round``, the helper the kernels call (a Triton
+    function too, under the name ``_rnd`` they read from this module's globals)."""
     global _rnd
-    if fn.__name__ not in _KERNELS:
-        with _env("TRITON_INTERPRET", "1" if _interpreter() else "0"):
-            if _rnd is None:  # a helper a kernel calls must be a Triton function too
-                _rnd = triton.jit(_round)
-            _KERNELS[fn.__name__] = triton.jit(fn)
-    return _KERNELS[fn.__name__]
+    if _rnd is None:
+        _rnd = triton_env.jit(_round)
+    return triton_env.jit(fn)
 
 
 def _eps(x: Tensor) -> float:
@@ -314,7 +277,7 @@ def qk_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None = None
     """x [B, T, HX, D] (a projection's output viewed per head) → [B, HX, T, D]: the model's
     ``apply_rope(rms_norm(x.transpose(1, 2)), cos, sin)`` (· ``gain[h]`` when given), one kernel each way.
     Without Triton for x's device, or x's rows not contiguous, it is those ops (autograd as usual)."""
-    if not _use_triton(x) or x.stride(-1) != 1:
+    if not triton_env.use_triton(x) or x.stride(-1) != 1:
         return _qk_reference(x, cos, sin, gain).transpose(1, 2)
     return _qk_op(x, cos, sin, gain)[0].transpose(1, 2)
 
@@ -379,7 +342,7 @@ def xsa(y: Tensor, v: Tensor) -> Tensor:
     each query head's output minus its component along its own token's (normalized) value; the
     result is a transposed view of a [B, T, H, D] tensor, so ``.transpose(1, 2).reshape(B, T, C)`` is free.
     Without Triton for y's device, or rows not contiguous, it is the model's ops (autograd as usual)."""
-    if not _use_triton(y) or y.stride(-1) != 1 or v.stride(-1) != 1:
+    if not triton_env.use_triton(y) or y.stride(-1) != 1 or v.stride(-1) != 1:
         return _xsa_reference(y, v)
     return _xsa_op(y, v).transpose(1, 2)
 

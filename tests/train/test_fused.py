@@ -39,8 +39,8 @@ INTERPRETED = """
 import json, sys
 import torch
 import torch.nn.functional as F
-from pgolf_train import fused
-assert fused._interpreter(), "Triton is not interpreting"
+from pgolf_train import fused, triton_env
+assert triton_env.interpreter(), "Triton is not interpreting"
 out = []
 for n, V, seed, spread, dtype in json.loads(sys.argv[1]):
     g = torch.Generator().manual_seed(seed)

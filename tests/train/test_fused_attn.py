@@ -15,15 +15,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgolf_train import fused, fused_attn
+from pgolf_train import fused, fused_attn, triton_env
 from pgolf_train.build import compile_model
 from pgolf_train.model import GPT, CausalSelfAttention, GPTConfig
 
 INTERPRETED = """
 import json, sys
 import torch
-from pgolf_train import fused, fused_attn as fa
-assert fused._interpreter(), "Triton is not interpreting"
+from pgolf_train import fused, fused_attn as fa, triton_env
+assert triton_env.interpreter(), "Triton is not interpreting"
 out = []
 for kind, B, T, H, KV, D, half, gain, dtype, seed in json.loads(sys.argv[1]):
     torch.manual_seed(seed)
@@ -84,7 +84,7 @@ def test_torch_path_matches_the_model_ops(B, T, kv, G, D, seed):
     """Without Triton on the device (CPU training): the ops are the model's, autograd included.
     Triton is switched off here: another test module may have imported it interpreted, which
     would send CPU tensors through the kernels (equal to a few ulp, not bit for bit)."""
-    with mock.patch.object(fused_attn, "_use_triton", lambda t: False):
+    with mock.patch.object(triton_env, "use_triton", lambda t: False):
         _check_torch_path(B, T, kv, G, D, seed)
 
 
