@@ -4,7 +4,8 @@ compressed behind a bootstrap that imports them from the file itself.
 The modules are the import closure of :data:`ENTRY` over the pgolf packages, read from the source
 with ``ast`` (imports inside functions included), less the modules :data:`OPTIONAL` says the config
 does not use. Each is minified through ``ast`` (docstrings and comments dropped, annotations of
-functions and variables dropped; class-body annotations stay: dataclass fields need them) except
+functions and variables dropped; those read at run time stay: class bodies' (dataclass fields), a
+decorated function's (``torch.library.custom_op`` schemas) and a Triton kernel's) except
 :data:`VERBATIM` (the model file, whose source the artifact embeds: kept as it is, so the artifact's
 code section is the same as ``pgolf run``'s). The table of sources and the run's resolved config
 go through the smallest of lzma / zlib (and brotli when importable here and at run time) and
@@ -111,6 +112,14 @@ def closure(entry: str = ENTRY, cfg: Any = None) -> list[str]:
     return sorted(seen)
 
 
+def _reads_annotations(node: ast.FunctionDef | ast.AsyncFunctionDef, args: list[ast.arg]) -> bool:
+    """Whether something reads this function's annotations at run time, so the minifier keeps them:
+    a Triton kernel (a ``tl.constexpr`` parameter is a compile-time constant only by its annotation)
+    and a decorated function (``torch.library.custom_op`` infers the op's schema from them)."""
+    return bool(node.decorator_list) or any(
+        a.annotation is not None and "constexpr" in ast.unparse(a.annotation) for a in args)
+
+
 class _Minify(ast.NodeTransformer):
     def _body(self, body: list[ast.stmt]) -> list[ast.stmt]:
         if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
@@ -126,9 +135,11 @@ class _Minify(ast.NodeTransformer):
     def _function(self, node):
         self.generic_visit(node)
         node.body = self._body(node.body)
-        node.returns = None
-        for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs, node.args.vararg, node.args.kwarg):
-            if a is not None:
+        args = [a for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs, node.args.vararg,
+                            node.args.kwarg) if a is not None]
+        if not _reads_annotations(node, args):
+            node.returns = None
+            for a in args:
                 a.annotation = None
         return node
 

@@ -141,6 +141,8 @@ def test_closure_comes_from_the_import_graph_and_the_config():
     assert "pgolf_train.distill" not in names and "pgolf_train.distill" in closure(ENTRY, load_config("distill"))
     # the trainer's fused kernels travel only with a config that uses them (h200 does)
     assert "pgolf_train.fused" in names and "pgolf_train.fused" not in closure(ENTRY, load_config("baseline"))
+    assert "pgolf_train.triton_env" in names  # theirs and fused_attn's Triton helpers, with them only
+    assert "pgolf_train.triton_env" not in closure(ENTRY, load_config("baseline"))
     # the attention kernels only with fused=qk or xsa (h200 sets ce,rope)
     attn = closure(ENTRY, dataclasses.replace(load_config("h200"), fused="ce,rope,xsa"))
     assert "pgolf_train.fused_attn" not in names and {"pgolf_train.fused", "pgolf_train.fused_attn"} <= set(attn)
@@ -159,6 +161,101 @@ def test_minified_modules_compile_and_keep_dataclass_fields():
     exec(minify('from dataclasses import dataclass\n@dataclass\nclass C:\n    """doc"""\n    x: int = 1\n'
                 'def f(a: int) -> int:\n    """doc"""\n'), ns)
     assert ns["C"]().x == 1 and ns["f"](3) is None
+
+
+FUSED_ALL = "ce,rope,qkv,qk,xsa"  # every fusion that brings a module: fused, fused_attn, triton_env
+
+
+def _annotations(tree: ast.Module) -> dict[str, tuple[list[str], list[str], bool]]:
+    """Per function (qualified by line-free name path): the parameters annotated constexpr, those
+    annotated at all, and whether it has a return annotation."""
+    out = {}
+
+    def walk(body, prefix):
+        for n in body:
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = [a for a in (*n.args.posonlyargs, *n.args.args, *n.args.kwonlyargs) if a]
+                key = f"{prefix}{n.name}@{len(out)}"
+                out[key] = ([a.arg for a in args if a.annotation is not None and "constexpr" in ast.unparse(a.annotation)],
+                            [a.arg for a in args if a.annotation is not None], n.returns is not None, bool(n.decorator_list))
+                walk(n.body, key + ".")
+            elif isinstance(n, ast.ClassDef):
+                walk(n.body, f"{prefix}{n.name}.")
+    walk(tree.body, "")
+    return out
+
+
+def test_minify_keeps_the_annotations_read_at_run_time():
+    """Triton reads a kernel's ``tl.constexpr`` annotations (without them BLOCK is a run-time int
+    and ``tl.arange(0, BLOCK)`` does not compile) and ``torch.library.custom_op`` infers the op's
+    schema from its function's: the h200 bundle (fused=ce,rope) once failed at import without them."""
+    cfg = dataclasses.replace(load_config("h200"), fused=FUSED_ALL)
+    kept_constexpr = kept_decorated = 0
+    for name in closure(ENTRY, cfg):
+        path, _ = module_file(name)
+        src = path.read_text(encoding="utf-8")
+        before, after = _annotations(ast.parse(src)), _annotations(ast.parse(minify(src)))
+        assert list(before) == list(after), name
+        for key, (cx, ann, ret, decorated) in before.items():
+            got = after[key]
+            assert got[0] == cx, (name, key)  # every constexpr parameter stays one
+            if decorated:
+                assert (got[1], got[2]) == (ann, ret), (name, key)
+                kept_decorated += bool(ann)
+            elif not cx:
+                assert got[1] == [] and not got[2], (name, key)  # the rest go
+            kept_constexpr += bool(cx)
+    assert kept_constexpr >= 5 and kept_decorated >= 3  # the kernels and custom ops were there to keep
+
+
+# Loads a bundle (argv[1]) as a module, not as __main__, then imports each of its modules and runs
+# the trainer's Triton kernels (interpreted: TRITON_INTERPRET=1) against the torch path.
+BUNDLE_PROBE = """
+import runpy, sys
+import torch
+runpy.run_path("bundle.py", run_name="bundle")
+import importlib
+for n in NAMES:
+    importlib.import_module(n)
+from pgolf_train import fused, fused_attn, triton_env
+assert triton_env.interpreter()
+torch.manual_seed(0)
+logits, t = torch.randn(6, 300), torch.randint(0, 300, (6,))
+z = logits.double().requires_grad_()
+ref = torch.nn.functional.cross_entropy(30 * torch.tanh(z / 30), t, reduction="none")
+ref.sum().backward()
+g = logits.clone()
+loss = fused.softcap_ce_rows(g, t, 30.0, 1.0)
+torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+torch.testing.assert_close(g.double(), z.grad, rtol=1e-4, atol=1e-6)
+x = torch.randn(2, 5, 4, 16)
+cos, sin = torch.randn(5, 8).cos(), torch.randn(5, 8).sin()
+gain = torch.rand(4) + 0.5
+torch.testing.assert_close(fused_attn.qk_norm_rope(x, cos, sin, gain),
+                           fused_attn._qk_reference(x, cos, sin, gain).transpose(1, 2), rtol=1e-5, atol=1e-5)
+y, v = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
+torch.testing.assert_close(fused_attn.xsa(y, v), fused_attn._xsa_reference(y, v), rtol=1e-5, atol=1e-5)
+import os, triton
+os.environ["TRITON_INTERPRET"] = "0"  # the compiled JIT (as on a GPU) reads the source and its constexprs
+for fn, want in ((fused._softcap_ce_rows, ["BLOCK", "ONE_BLOCK"]), (fused_attn._xsa_fwd, ["G", "BLOCK_R", "BLOCK_D"])):
+    cx = [p.name for p in triton.jit(fn).params if p.is_constexpr]
+    assert cx == want, (fn.__name__, cx)
+print("PROBE OK", len(NAMES))
+"""
+
+
+def test_bundled_fused_kernels_import_and_run(tmp_path):
+    """The h200 bundle with every fusion, loaded by its own finder with every other pgolf import
+    refused: each module imports (the custom ops register) and the Triton kernels run."""
+    pytest.importorskip("triton")
+    cfg = dataclasses.replace(load_config("h200"), fused=FUSED_ALL)
+    names = closure(ENTRY, cfg)
+    assert {"pgolf_train.fused", "pgolf_train.fused_attn", "pgolf_train.triton_env"} <= set(names)
+    (tmp_path / "bundle.py").write_text(build(cfg).text)
+    (tmp_path / "probe.py").write_text(f"NAMES = {names!r}\n" + BUNDLE_PROBE)
+    proc = _run_isolated(tmp_path / "probe.py", tmp_path, {"TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PROBE OK" in proc.stdout
 
 
 @given(st.binary(max_size=600))
