@@ -1,5 +1,6 @@
-"""Shared by the architecture and technique tests: a compiled-vs-eager training check, and a tiny
-run trained, exported and scored by `pgolf eval` against a direct computation."""
+"""Shared by the architecture, technique and fused-kernel tests: a loss with its gradients, a
+compiled-vs-eager training check, and a tiny run trained, exported and scored by `pgolf eval`
+against a direct computation."""
 from __future__ import annotations
 
 import json
@@ -27,6 +28,15 @@ def batch(cfg, B: int = 2, T: int = 12, seed: int = 1) -> tuple[torch.Tensor, to
     g = torch.Generator().manual_seed(seed)
     tok = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
     return tok[:, :-1], tok[:, 1:]
+
+
+def loss_and_grads(m: torch.nn.Module, x: torch.Tensor,
+                   y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of ``m(x, y)`` and a copy of each parameter's gradient (those that got one), by name."""
+    m.zero_grad(set_to_none=True)
+    loss = m(x, y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
 def assert_compiled_matches_eager(m: torch.nn.Module, x: torch.Tensor,

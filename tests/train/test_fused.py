@@ -17,6 +17,7 @@ from pgolf_train.config import ConfigError, load_config
 from pgolf_train.model import GPT, GPTConfig
 from pgolf_train.trainer import train
 
+from .arch_helpers import loss_and_grads
 from .train_fixtures import logged_losses
 
 FEW = settings(max_examples=10, deadline=None)
@@ -196,21 +197,15 @@ def test_qkv_one_matmul_matches_three_and_steps_aside_for_hooks():
             p.add_(torch.randn_like(p) * 0.05)
     x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
 
-    def loss_and_grads(m):
-        m.zero_grad(set_to_none=True)
-        loss = m(x, y)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-
     for qat in (False, True):
         for blk in model.blocks:
             for lin in (blk.attn.c_q, blk.attn.c_k, blk.attn.c_v):
                 lin.qat = QuantSpec.parse("int4:mse") if qat else None
         fused.apply_fusions(model, "")
-        ref, ref_g = loss_and_grads(model)
+        ref, ref_g = loss_and_grads(model, x, y)
         fused.apply_fusions(model, "qkv")
         assert all(b.attn.fuse_qkv for b in model.blocks)
-        got, got_g = loss_and_grads(model)
+        got, got_g = loss_and_grads(model, x, y)
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
         assert got_g.keys() == ref_g.keys()
         for n in ref_g:

@@ -19,6 +19,8 @@ from pgolf_train import fused, fused_attn, triton_env
 from pgolf_train.build import compile_model
 from pgolf_train.model import GPT, CausalSelfAttention, GPTConfig
 
+from .arch_helpers import loss_and_grads
+
 INTERPRETED = """
 import json, sys
 import torch
@@ -125,18 +127,12 @@ def test_model_with_qk_xsa_matches_the_reference(kw):
     x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
     x[:, 5] = model.cfg.bos_id
 
-    def loss_and_grads(m):
-        m.zero_grad(set_to_none=True)
-        loss = m(x, y)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-
     fused.apply_fusions(model, "")
-    ref, ref_g = loss_and_grads(model)
+    ref, ref_g = loss_and_grads(model, x, y)
     for names in ("qk,xsa", "qk,xsa,qkv", "qk", "xsa"):
         fused.apply_fusions(model, names)
         assert all(isinstance(b.attn, fused_attn.FusedAttention) for b in model.blocks)
-        got, got_g = loss_and_grads(model)
+        got, got_g = loss_and_grads(model, x, y)
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
         assert got_g.keys() == ref_g.keys()
         for n in ref_g:
