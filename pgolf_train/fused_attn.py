@@ -40,7 +40,24 @@ def _round(x, DT: tl.constexpr):
     return x.to(DT).to(tl.float32)
 
 
-_rnd = None  # the kernels' name for ``_round``, jitted with them (``_kernel``)
+def _row_index(R, T, H, BLOCK_R: tl.constexpr):
+    """This program's rows r = (b·T + t)·H + h of R, all four kernels': (r, r < R, h, b·T + t, t, b)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    h, bt = rows % H, rows // H
+    return rows, rows < R, h, bt, bt % T, bt // T
+
+
+def _v_tile(v_ptr, b, k, t, svb, svh, svt, rm, D, BLOCK_D: tl.constexpr):
+    """The xsa kernels' v rows (b, k, t) of v [B, KV, T, D]: the column index, the tile's mask and
+    the tile [BLOCK_R, BLOCK_D] in float32."""
+    d = tl.arange(0, BLOCK_D)
+    md = rm[:, None] & (d[None, :] < D)
+    vb = b.to(tl.int64) * svb + k.to(tl.int64) * svh + t.to(tl.int64) * svt
+    return d, md, tl.load(v_ptr + vb[:, None] + d[None, :], mask=md, other=0.0).to(tl.float32)
+
+
+# The kernels' names for their helpers, Triton functions jitted with them (``_kernel``).
+_rnd = _ridx = _vt = None
 
 
 def _qk_fwd(x_ptr, sxb, sxt, sxh, cos_ptr, sin_ptr, g_ptr, out_ptr, rstd_ptr, R, T, HX, D, HALF, eps,
@@ -48,10 +65,7 @@ def _qk_fwd(x_ptr, sxb, sxt, sxh, cos_ptr, sin_ptr, g_ptr, out_ptr, rstd_ptr, R,
     """Rows r = (b·T + t)·HX + h of x [B, T, HX, D] (last stride 1) → out [B, T, HX, D] contiguous:
     rope(rms_norm(x)) (· gain[h]); rstd [R] float32 saved for the backward."""
     DT = out_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = rows < R
-    h, bt = rows % HX, rows // HX
-    t, b = bt % T, bt // T
+    rows, rm, h, bt, t, b = _ridx(R, T, HX, BLOCK_R)
     base = b.to(tl.int64) * sxb + t.to(tl.int64) * sxt + h.to(tl.int64) * sxh
     obase = rows.to(tl.int64) * D
     d = tl.arange(0, BLOCK_D)
@@ -86,10 +100,7 @@ def _qk_bwd(x_ptr, sxb, sxt, sxh, do_ptr, sdb, sdt, sdh, cos_ptr, sin_ptr, g_ptr
     """d out (any strides, last 1) → dx [B, T, HX, D] contiguous and, with a gain, each row's
     d loss / d gain[h] in dg [R] float32 (summed per head by the caller)."""
     DT = dx_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = rows < R
-    h, bt = rows % HX, rows // HX
-    t, b = bt % T, bt // T
+    rows, rm, h, bt, t, b = _ridx(R, T, HX, BLOCK_R)
     base = b.to(tl.int64) * sxb + t.to(tl.int64) * sxt + h.to(tl.int64) * sxh
     dbase = b.to(tl.int64) * sdb + t.to(tl.int64) * sdt + h.to(tl.int64) * sdh
     obase = rows.to(tl.int64) * D
@@ -127,14 +138,8 @@ def _xsa_fwd(y_ptr, syb, syh, syt, v_ptr, svb, svh, svt, o_ptr, R, T, KV, D, eps
     """Rows r = (b·T + t)·KV + k: v [B, KV, T, D] and the G query heads k·G + j of y [B, H, T, D]
     (any strides, last 1) → o [B, T, H, D] contiguous, o = y − (y·v̂) v̂ in the reference's roundings."""
     DT = o_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = rows < R
-    k, bt = rows % KV, rows // KV
-    t, b = bt % T, bt // T
-    d = tl.arange(0, BLOCK_D)
-    md = rm[:, None] & (d[None, :] < D)
-    vb = b.to(tl.int64) * svb + k.to(tl.int64) * svh + t.to(tl.int64) * svt
-    v = tl.load(v_ptr + vb[:, None] + d[None, :], mask=md, other=0.0).to(tl.float32)
+    rows, rm, k, bt, t, b = _ridx(R, T, KV, BLOCK_R)
+    d, md, v = _vt(v_ptr, b, k, t, svb, svh, svt, rm, D, BLOCK_D)
     nrm = tl.maximum(_rnd(tl.sqrt(tl.sum(v * v, 1)), DT), eps)
     vn = _rnd(v / nrm[:, None], DT)
     for j in tl.static_range(G):
@@ -152,14 +157,8 @@ def _xsa_bwd(y_ptr, syb, syh, syt, v_ptr, svb, svh, svt, do_ptr, sdb, sdt, sdh, 
     """d o [B, T, H, D] (any strides, last 1) → dy [B, H, T, D] and dv [B, T, KV, D], both contiguous:
     dy = do − (do·v̂) v̂; d v̂ = −Σ_j (y_j·v̂) do_j + (do_j·v̂) y_j, then through v̂ = v / max(‖v‖, eps)."""
     DT = dy_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = rows < R
-    k, bt = rows % KV, rows // KV
-    t, b = bt % T, bt // T
-    d = tl.arange(0, BLOCK_D)
-    md = rm[:, None] & (d[None, :] < D)
-    vb = b.to(tl.int64) * svb + k.to(tl.int64) * svh + t.to(tl.int64) * svt
-    v = tl.load(v_ptr + vb[:, None] + d[None, :], mask=md, other=0.0).to(tl.float32)
+    rows, rm, k, bt, t, b = _ridx(R, T, KV, BLOCK_R)
+    d, md, v = _vt(v_ptr, b, k, t, svb, svh, svt, rm, D, BLOCK_D)
     raw = tl.sqrt(tl.sum(v * v, 1))
     nrm = tl.maximum(raw, eps)
     u = v / nrm[:, None]  # v̂ unrounded: the derivative's
@@ -182,11 +181,11 @@ def _xsa_bwd(y_ptr, syb, syh, syt, v_ptr, svb, svh, svt, do_ptr, sdb, sdt, sdh, 
 
 
 def _kernel(fn):
-    """``fn`` jitted (``triton_env.jit``), with ``_round``, the helper the kernels call (a Triton
-    function too, under the name ``_rnd`` they read from this module's globals)."""
-    global _rnd
+    """``fn`` jitted (``triton_env.jit``), with the helpers the kernels call (Triton functions too,
+    under the names they read from this module's globals: ``_rnd``, ``_ridx`` and ``_vt``)."""
+    global _rnd, _ridx, _vt
     if _rnd is None:
-        _rnd = triton_env.jit(_round)
+        _rnd, _ridx, _vt = triton_env.jit(_round), triton_env.jit(_row_index), triton_env.jit(_v_tile)
     return triton_env.jit(fn)
 
 

@@ -39,6 +39,16 @@ def loss_and_grads(m: torch.nn.Module, x: torch.Tensor,
     return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
+def assert_same_loss_and_grads(got: tuple[torch.Tensor, dict[str, torch.Tensor]],
+                               ref: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+    """Two ``loss_and_grads`` results agree to float32 rounding: the loss, which parameters got a
+    gradient, and each gradient."""
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6)
+    assert got[1].keys() == ref[1].keys()
+    for n, g in ref[1].items():
+        torch.testing.assert_close(got[1][n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def assert_compiled_matches_eager(m: torch.nn.Module, x: torch.Tensor,
                                   y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
     """Forward and backward of ``m(x, y)`` captured whole (fullgraph: a break raises) with the

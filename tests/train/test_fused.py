@@ -17,7 +17,7 @@ from pgolf_train.config import ConfigError, load_config
 from pgolf_train.model import GPT, GPTConfig
 from pgolf_train.trainer import train
 
-from .arch_helpers import loss_and_grads
+from .arch_helpers import assert_same_loss_and_grads, loss_and_grads
 from .train_fixtures import logged_losses
 
 FEW = settings(max_examples=10, deadline=None)
@@ -206,10 +206,7 @@ def test_qkv_one_matmul_matches_three_and_steps_aside_for_hooks():
         fused.apply_fusions(model, "qkv")
         assert all(b.attn.fuse_qkv for b in model.blocks)
         got, got_g = loss_and_grads(model, x, y)
-        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-        assert got_g.keys() == ref_g.keys()
-        for n in ref_g:
-            torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-5, atol=1e-6, msg=n)
+        assert_same_loss_and_grads((got, got_g), (ref, ref_g))
         torch._dynamo.reset()
         torch.testing.assert_close(compile_model(model)(x, y).detach(), got, rtol=1e-5, atol=1e-5)
     calls = []

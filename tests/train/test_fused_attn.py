@@ -19,7 +19,7 @@ from pgolf_train import fused, fused_attn, triton_env
 from pgolf_train.build import compile_model
 from pgolf_train.model import GPT, CausalSelfAttention, GPTConfig
 
-from .arch_helpers import loss_and_grads
+from .arch_helpers import assert_same_loss_and_grads, loss_and_grads
 
 INTERPRETED = """
 import json, sys
@@ -133,10 +133,7 @@ def test_model_with_qk_xsa_matches_the_reference(kw):
         fused.apply_fusions(model, names)
         assert all(isinstance(b.attn, fused_attn.FusedAttention) for b in model.blocks)
         got, got_g = loss_and_grads(model, x, y)
-        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-        assert got_g.keys() == ref_g.keys()
-        for n in ref_g:
-            torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-5, atol=1e-6, msg=n)
+        assert_same_loss_and_grads((got, got_g), (ref, ref_g))
     torch._dynamo.reset()
     torch.testing.assert_close(compile_model(model)(x, y).detach(), ref, rtol=1e-5, atol=1e-5)
     twin = copy.deepcopy(model)
