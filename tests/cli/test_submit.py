@@ -18,6 +18,7 @@ from pgolf.bundle import ENTRY, build, closure, latin1_literal, minify, module_f
 from pgolf.cli import main
 from pgolf_train.config import load_config
 
+from ..codec.kernel_aot import AOT_SCRIPT as CODEC_AOT_SCRIPT
 from ..train.kernel_aot import AOT_SCRIPT
 
 # Runs a script with every pgolf package import refused unless the script's own loader serves it
@@ -255,10 +256,11 @@ def test_bundled_fused_kernels_import_and_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "PROBE OK" in proc.stdout
     # and compiled for the H200 (sm_90, ahead of time: no GPU here) from the bundle's own sources
-    (tmp_path / "aot.py").write_text('import runpy\nrunpy.run_path("bundle.py", run_name="bundle")\n' + AOT_SCRIPT)
-    proc = _run_isolated(tmp_path / "aot.py", tmp_path, {"TRITON_INTERPRET": "0"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "AOT OK" in proc.stdout
+    for script in (AOT_SCRIPT, CODEC_AOT_SCRIPT):  # the trainer's kernels, then the codec's
+        (tmp_path / "aot.py").write_text('import runpy\nrunpy.run_path("bundle.py", run_name="bundle")\n' + script)
+        proc = _run_isolated(tmp_path / "aot.py", tmp_path, {"TRITON_INTERPRET": "0"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "AOT OK" in proc.stdout
 
 
 @given(st.binary(max_size=600))
