@@ -5,10 +5,11 @@ a helper Triton cannot inline, a type error in the GPU lowering) before a GPU ru
 
 ``AOT_HELPER`` is source for a fresh interpreter (Triton must be imported compiled, not
 interpreted; the bundle's test runs it under ``python -I``, where this package is not importable).
-It defines ``compile_sm90(fn, consts, types, **options)``: ``fn`` a kernel (a plain function or one already jitted), ``consts``
-its constexpr values (each must be a constexpr parameter), ``types`` a Triton type per parameter
-name for those that are not the default (``*bf16`` for a ``*_ptr``, ``i32`` otherwise); it prints
-``AOT <kernel> <constants> <bytes of cubin>`` and returns the cubin's size.
+It defines ``compile_sm90(fn, consts, types, **options)``: ``fn`` a kernel (a plain function or
+one already jitted), ``consts`` its constexpr values (each must be a constexpr parameter),
+``types`` a Triton type per parameter name for those that are not the default (``*bf16`` for a
+``*_ptr``, ``i32`` otherwise); it prints ``AOT <kernel> <constants> <bytes of cubin>`` and returns
+the cubin's size.
 """
 from __future__ import annotations
 

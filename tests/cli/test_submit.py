@@ -211,7 +211,7 @@ def test_minify_keeps_the_annotations_read_at_run_time():
     assert kept_constexpr >= 5 and kept_decorated >= 3  # the kernels and custom ops were there to keep
 
 
-# Loads a bundle (argv[1]) as a module, not as __main__, then imports each of its modules and runs
+# Loads the bundle (bundle.py beside it) as a module, not as __main__, then imports each of its modules and runs
 # the trainer's Triton kernels (interpreted: TRITON_INTERPRET=1) against the torch path.
 BUNDLE_PROBE = """
 import runpy, sys
