@@ -169,18 +169,19 @@ def test_minified_modules_compile_and_keep_dataclass_fields():
 FUSED_ALL = "ce,rope,qkv,qk,xsa"  # every fusion that brings a module: fused, fused_attn, triton_env
 
 
-def _annotations(tree: ast.Module) -> dict[str, tuple[list[str], list[str], bool]]:
-    """Per function (qualified by line-free name path): the parameters annotated constexpr, those
-    annotated at all, and whether it has a return annotation."""
+def _annotations(tree: ast.Module) -> dict[str, tuple[list[str], list[str], bool, bool]]:
+    """Per function, keyed by its dotted path and its position in the walk (``_`` is defined
+    several times): the parameters annotated ``constexpr``, those annotated at all, whether it has
+    a return annotation, and whether it is decorated."""
     out = {}
 
     def walk(body, prefix):
         for n in body:
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                args = [a for a in (*n.args.posonlyargs, *n.args.args, *n.args.kwonlyargs) if a]
+                ann = [a for a in (*n.args.posonlyargs, *n.args.args, *n.args.kwonlyargs) if a.annotation is not None]
                 key = f"{prefix}{n.name}@{len(out)}"
-                out[key] = ([a.arg for a in args if a.annotation is not None and "constexpr" in ast.unparse(a.annotation)],
-                            [a.arg for a in args if a.annotation is not None], n.returns is not None, bool(n.decorator_list))
+                out[key] = ([a.arg for a in ann if "constexpr" in ast.unparse(a.annotation)], [a.arg for a in ann],
+                            n.returns is not None, bool(n.decorator_list))
                 walk(n.body, key + ".")
             elif isinstance(n, ast.ClassDef):
                 walk(n.body, f"{prefix}{n.name}.")
@@ -211,8 +212,8 @@ def test_minify_keeps_the_annotations_read_at_run_time():
     assert kept_constexpr >= 5 and kept_decorated >= 3  # the kernels and custom ops were there to keep
 
 
-# Loads the bundle (bundle.py beside it) as a module, not as __main__, then imports each of its modules and runs
-# the trainer's Triton kernels (interpreted: TRITON_INTERPRET=1) against the torch path.
+# Loads the bundle (bundle.py beside it) as a module, not as __main__, then imports each of its
+# modules and runs the trainer's Triton kernels (interpreted: TRITON_INTERPRET=1) against the torch path.
 BUNDLE_PROBE = """
 import runpy, sys
 import torch

@@ -20,8 +20,10 @@ for field, bits, kind, group, wide, br, bc, out in [(0, 2, TER, 0, False, 8, 512
     compile_sm90(gpu._dequant_kernel, dict(FIELD=field, BITS=bits, KIND=kind, GROUP=group, OUT_BF16_SW=False,
                                            WIDE=wide, BLOCK_R=br, BLOCK_C=bc), {**T, "out_ptr": out})
 # 8-code chunks: (FIELD, BITS, KIND, WORD, GROUP, HALVES, out); BR x UC = the host's 512 chunks
-for field, bits, kind, word, group, halves, out in [(4, 4, SYM, 1, 0, False, "*bf16"), (4, 4, SYM, 2, 64, True, "*fp32"),
-                                                    (1, 1, BIN, 1, 0, True, "*fp32"), (6, 6, ASYM, 2, 0, True, "*fp32"),
+for field, bits, kind, word, group, halves, out in [(4, 4, SYM, 1, 0, False, "*bf16"),
+                                                    (4, 4, SYM, 2, 64, True, "*fp32"),
+                                                    (1, 1, BIN, 1, 0, True, "*fp32"),
+                                                    (6, 6, ASYM, 2, 0, True, "*fp32"),
                                                     (8, 8, SYM, 1, 0, False, "*fp16")]:
     n += 1
     compile_sm90(gpu._dequant_chunk_kernel, dict(FIELD=field, BITS=bits, KIND=kind, WORD=word, GROUP=group,
