@@ -155,7 +155,7 @@ def test_fusion_names_are_known():
 
 def test_other_fusions_do_not_import_the_attention_kernels():
     """A generated train_gpt.py carries fused_attn only for qk or xsa (pgolf/bundle.py): with it
-    absent, ce,rope (h200's) and "" still apply; qk then fails on the import."""
+    absent, ce,rope (h200's before qk and xsa) and "" still apply; qk then fails on the import."""
     code = ("import sys\nsys.modules['pgolf_train.fused_attn'] = None\n"
             "from pgolf_train import fused\nfrom pgolf_train.model import GPT, GPTConfig\n"
             "m = GPT(GPTConfig(vocab_size=300, num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2, seq_len=16))\n"
