@@ -5,7 +5,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
+
+# One Triton mode for the whole session, fixed before any test module imports Triton: Triton's own
+# library functions are interpreted or compiled from that import on, so a module that set the
+# variable itself made the mode depend on collection order (a subset ran compiled, the full run
+# interpreted). Without a GPU the kernels run on CPU tensors through the interpreter; with one,
+# compiled on CUDA tensors (tests/train/test_fused_gpu.py). An explicit TRITON_INTERPRET wins.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 settings.register_profile(
     "ci", derandomize=True, deadline=None, max_examples=60,
