@@ -31,7 +31,10 @@ from pgolf_train import triton_env
 from pgolf_train.model import CausalSelfAttention, _weight, apply_rope, rms_norm
 from pgolf_train.triton_env import tl, triton
 
-BLOCK_ROWS = 32  # (token, head) rows per program: 32 × 64 bf16 = 4 KiB per tile
+# Launch settings per kernel: ((token, head) rows per program, warps). They can change bits, not
+# only speed: the layout splits a row over more or fewer threads, reordering its sums. Timed at the
+# h200 shapes, alone and in the step, by benchmarks/fused_attn_bench.py (bit-equal settings only).
+LAUNCH = {"qk_fwd": (32, 4), "qk_bwd": (32, 4), "xsa_fwd": (32, 4), "xsa_bwd": (32, 4)}
 XSA_EPS = 1e-12  # F.normalize's
 
 
@@ -209,8 +212,10 @@ def _xsa_reference(y: Tensor, v: Tensor) -> Tensor:
     return (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(y.shape)
 
 
-def _launch_rows(R: int) -> tuple[int]:
-    return (triton.cdiv(R, BLOCK_ROWS),)
+def _launch(fn, name: str, R: int, *args, **kw) -> None:
+    """``fn`` jitted, over R rows with ``LAUNCH[name]``'s rows per program and warps."""
+    rows, warps = LAUNCH[name]
+    _kernel(fn)[(triton.cdiv(R, rows),)](*args, BLOCK_R=rows, num_warps=warps, **kw)
 
 
 @torch.library.custom_op("pgolf::qk_norm_rope", mutates_args=())
@@ -219,9 +224,9 @@ def _qk_op(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None) -> tuple[Te
     out = torch.empty(B, T, HX, D, dtype=x.dtype, device=x.device)
     rstd = torch.empty(B * T * HX, dtype=torch.float32, device=x.device)
     half = cos.size(-1)
-    _kernel(_qk_fwd)[_launch_rows(rstd.numel())](
+    _launch(_qk_fwd, "qk_fwd", rstd.numel(),
         x, x.stride(0), x.stride(1), x.stride(2), cos.contiguous(), sin.contiguous(), gain if gain is not None else rstd,
-        out, rstd, rstd.numel(), T, HX, D, half, _eps(x), HAS_GAIN=gain is not None, BLOCK_R=BLOCK_ROWS,
+        out, rstd, rstd.numel(), T, HX, D, half, _eps(x), HAS_GAIN=gain is not None,
         BLOCK_D=triton.next_power_of_2(D), BLOCK_H=triton.next_power_of_2(half))
     return out, rstd
 
@@ -242,10 +247,10 @@ def _qk_bwd_op(do: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | N
     dx = torch.empty(B, T, HX, D, dtype=x.dtype, device=x.device)
     dg = torch.empty(rstd.numel() if gain is not None else 0, dtype=torch.float32, device=x.device)
     half = cos.size(-1)
-    _kernel(_qk_bwd)[_launch_rows(rstd.numel())](
+    _launch(_qk_bwd, "qk_bwd", rstd.numel(),
         x, x.stride(0), x.stride(1), x.stride(2), do, do.stride(0), do.stride(1), do.stride(2),
         cos.contiguous(), sin.contiguous(), gain if gain is not None else rstd, rstd, dx, dg if gain is not None else rstd,
-        rstd.numel(), T, HX, D, half, HAS_GAIN=gain is not None, BLOCK_R=BLOCK_ROWS,
+        rstd.numel(), T, HX, D, half, HAS_GAIN=gain is not None,
         BLOCK_D=triton.next_power_of_2(D), BLOCK_H=triton.next_power_of_2(half))
     return dx, (dg.view(-1, HX).sum(0) if gain is not None else dg)
 
@@ -288,9 +293,9 @@ def _xsa_op(y: Tensor, v: Tensor) -> Tensor:
     KV = v.size(1)
     o = torch.empty(B, T, H, D, dtype=y.dtype, device=y.device)
     R = B * T * KV
-    _kernel(_xsa_fwd)[_launch_rows(R)](
+    _launch(_xsa_fwd, "xsa_fwd", R,
         y, y.stride(0), y.stride(1), y.stride(2), v, v.stride(0), v.stride(1), v.stride(2), o, R, T, KV, D, XSA_EPS,
-        G=H // KV, BLOCK_R=BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(D))
+        G=H // KV, BLOCK_D=triton.next_power_of_2(D))
     return o
 
 
@@ -310,10 +315,10 @@ def _xsa_bwd_op(do: Tensor, y: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     dy = torch.empty(B, H, T, D, dtype=y.dtype, device=y.device)
     dv = torch.empty(B, T, KV, D, dtype=v.dtype, device=v.device)
     R = B * T * KV
-    _kernel(_xsa_bwd)[_launch_rows(R)](
+    _launch(_xsa_bwd, "xsa_bwd", R,
         y, y.stride(0), y.stride(1), y.stride(2), v, v.stride(0), v.stride(1), v.stride(2),
         do, do.stride(0), do.stride(1), do.stride(2), dy, dv, R, T, KV, D, XSA_EPS,
-        G=H // KV, BLOCK_R=BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(D))
+        G=H // KV, BLOCK_D=triton.next_power_of_2(D))
     return dy, dv
 
 

@@ -7,79 +7,29 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from pgolf_codec import bitpack, gpu, schemes  # noqa: E402
+from pgolf_codec import gpu, schemes  # noqa: E402
 from pgolf_codec.errors import BadPayload  # noqa: E402
 from pgolf_codec.schemes import QuantSpec, Quantized  # noqa: E402
 
+from .triton_cases import FEW, OUT_DTYPES, assert_bit_equal, every_code, pack_codes, shapes, specs, weights  # noqa: E402
+
 # tests/conftest.py runs the session interpreted on a machine without a GPU (CI). On a GPU machine
-# Triton runs compiled and these CPU-tensor tests do not apply; the kernels compile for sm_90 in
-# test_gpu_sm90.py, and benchmarks/dequant_bench.py checks them against the host decode on CUDA.
+# Triton runs compiled and these CPU-tensor tests do not apply: test_triton_gpu.py runs the same
+# checks on CUDA tensors there. The kernels compile for sm_90 without a GPU in test_gpu_sm90.py,
+# and benchmarks/dequant_bench.py checks them against the host decode on CUDA.
 if not gpu._interpreting():
     pytest.skip("the kernels on CPU tensors need TRITON_INTERPRET=1 for the whole session",
                 allow_module_level=True)
-
-OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The interpreter runs a kernel as numpy on whole tiles: a handful of examples per property
-# covers every code path without making the file slow.
-FEW = settings(max_examples=12, deadline=None)
-
-
-def bits_of(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a float tensor, so that equality also distinguishes -0.0 and NaNs."""
-    t = t.contiguous().reshape(-1)
-    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
-
-
-def assert_bit_equal(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape)
-    diff = (bits_of(a) != bits_of(b)).nonzero()
-    assert diff.numel() == 0, f"{diff.numel()} elements differ, first at {diff[0].item()}: " \
-        f"{a.reshape(-1)[diff[0]].item()!r} vs {b.reshape(-1)[diff[0]].item()!r}"
 
 
 def test_kernels_run_interpreted() -> None:
     # Everything below would silently test the torch fallback if this failed.
     assert gpu.kernels_available("cpu")
-
-
-def pack_codes(q: Quantized, packed: bool) -> torch.Tensor:
-    codes = q.codes.reshape(-1).numpy()
-    if not packed:
-        return torch.from_numpy(codes.copy())
-    if q.spec.kind == "ternary":
-        return torch.from_numpy(bitpack.pack_trits(codes))
-    return torch.from_numpy(bitpack.pack(codes, q.spec.bits))
-
-
-@st.composite
-def specs(draw) -> QuantSpec:
-    kind = draw(st.sampled_from(["int", "int", "int", "ternary"]))
-    bits = draw(st.integers(1, 8)) if kind == "int" else 2
-    symmetric = kind == "ternary" or draw(st.booleans())
-    clip, clip_param = draw(st.sampled_from([("max", 0.0), ("max", 0.0), ("sdclip", 2.5)]))
-    return QuantSpec(kind=kind, bits=bits, symmetric=symmetric,
-                     group=draw(st.sampled_from([0, 0, 1, 7, 16, 32, 128])),
-                     scale_dtype=draw(st.sampled_from(["fp16", "bf16", "q8"])),
-                     clip=clip, clip_param=clip_param)
-
-
-shapes = st.one_of(
-    st.tuples(st.integers(1, 300)),
-    st.tuples(st.integers(1, 40), st.integers(1, 300)),
-    st.tuples(st.integers(1, 6), st.integers(1, 9), st.integers(1, 40)),
-)
-
-
-def weights(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape[:1] + (1,) * (len(shape) - 1), generator=g))
-    w[torch.rand(shape, generator=g) < 0.05] = 0.0  # exact zeros: code at the zero point
-    return w.to(dtype)
 
 
 @FEW
@@ -320,21 +270,15 @@ def _no_generic_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_chunk_kernel_every_width_every_code(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # Rows of whole 8-code chunks take the chunk kernel. Every code value lands at every field
-    # position of a chunk (code sequence stride 7 is coprime to 8), under per-row scales,
-    # groups of 8 and 16, symmetric and asymmetric codes, packed and one code per byte, into
-    # every output dtype (fp32 takes the word-load path, 16-bit outputs the byte tile).
+    # position of a chunk (`every_code`), under per-row scales, groups of 8 and 16, symmetric and
+    # asymmetric codes, packed and one code per byte, into every output dtype (fp32 takes the
+    # word-load path, 16-bit outputs the byte tile).
     _no_generic_kernel(monkeypatch)
     for symmetric, group, packed in [(True, 0, True), (False, 8, True), (True, 16, False), (False, 0, False)]:
-        spec = QuantSpec(kind="int", bits=bits, symmetric=symmetric, group=group)
-        rows, row_len = 6, 8 * ((1 << bits) // 8 + 3)
-        codes = (torch.arange(rows * row_len) * 7 % (1 << bits)).to(torch.uint8).view(rows, row_len)
-        ng = schemes.n_groups(row_len, group)
-        scales = torch.rand(rows, ng, generator=torch.Generator().manual_seed(bits)).half().float() + 0.01
-        zeros = None if symmetric else (torch.arange(rows * ng) * 5 % (1 << bits)).to(torch.uint8).view(rows, ng)
-        q = Quantized(spec, (rows, row_len), codes, scales, zeros)
+        q = every_code(bits, symmetric, 8, 8 * ((1 << bits) // 8 + 3), group)
         payload = pack_codes(q, packed)
         for dtype in OUT_DTYPES:
-            got = gpu.dequantize_packed(payload, (rows, row_len), spec, scales, zeros, dtype, packed=packed)
+            got = gpu.dequantize_packed(payload, q.shape, q.spec, q.scales, q.zeros, dtype, packed=packed)
             assert_bit_equal(got, schemes.dequantize(q, dtype))
 
 
