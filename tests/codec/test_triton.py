@@ -16,7 +16,8 @@ from pgolf_codec import gpu, schemes  # noqa: E402
 from pgolf_codec.errors import BadPayload  # noqa: E402
 from pgolf_codec.schemes import QuantSpec, Quantized  # noqa: E402
 
-from .triton_cases import FEW, OUT_DTYPES, assert_bit_equal, every_code, pack_codes, shapes, specs, weights  # noqa: E402
+from .triton_cases import (FEW, OUT_DTYPES, assert_bit_equal, every_code, pack_codes,  # noqa: E402
+                           refuse_generic_kernel, scale_edge_rows, shapes, specs, weights)
 
 # tests/conftest.py runs the session interpreted on a machine without a GPU (CI). On a GPU machine
 # Triton runs compiled and these CPU-tensor tests do not apply: test_triton_gpu.py runs the same
@@ -259,21 +260,13 @@ def test_group_scales_match_quantize(spec: QuantSpec, shape, seed: int) -> None:
         assert torch.equal(zeros.to(torch.uint8), q.zeros)
 
 
-def _no_generic_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the one-code-per-element fallback kernel fail, so a test proves the chunk kernel ran."""
-    class Refuse:
-        def __getitem__(self, grid):
-            raise AssertionError("the per-element fallback kernel ran")
-    monkeypatch.setattr(gpu, "_dequant_kernel", Refuse())
-
-
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_chunk_kernel_every_width_every_code(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # Rows of whole 8-code chunks take the chunk kernel. Every code value lands at every field
     # position of a chunk (`every_code`), under per-row scales, groups of 8 and 16, symmetric and
     # asymmetric codes, packed and one code per byte, into every output dtype (fp32 takes the
     # word-load path, 16-bit outputs the byte tile).
-    _no_generic_kernel(monkeypatch)
+    refuse_generic_kernel(monkeypatch)
     for symmetric, group, packed in [(True, 0, True), (False, 8, True), (True, 16, False), (False, 0, False)]:
         q = every_code(bits, symmetric, 8, 8 * ((1 << bits) // 8 + 3), group)
         payload = pack_codes(q, packed)
@@ -292,7 +285,7 @@ def test_chunk_kernel_every_width_every_code(bits: int, monkeypatch: pytest.Monk
 def test_chunk_kernel_tiles(text: str, shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
     spec = QuantSpec.parse(text)
     q = schemes.quantize(weights(shape, 11), spec)
-    _no_generic_kernel(monkeypatch)
+    refuse_generic_kernel(monkeypatch)
     for dtype in OUT_DTYPES:
         got = gpu.dequantize_packed(pack_codes(q, spec.kind != "ternary"), shape, spec, q.scales, q.zeros,
                                     dtype, packed=spec.kind != "ternary")
@@ -365,16 +358,7 @@ def test_fake_quant_rows_kernel_scale_edges(monkeypatch: pytest.MonkeyPatch) -> 
     # ceiling: every quotient saturates), fp16-subnormal scales, scales that are exact bf16/fp16
     # ties, and asymmetric rows entirely above or below zero (zero point 0 or top).
     _no_torch_scales(monkeypatch)
-    tie16 = 1 + 2**-11  # halfway between two fp16 values: rounds to even
-    rows = torch.stack([
-        torch.zeros(16),
-        torch.linspace(-1.0, 1.0, 16) * 3e38,
-        torch.linspace(-1e-6, 2e-6, 16),
-        torch.linspace(-31, 31, 16) * tie16,
-        torch.linspace(-31, 31, 16) * (1 + 2**-8),
-        torch.linspace(0.5, 3.0, 16),
-        torch.linspace(-3.0, -0.5, 16),
-    ])
+    rows = scale_edge_rows()
     for text in ["int6", "int6:scale=bf16", "int4:asym", "int4:asym:scale=bf16", "int8:group=8"]:
         spec = QuantSpec.parse(text)
         assert_bit_equal(gpu.fake_quant(rows, spec), schemes.fake_quant(rows, spec))

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from pgolf_codec import container, gpu, schemes
 from pgolf_codec.schemes import QuantSpec, Quantized
 
-from .triton_cases import FEW, OUT_DTYPES, assert_bit_equal, every_code, pack_codes, shapes, specs, weights
+from .triton_cases import (FEW, OUT_DTYPES, assert_bit_equal, every_code, pack_codes,
+                           refuse_generic_kernel, scale_edge_rows, shapes, specs, weights)
 
 
 def _skip_reason() -> str | None:
@@ -124,11 +125,8 @@ def test_bf16_output_rounds_half_to_even() -> None:
 
 @pytest.fixture
 def no_generic_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the one-code-per-element fallback kernel fail, so a test proves the chunk kernel ran."""
-    class Refuse:
-        def __getitem__(self, grid):
-            raise AssertionError("the per-element fallback kernel ran")
-    monkeypatch.setattr(gpu, "_dequant_kernel", Refuse())
+    """The chunk kernel must run: the per-element fallback fails."""
+    refuse_generic_kernel(monkeypatch)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -238,16 +236,7 @@ def test_fake_quant_rows_kernel(text: str, no_torch_scales) -> None:
 def test_fake_quant_rows_kernel_scale_edges(no_torch_scales) -> None:
     # All-zero rows (scale floor), huge rows (fp16 ceiling), fp16-subnormal scales, scales that
     # are exact fp16/bf16 ties, asymmetric rows entirely above or below zero.
-    tie16 = 1 + 2**-11
-    rows = torch.stack([
-        torch.zeros(16),
-        torch.linspace(-1.0, 1.0, 16) * 3e38,
-        torch.linspace(-1e-6, 2e-6, 16),
-        torch.linspace(-31, 31, 16) * tie16,
-        torch.linspace(-31, 31, 16) * (1 + 2**-8),
-        torch.linspace(0.5, 3.0, 16),
-        torch.linspace(-3.0, -0.5, 16),
-    ])
+    rows = scale_edge_rows()
     for text in ["int6", "int6:scale=bf16", "int4:asym", "int4:asym:scale=bf16", "int8:group=8"]:
         check_fake_quant(rows, QuantSpec.parse(text))
     # A NaN weight turns its whole group NaN, as in the reference: a hardware max reduction

@@ -83,3 +83,29 @@ def every_code(bits: int, symmetric: bool, rows: int, row_len: int, group: int) 
     scales = torch.rand(rows, ng, generator=torch.Generator().manual_seed(bits)).half().float() + 0.01
     zeros = None if symmetric else (torch.arange(rows * ng) * 5 % (1 << bits)).to(torch.uint8).view(rows, ng)
     return Quantized(spec, (rows, row_len), codes, scales, zeros)
+
+
+def scale_edge_rows() -> torch.Tensor:
+    """Rows at the scale table's edges, float32 (7, 16): all zeros (the scale floor), huge (the fp16
+    ceiling: every quotient saturates), fp16-subnormal scales, scales that are exact fp16 and bf16
+    ties (1 + 2^-11 is halfway between two fp16 values), asymmetric rows entirely above or below zero."""
+    tie16 = 1 + 2**-11
+    return torch.stack([
+        torch.zeros(16),
+        torch.linspace(-1.0, 1.0, 16) * 3e38,
+        torch.linspace(-1e-6, 2e-6, 16),
+        torch.linspace(-31, 31, 16) * tie16,
+        torch.linspace(-31, 31, 16) * (1 + 2**-8),
+        torch.linspace(0.5, 3.0, 16),
+        torch.linspace(-3.0, -0.5, 16),
+    ])
+
+
+def refuse_generic_kernel(monkeypatch) -> None:
+    """Make the one-code-per-element fallback kernel fail, so a test proves the chunk kernel ran."""
+    from pgolf_codec import gpu
+
+    class Refuse:
+        def __getitem__(self, grid):
+            raise AssertionError("the per-element fallback kernel ran")
+    monkeypatch.setattr(gpu, "_dequant_kernel", Refuse())
