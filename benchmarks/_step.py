@@ -4,12 +4,13 @@ Shared by ``train_bench.py``, ``profile_step.py`` and ``fused_loss_check.py`` so
 what ``pgolf_train.trainer.train`` runs (one process, no warm-up restore, no clock)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from pgolf_train.config import TrainConfig, load_config, load_recipe
-from pgolf_train.fused import apply_fusions, compile_options, sdpa_context
+from pgolf_train.fused import apply_fusions, compile_options, dynamo_context, sdpa_context
 from pgolf_train.loader import DistributedTokenLoader
 from pgolf_train.qat import set_qat
 from pgolf_train.trainer import build_model, build_optimizers, compile_model, resolve_grad_accum, train_step
@@ -32,9 +33,13 @@ class Step:
         return train_step(self.compiled, self.optimizers, self.loader, self.cfg, self.accum, False, self.device,
                           self.params)
 
-    def attention(self):
-        """The context the steps (and the compile) must run in: the config's pinned SDPA backend."""
-        return sdpa_context(self.cfg.sdpa_backend)
+    def attention(self) -> contextlib.AbstractContextManager:
+        """The context the steps (and the compile) must run in: the config's pinned SDPA backend and
+        the compiler settings its fusions need."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(sdpa_context(self.cfg.sdpa_backend))
+        stack.enter_context(dynamo_context(self.cfg.fused))
+        return stack
 
 
 def setup_step(config: str, overrides: list[str], data: str, device: torch.device | None = None,

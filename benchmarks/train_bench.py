@@ -48,6 +48,9 @@ VARIANTS = {
     "fused_qk_xsa": ["fused=ce,rope,qk,xsa"],
     "fused_qkv_qk_xsa": ["fused=ce,rope,qkv,qk,xsa"],
     "fused_ce_rope_flash": ["fused=ce,rope", "sdpa_backend=flash"],
+    # document attention (doc_attention): SDPA with its boolean mask, and as flash varlen (fusion "varlen")
+    "doc_mask": ["doc_attention=true"],
+    "doc_varlen": ["doc_attention=true", "fused=ce,rope,qkv,qk,xsa,varlen"],
     "sdpa_flash": ["sdpa_backend=flash"],
     "sdpa_cudnn": ["sdpa_backend=cudnn"],
     "sdpa_efficient": ["sdpa_backend=efficient"],

@@ -30,7 +30,7 @@ BASELINE_RECIPE = "*.weight=int8:percentile=99.99984;*=fp32"
 
 
 # The trainer's fused kernels (pgolf_train/fused.py) and the attention backends it can pin.
-FUSIONS = ("ce", "rope", "qkv", "qk", "xsa", "epilogue", "tune")
+FUSIONS = ("ce", "rope", "qkv", "qk", "xsa", "varlen", "epilogue", "tune")
 SDPA_BACKENDS = ("", "flash", "cudnn", "efficient", "math")  # "" = torch's choice
 
 
@@ -84,7 +84,7 @@ class TrainFields:
     compile: bool = True  # torch.compile the model (fullgraph, static shapes)
     bf16: bool = True  # bf16 autocast for the forward pass (only on CUDA)
     device: str = "auto"  # "auto" (cuda if available), "cuda" or "cpu"
-    fused: str = ""  # the trainer's fused kernels, comma-separated (pgolf_train/fused.py): "ce" (head + softcap + CE in row chunks), "rope" (tables made once), "qkv" (one matmul for q, k, v), "qk" (QK-norm + rotary + gain, one kernel), "xsa" (exclusive attention, one kernel), "epilogue" (max-autotune GEMMs), "tune" (coordinate-descent block sizes)
+    fused: str = ""  # the trainer's fused kernels, comma-separated (pgolf_train/fused.py): "ce" (head + softcap + CE in row chunks), "rope" (tables made once), "qkv" (one matmul for q, k, v), "qk" (QK-norm + rotary + gain, one kernel), "xsa" (exclusive attention, one kernel), "varlen" (doc_attention as flash varlen over the packed documents), "epilogue" (max-autotune GEMMs), "tune" (coordinate-descent block sizes)
     sdpa_backend: str = ""  # attention kernel in training: "" (torch's choice), "flash", "cudnn", "efficient" or "math"
 
     # --- logging, validation, checkpoints ---------------------------------------------------
@@ -363,6 +363,8 @@ def validate(cfg: "TrainConfig") -> None:
     need(cfg.device in ("auto", "cuda", "cpu"), "device", "must be 'auto', 'cuda' or 'cpu'")
     need(all(f.strip() in FUSIONS for f in cfg.fused.split(",") if f.strip()), "fused",
          f"must be a comma-separated list of {', '.join(FUSIONS)} ('' = none)")
+    need("varlen" not in [f.strip() for f in cfg.fused.split(",")] or cfg.doc_attention, "fused",
+         "'varlen' is document attention's kernel: it needs doc_attention = true")
     need(cfg.sdpa_backend in SDPA_BACKENDS, "sdpa_backend",
          "must be '' (torch's choice), " + ", ".join(repr(b) for b in SDPA_BACKENDS[1:]))
     need(cfg.sdpa_backend != "efficient" or cfg.num_kv_heads == cfg.num_heads, "sdpa_backend",

@@ -15,6 +15,10 @@ narrow ones (k and v are 256 wide in ``h200``, where a GEMM is bound by its memo
 self-attention, one Triton kernel each way (``pgolf_train.fused_attn``, bound to each attention
 module a ``FusedAttention``).
 
+``varlen``: ``doc_attention`` without its boolean [B, 1, T, T] mask (which no flash kernel takes):
+FlashAttention's variable-length kernel over the batch packed into segments, one per document
+piece (``pgolf_train.doc_attn``); needs ``doc_attention``, and ``dynamo_context`` open over the compile.
+
 ``epilogue``: inductor's max-autotune GEMMs, so that elementwise work after a matmul can run in
 its epilogue (``compile_options``).
 
@@ -177,10 +181,15 @@ def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_le
         if hasattr(m, "fuse_qkv"):
             m.fuse_qkv = "qkv" in names
     # imported only when asked for (or to undo it): a generated train_gpt.py carries it only then
-    if {"qk", "xsa"} & set(names) or sys.modules.get("pgolf_train.fused_attn") is not None:
+    if {"qk", "xsa", "varlen"} & set(names) or sys.modules.get("pgolf_train.fused_attn") is not None:
         from pgolf_train import fused_attn
 
-        fused_attn.bind(model, "qk" in names, "xsa" in names)
+        fused_attn.bind(model, "qk" in names, "xsa" in names, "varlen" in names)
+    model.doc_segments = None
+    if "varlen" in names:
+        from pgolf_train import doc_attn
+
+        model.doc_segments = doc_attn.segments
     model.rope_cache = None
     if "rope" in names and seq_len > 0:
         device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0": the key the batches' device matches
@@ -197,6 +206,17 @@ def compile_options(fusions: str | tuple[str, ...]) -> dict:
     if "tune" in names:
         options["coordinate_descent_tuning"] = True
     return options
+
+
+def dynamo_context(fusions: str | tuple[str, ...]) -> contextlib.AbstractContextManager:
+    """Compiler settings the fusions need, open over the compile (the warm-up) and the steps:
+    ``varlen``'s data-dependent segment count (``pgolf_train.doc_attn.dynamo_config``)."""
+    names = parse_fusions(fusions) if isinstance(fusions, str) else fusions
+    if "varlen" not in names:
+        return contextlib.nullcontext()
+    from pgolf_train import doc_attn
+
+    return doc_attn.dynamo_config()
 
 
 def sdpa_context(backend: str) -> contextlib.AbstractContextManager:

@@ -353,7 +353,9 @@ def xsa(y: Tensor, v: Tensor) -> Tensor:
 
 def attention_forward(m, x: Tensor, cos: Tensor, sin: Tensor, scale: float | None, mask=None) -> Tensor:
     """``CausalSelfAttention.forward`` of module ``m`` with ``qk_norm_rope`` (``m.fused_qk``) and
-    ``xsa`` (``m.fused_xsa``, where ``m.xsa``) in place of the model's ops; otherwise the same computation."""
+    ``xsa`` (``m.fused_xsa``, where ``m.xsa``) in place of the model's ops, and the document
+    segments of ``pgolf_train.doc_attn`` (a 1-D ``mask``) in place of its boolean mask; otherwise
+    the same computation."""
     B, T, C = x.shape
     lin = (m.c_q, m.c_k, m.c_v)
     if m.fuse_qkv and not any(l._forward_hooks for l in lin):
@@ -368,7 +370,14 @@ def attention_forward(m, x: Tensor, cos: Tensor, sin: Tensor, scale: float | Non
     else:
         q = apply_rope(rms_norm(q.transpose(1, 2)), cos, sin) * m.q_gain.to(q.dtype)[:, None, None]
         k = apply_rope(rms_norm(k.transpose(1, 2)), cos, sin)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
+    if mask is not None and mask.dim() == 1:  # doc_attention's segments (fusion "varlen", pgolf_train.doc_attn)
+        from pgolf_train.doc_attn import varlen_attention
+
+        flat = [t.transpose(1, 2).reshape(B * T, -1, m.hd) for t in (q, k, v)]  # [B*T, heads, D]; free from [B, T, ...]
+        y = varlen_attention(*flat, mask, T, scale).view(B, T, m.h, m.hd).transpose(1, 2)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           enable_gqa=True)
     if m.xsa:
         y = xsa(y, v) if m.fused_xsa else _xsa_reference(y, v)
     if m.gate_w is not None:
@@ -384,14 +393,16 @@ class FusedAttention(CausalSelfAttention):
     forward = attention_forward
 
 
-def bind(model: torch.nn.Module, qk: bool, fuse_xsa: bool) -> None:
-    """Make every attention module of ``model`` a ``FusedAttention`` with these switches (both
-    False: a ``CausalSelfAttention`` again, the model file's forward)."""
+def bind(model: torch.nn.Module, qk: bool, fuse_xsa: bool, varlen: bool = False) -> None:
+    """Make every attention module of ``model`` a ``FusedAttention`` with these switches (all
+    False: a ``CausalSelfAttention`` again, the model file's forward). ``varlen``: the model hands
+    attention document segments (``pgolf_train.doc_attn``), which only ``attention_forward`` reads."""
+    fused = qk or fuse_xsa or varlen
     for m in model.modules():
         if not isinstance(m, CausalSelfAttention):
             continue
         m.__dict__.pop("fused_qk", None)
         m.__dict__.pop("fused_xsa", None)
-        m.__class__ = FusedAttention if qk or fuse_xsa else CausalSelfAttention
-        if qk or fuse_xsa:
+        m.__class__ = FusedAttention if fused else CausalSelfAttention
+        if fused:
             m.fused_qk, m.fused_xsa = qk, fuse_xsa

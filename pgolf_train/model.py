@@ -423,6 +423,7 @@ class GPT(nn.Module):
         self.exit_threshold: float | None = None
         self.head_loss = None  # (features, head weight, targets, softcap) -> mean CE in training: a trainer's fused kernel
         self.rope_cache: dict | None = None  # (T, device) -> rope(T, device), filled eagerly by a trainer
+        self.doc_segments = None  # (idx, bos) -> the mask doc_attention hands attention: a trainer's (pgolf_train.doc_attn)
         self.exit_counts = torch.zeros(len(self.exits) + 1, dtype=torch.long)
         self.num_encoder = len(self.layer_plan) // 2
         n_skip = min(self.num_encoder, len(self.layer_plan) - self.num_encoder)
@@ -509,7 +510,7 @@ class GPT(nn.Module):
         if self.smear_gate is not None:  # position 0 and every BOS take nothing from their predecessor
             prev = F.pad(x[:, :-1], (0, 0, 1, 0)).masked_fill((idx == c.bos_id)[..., None], 0)
             x = x0 = x + torch.sigmoid(self.smear_gate).to(x.dtype) * prev
-        mask = doc_mask(idx, c.bos_id) if c.doc_attention else None
+        mask = (self.doc_segments or doc_mask)(idx, c.bos_id) if c.doc_attention else None
         cos, sin = self.rope(idx.size(1), idx.device)
         skips: list[Tensor] = []
         exits: list[Tensor] = []

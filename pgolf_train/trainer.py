@@ -192,12 +192,13 @@ def _train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pa
     base_model = build_model(cfg, device)
     options: dict = {}
     if cfg.fused or cfg.sdpa_backend:
-        from pgolf_train.fused import apply_fusions, compile_options, sdpa_context
+        from pgolf_train.fused import apply_fusions, compile_options, dynamo_context, sdpa_context
 
         apply_fusions(base_model, cfg.fused, cfg.train_seq_len, device)
         options = compile_options(cfg.fused)
         steps_ctx.enter_context(sdpa_context(cfg.sdpa_backend))
-        attention = cfg.sdpa_backend or "torch's choice"
+        steps_ctx.enter_context(dynamo_context(cfg.fused))
+        attention = "flash varlen (documents)" if "varlen" in cfg.fused else cfg.sdpa_backend or "torch's choice"
         log(f"fused kernels: {cfg.fused or 'none'}  attention: {attention}")
     model: nn.Module = compile_model(base_model, extra=options) if cfg.compile else base_model
     if di.distributed:
