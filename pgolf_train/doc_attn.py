@@ -5,6 +5,8 @@ on CUDA it runs the memory-efficient or math kernel. Here the batch is one packe
 cut into segments, one at every row start and every BOS, and FlashAttention's variable-length
 kernel attends causally within each segment: the same attention (each token sees its own document
 from its BOS on, or from its row start), and a segment of L tokens costs L²/2, not a row's T²/2.
+On an H200 (torch 2.11) that kernel is FlashAttention 2: 1.6x cuDNN's causal one per layer at h200's
+shape, so document isolation still costs 14% of the step (``benchmarks/results/doc_attn_*``).
 
 ``segments`` makes the cut points inside the compiled graph (a ``nonzero``: one device sync per
 forward; ``dynamo_config`` lets the compiler trace its data-dependent length); ``varlen_attention``
