@@ -30,7 +30,8 @@ VERBATIM = frozenset({"pgolf_train.model"})
 OPTIONAL: dict[str, Callable[[Any], bool]] = {
     "pgolf_train.distill": lambda cfg: cfg.distill_teacher_frac > 0,
     "pgolf_train.fused": lambda cfg: bool(cfg.fused.strip() or cfg.sdpa_backend),
-    "pgolf_train.fused_attn": lambda cfg: bool({"qk", "xsa"} & {f.strip() for f in cfg.fused.split(",")}),
+    "pgolf_train.fused_attn": lambda cfg: bool({"qk", "xsa", "varlen"} & {f.strip() for f in cfg.fused.split(",")}),
+    "pgolf_train.doc_attn": lambda cfg: "varlen" in {f.strip() for f in cfg.fused.split(",")},
 }
 
 

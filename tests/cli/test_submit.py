@@ -150,6 +150,9 @@ def test_closure_comes_from_the_import_graph_and_the_config():
     plain = closure(ENTRY, dataclasses.replace(load_config("h200"), fused="ce,rope,qkv"))
     assert "pgolf_train.fused_attn" in names and "pgolf_train.fused_attn" not in plain
     assert "pgolf_train.fused" in plain
+    # document attention's varlen op only with fused=varlen (and fused_attn with it, which calls it)
+    docs = closure(ENTRY, dataclasses.replace(load_config("h200"), doc_attention=True, fused="ce,rope,varlen"))
+    assert "pgolf_train.doc_attn" not in names and {"pgolf_train.doc_attn", "pgolf_train.fused_attn"} <= set(docs)
     for name in names:  # parents are in: every package __init__ on the way
         parts = name.split(".")
         assert all(".".join(parts[:i]) in names for i in range(1, len(parts)))
@@ -167,7 +170,7 @@ def test_minified_modules_compile_and_keep_dataclass_fields():
     assert ns["C"]().x == 1 and ns["f"](3) is None
 
 
-FUSED_ALL = "ce,rope,qkv,qk,xsa"  # every fusion that brings a module: fused, fused_attn, triton_env
+FUSED_ALL = "ce,rope,qkv,qk,xsa,varlen"  # every fusion that brings a module: fused, fused_attn, triton_env, doc_attn
 
 
 def _annotations(tree: ast.Module) -> dict[str, tuple[list[str], list[str], bool, bool]]:
@@ -194,7 +197,7 @@ def test_minify_keeps_the_annotations_read_at_run_time():
     """Triton reads a kernel's ``tl.constexpr`` annotations (without them BLOCK is a run-time int
     and ``tl.arange(0, BLOCK)`` does not compile) and ``torch.library.custom_op`` infers the op's
     schema from its function's: the h200 bundle (fused=ce,rope) once failed at import without them."""
-    cfg = dataclasses.replace(load_config("h200"), fused=FUSED_ALL)
+    cfg = dataclasses.replace(load_config("h200"), fused=FUSED_ALL, doc_attention=True)
     kept_constexpr = kept_decorated = 0
     for name in closure(ENTRY, cfg):
         path, _ = module_file(name)
@@ -240,6 +243,16 @@ torch.testing.assert_close(fused_attn.qk_norm_rope(x, cos, sin, gain),
                            fused_attn._qk_reference(x, cos, sin, gain).transpose(1, 2), rtol=1e-5, atol=1e-5)
 y, v = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
 torch.testing.assert_close(fused_attn.xsa(y, v), fused_attn._xsa_reference(y, v), rtol=1e-5, atol=1e-5)
+from pgolf_train import doc_attn
+idx = torch.randint(2, 50, (2, 6))
+idx[0, 3] = 1
+cu = doc_attn.segments(idx, 1)
+assert cu.tolist() == [0, 3, 6, 12], cu
+q, k = torch.randn(12, 4, 8, dtype=torch.float64), torch.randn(12, 2, 8, dtype=torch.float64)
+o = doc_attn.varlen_attention(q, k, k, cu, 6, None)
+seg = q[:3].transpose(0, 1)[None], k[:3].repeat_interleave(2, 1).transpose(0, 1)[None]
+want = torch.nn.functional.scaled_dot_product_attention(seg[0], seg[1], seg[1], is_causal=True)[0].transpose(0, 1)
+torch.testing.assert_close(o[:3], want)
 print("PROBE OK", len(NAMES))
 """
 
@@ -249,9 +262,9 @@ def test_bundled_fused_kernels_import_and_run(tmp_path):
     refused: each module imports (the custom ops register), the Triton kernels run (interpreted)
     and compile for sm_90."""
     pytest.importorskip("triton")
-    cfg = dataclasses.replace(load_config("h200"), fused=FUSED_ALL)
+    cfg = dataclasses.replace(load_config("h200"), fused=FUSED_ALL, doc_attention=True)
     names = closure(ENTRY, cfg)
-    assert {"pgolf_train.fused", "pgolf_train.fused_attn", "pgolf_train.triton_env"} <= set(names)
+    assert {"pgolf_train.fused", "pgolf_train.fused_attn", "pgolf_train.triton_env", "pgolf_train.doc_attn"} <= set(names)
     (tmp_path / "bundle.py").write_text(build(cfg).text)
     (tmp_path / "probe.py").write_text(f"NAMES = {names!r}\n" + BUNDLE_PROBE)
     proc = _run_isolated(tmp_path / "probe.py", tmp_path, {"TRITON_INTERPRET": "1"})
