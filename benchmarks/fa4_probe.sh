@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# FlashAttention 4 (CuTe DSL) on a lent H200, whose image lacks it: benchmarks/fa4_probe.py.
+# Its unpacked wheels (257 MB) are 71 MB xz-compressed, over one call's 64 MiB, so they travel in
+# two calls to the same warm machine (it is released 30 s after a call):
+#   STAGE=a  carry .whl/fa4a: the CuTe DSL's MLIR library (_cutlass_ir.cu13...so, 193 MB; 52 MB xz)
+#   STAGE=b  carry .whl/fa4b: the rest of the unpacked wheels (a tar, 19 MB xz); runs the probe
+# Make them here: pip download (no deps) flash-attn-4==4.0.0b40 quack-kernels==0.6.5
+# nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1
+# apache-tvm-ffi torch-c-dlpack-ext for cp312 manylinux_2_28_x86_64, unzip all into one folder,
+# xz the MLIR library alone into .whl/fa4a/cutlass_ir.cu13.so.xz and the rest into .whl/fa4b/fa4-rest.tar.xz.
+set -euo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+site=/tmp/fa4site
+lib=$site/nvidia_cutlass_dsl/dsl_packages/cutlass/_mlir/_mlir_libs
+case "${STAGE:?STAGE=a or b}" in
+  a) mkdir -p "$lib"
+     xz -dc .whl/fa4a/cutlass_ir.cu13.so.xz > "$lib/_cutlass_ir.cu13.cpython-312-x86_64-linux-gnu.so"
+     ls -la "$lib" | tee "$OUT/stage_a.log" ;;
+  b) [ -s "$lib/_cutlass_ir.cu13.cpython-312-x86_64-linux-gnu.so" ] || { echo "stage a's library is not here (a new machine?)"; exit 3; }
+     tar xJf .whl/fa4b/fa4-rest.tar.xz -C "$site"
+     mkdir -p /tmp/site && tar xJf .whl/zstandard-*-min.tar.xz -C /tmp/site
+     export PYTHONPATH="$PWD:$site:$site/nvidia_cutlass_dsl/dsl_packages:/tmp/site" PYTHONUNBUFFERED=1
+     timeout ${PROBE_TIMEOUT:-420} python3 benchmarks/fa4_probe.py --out "$OUT/fa4_probe_h200.json" 2>&1 | tee "$OUT/fa4_probe.log" ;;
+esac
