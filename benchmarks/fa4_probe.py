@@ -13,7 +13,7 @@ largest difference of output and gradients from the reference route (cuDNN causa
 pgolf's varlen op).
 
 The image lacks the package: its wheels (flash-attn-4, quack-kernels, nvidia-cutlass-dsl with its
-libs-base and libs-cu13, apache-tvm-ffi, torch-c-dlpack-ext) unpacked into one folder are 257 MB,
+libs-core, libs-base and libs-cu13, apache-tvm-ffi, torch-c-dlpack-ext) unpacked into one folder are 257 MB,
 71 MB xz-compressed, more than one call may carry; they travel in two calls to a warm machine
 (``benchmarks/fa4_probe.sh``).
 """

@@ -5,7 +5,7 @@
 #   STAGE=a  carry .whl/fa4a: the CuTe DSL's MLIR library (_cutlass_ir.cu13...so, 193 MB; 52 MB xz)
 #   STAGE=b  carry .whl/fa4b: the rest of the unpacked wheels (a tar, 19 MB xz); runs the probe
 # Make them here: pip download (no deps) flash-attn-4==4.0.0b40 quack-kernels==0.6.5
-# nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1
+# nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-{core,base,cu13}==4.8.1
 # apache-tvm-ffi torch-c-dlpack-ext for cp312 manylinux_2_28_x86_64, unzip all into one folder,
 # xz the MLIR library alone into .whl/fa4a/cutlass_ir.cu13.so.xz and the rest into .whl/fa4b/fa4-rest.tar.xz.
 set -euo pipefail
