@@ -20,5 +20,7 @@ case "${STAGE:?STAGE=a or b}" in
      tar xJf .whl/fa4b/fa4-rest.tar.xz -C "$site"
      mkdir -p /tmp/site && tar xJf .whl/zstandard-*-min.tar.xz -C /tmp/site
      export PYTHONPATH="$PWD:$site:$site/nvidia_cutlass_dsl/dsl_packages:/tmp/site" PYTHONUNBUFFERED=1
-     timeout ${PROBE_TIMEOUT:-420} python3 benchmarks/fa4_probe.py --out "$OUT/fa4_probe_h200.json" 2>&1 | tee "$OUT/fa4_probe.log" ;;
+     probe=${PROBE:-benchmarks/fa4_probe.py}  # or benchmarks/quack_mlp_probe.py (the same wheels)
+     name=$(basename "$probe" .py)
+     timeout ${PROBE_TIMEOUT:-420} python3 "$probe" --out "$OUT/${name}_h200.json" 2>&1 | tee "$OUT/$name.log" ;;
 esac
