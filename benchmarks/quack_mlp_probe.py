@@ -6,7 +6,8 @@ trainer's compiled MLP (cuBLAS GEMMs + inductor's activation kernels) at h200's 
 x [131,072, 512] bf16 (one h200 step's tokens), W1 [1,536, 512], W2 [512, 1,536]: y = act(x W1ᵀ) W2ᵀ,
 forward and backward (dx, dW1, dW2). quack has ``relu_sq`` (relu²) but not LeakyReLU(0.5)², h200's
 activation; the torch routes time both, so the epilogue's gain is read on relu² against relu², and
-leaky against relu² shows what the activation itself costs. ``tuned=False``: quack's default tile
+leaky against relu² shows what the activation itself costs; ``torch_no_activation`` (the same six GEMMs
+with nothing between them) bounds what putting the activation into the epilogues can gain. ``tuned=False``: quack's default tile
 configuration (its autotuner would take minutes on the first call). Carried as fa4_probe.sh says
 (the same wheels); run by ``STAGE=b PROBE=benchmarks/quack_mlp_probe.py``.
 """
@@ -48,6 +49,7 @@ def main() -> int:
         return f
 
     routes = {
+        "torch_no_activation": torch_mlp(lambda h: h),  # the six GEMMs alone: what any epilogue fusion can reach
         "torch_relu2": torch_mlp(lambda h: F.relu(h).square()),
         "torch_leaky_relu2": torch_mlp(lambda h: F.leaky_relu(h, 0.5).square()),
         "quack_relu_sq": lambda x, a, b: mlp_func(x, a, b, activation="relu_sq", tuned=False),
