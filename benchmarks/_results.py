@@ -29,6 +29,22 @@ def best_time(fn, repeat: int = 3) -> float:
     return best
 
 
+def cuda_ms(fn, iters: int) -> float:
+    """Mean ms of ``fn`` over ``iters`` calls after 3 warm-up calls, timed by CUDA events."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def git(*args: str) -> str | None:
     """``git ARGS`` in the benchmarks' checkout, stripped; None without git or outside a repository."""
     try:

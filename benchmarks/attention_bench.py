@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pgolf_train.config import load_config
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import git, write_json  # noqa: E402
+from _results import cuda_ms, git, write_json  # noqa: E402
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -35,19 +35,6 @@ def attend(q, k, v, expand: bool):
         k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-
-def time_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters
 
 
 def main() -> int:
@@ -90,7 +77,7 @@ def main() -> int:
 
                     y = fwd_bwd()
                     outs = [y.detach(), qq.grad, kk.grad, vv.grad]
-                    f_ms, fb_ms = time_ms(fwd, args.iters), time_ms(fwd_bwd, args.iters)
+                    f_ms, fb_ms = cuda_ms(fwd, args.iters), cuda_ms(fwd_bwd, args.iters)
             except Exception as e:  # a backend this build or shape lacks: say so, go on
                 rows.append({"route": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 print(f"{name:14s} failed: {rows[-1]['error']}")

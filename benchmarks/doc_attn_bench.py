@@ -28,23 +28,9 @@ from pgolf_train import doc_attn
 from pgolf_train.model import doc_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import git, write_json  # noqa: E402
+from _results import cuda_ms, git, write_json  # noqa: E402
 
 B, T, H, KV, D = 128, 1024, 8, 4, 64
-
-
-def cuda_ms(fn, iters: int) -> float:
-    """Mean ms of ``fn`` over ``iters`` calls after 3 warm-up calls (CUDA events)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def routes(idx: torch.Tensor) -> dict:

@@ -32,8 +32,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from pgolf_train import doc_attn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import git, write_json  # noqa: E402
-from doc_attn_bench import B, D, H, KV, T, cuda_ms  # noqa: E402
+from _results import cuda_ms, git, write_json  # noqa: E402
+from doc_attn_bench import B, D, H, KV, T  # noqa: E402
 
 
 def main() -> int:

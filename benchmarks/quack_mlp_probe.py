@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import git, write_json  # noqa: E402
-from doc_attn_bench import cuda_ms  # noqa: E402
+from _results import cuda_ms, git, write_json  # noqa: E402
 
 N, C, HID = 131072, 512, 1536
 
