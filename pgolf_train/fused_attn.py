@@ -373,7 +373,8 @@ def attention_forward(m, x: Tensor, cos: Tensor, sin: Tensor, scale: float | Non
     if mask is not None and mask.dim() == 1:  # doc_attention's segments (fusion "varlen", pgolf_train.doc_attn)
         from pgolf_train.doc_attn import varlen_attention
 
-        flat = [t.transpose(1, 2).reshape(B * T, -1, m.hd) for t in (q, k, v)]  # [B*T, heads, D]; free from [B, T, ...]
+        # [B*T, heads, D]: a view where q, k, v are [B, T, heads, D] underneath (qk's output, v), else a copy
+        flat = [t.transpose(1, 2).reshape(B * T, -1, m.hd) for t in (q, k, v)]
         y = varlen_attention(*flat, mask, T, scale).view(B, T, m.h, m.hd).transpose(1, 2)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
