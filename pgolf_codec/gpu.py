@@ -223,14 +223,9 @@ def _dequant_chunk_kernel(payload_ptr, scales_ptr, zeros_ptr, out_ptr, rows, upr
         byt = tl.load(payload_ptr + chunk[:, None] * FIELD + b, mask=m[:, None] & (b < FIELD), other=0)
         byt = byt.to(tl.uint32) << (8 * (b % 4)).to(tl.uint32)
         lo, hi = tl.split(tl.sum(tl.reshape(byt, [BR * UC, 2, 4]), axis=2))
-    elif WORD == 8:
-        # 32-bit outputs, 4 per thread per store: FIELD / WORD little-endian words of WORD
-        # bytes per chunk, one row of loads per word (`_chunk_word` picks WORD).
-        words = payload_ptr.to(tl.pointer_type(tl.uint64))
-        v = tl.load(words + chunk, mask=m, other=0)
-        lo = v.to(tl.uint32)
-        hi = (v >> 32).to(tl.uint32)
     else:
+        # 32-bit outputs, 4 per thread per store: FIELD / WORD little-endian words of WORD
+        # bytes per chunk, one row of loads per word (`_chunk_word` picks WORD: 1, 2 or 4).
         if WORD == 4:
             words = payload_ptr.to(tl.pointer_type(tl.uint32))
         elif WORD == 2:
@@ -529,7 +524,7 @@ def _chunk_word(field: int, payload: torch.Tensor) -> int:
     """Bytes per load in `_dequant_chunk_kernel`'s 4-byte-output path: the largest power of two
     dividing b, halved when b is itself a power of two (a whole chunk in one word would be
     vectorized across a thread's neighbouring chunks, which the stores then reshuffle), and
-    no more than payload's alignment."""
+    no more than payload's alignment: 1, 2 or 4 (b <= 8)."""
     word = field & -field
     if word == field and word > 1:
         word //= 2
@@ -653,7 +648,7 @@ def fake_quant_with_scales(w: torch.Tensor, spec: QuantSpec, scales: torch.Tenso
     _fake_quant_kernel[geo.grid](
         w.detach().contiguous(), scales, zt, target, geo.rows, geo.row_len, max(geo.n_groups, 1),
         BITS=spec.bits, KIND=_kind(spec), GROUP=geo.group, OUT_BF16_SW=sw, WIDE=geo.wide,
-        BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, num_warps=8)
+        BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, num_warps=8, enable_fp_fusion=False)
     return out
 
 
