@@ -26,12 +26,19 @@ PACKAGES = ("pgolf", "pgolf_codec", "pgolf_train", "pgolf_eval")
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY = "pgolf.submission"
 VERBATIM = frozenset({"pgolf_train.model"})
+
+
+def _fusions(cfg: Any) -> set[str]:
+    """The names in a config's comma-separated ``fused``."""
+    return {f.strip() for f in cfg.fused.split(",")} - {""}
+
+
 # Modules a config can do without, and the condition under which it needs them.
 OPTIONAL: dict[str, Callable[[Any], bool]] = {
     "pgolf_train.distill": lambda cfg: cfg.distill_teacher_frac > 0,
     "pgolf_train.fused": lambda cfg: bool(cfg.fused.strip() or cfg.sdpa_backend),
-    "pgolf_train.fused_attn": lambda cfg: bool({"qk", "xsa", "varlen"} & {f.strip() for f in cfg.fused.split(",")}),
-    "pgolf_train.doc_attn": lambda cfg: "varlen" in {f.strip() for f in cfg.fused.split(",")},
+    "pgolf_train.fused_attn": lambda cfg: bool({"qk", "xsa", "varlen"} & _fusions(cfg)),
+    "pgolf_train.doc_attn": lambda cfg: "varlen" in _fusions(cfg),
 }
 
 
