@@ -10,7 +10,10 @@
 # xz the MLIR library alone into .whl/fa4a/cutlass_ir.cu13.so.xz and the rest into .whl/fa4b/fa4-rest.tar.xz.
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-site=/tmp/fa4site
+# A folder named site-packages: quack fingerprints its epilogue functions for its kernel cache and
+# stops at installed code by that name; unpacked anywhere else it walks into the CuTe DSL's own
+# globals and refuses one (a ContextVar) it cannot key.
+site=/tmp/fa4/site-packages
 lib=$site/nvidia_cutlass_dsl/dsl_packages/cutlass/_mlir/_mlir_libs
 case "${STAGE:?STAGE=a or b}" in
   a) mkdir -p "$lib"
@@ -22,5 +25,5 @@ case "${STAGE:?STAGE=a or b}" in
      export PYTHONPATH="$PWD:$site:$site/nvidia_cutlass_dsl/dsl_packages:/tmp/site" PYTHONUNBUFFERED=1
      probe=${PROBE:-benchmarks/fa4_probe.py}  # or benchmarks/quack_mlp_probe.py (the same wheels)
      name=$(basename "$probe" .py)
-     timeout ${PROBE_TIMEOUT:-420} python3 "$probe" --out "$OUT/${name}_h200.json" 2>&1 | tee "$OUT/$name.log" ;;
+     timeout ${PROBE_TIMEOUT:-420} python3 "$probe" --out "$OUT/${name}_h200.json" ${PROBE_ARGS:-} 2>&1 | tee "$OUT/$name.log" ;;
 esac
