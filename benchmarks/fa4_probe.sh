@@ -19,10 +19,7 @@ case "${STAGE:?STAGE=a or b}" in
   a) mkdir -p "$lib"
      xz -dc .whl/fa4a/cutlass_ir.cu13.so.xz > "$lib/_cutlass_ir.cu13.cpython-312-x86_64-linux-gnu.so"
      ls -la "$lib" | tee "$OUT/stage_a.log" ;;
-  b) [ -s "$lib/_cutlass_ir.cu13.cpython-312-x86_64-linux-gnu.so" ] || { echo "stage a's library is not here (a new machine?)"; exit 3; }
-     tar xJf .whl/fa4b/fa4-rest.tar.xz -C "$site"
-     mkdir -p /tmp/site && tar xJf .whl/zstandard-*-min.tar.xz -C /tmp/site
-     export PYTHONPATH="$PWD:$site:$site/nvidia_cutlass_dsl/dsl_packages:/tmp/site" PYTHONUNBUFFERED=1
+  b) source benchmarks/cute_env.sh
      probe=${PROBE:-benchmarks/fa4_probe.py}  # or benchmarks/quack_mlp_probe.py (the same wheels)
      name=$(basename "$probe" .py)
      timeout ${PROBE_TIMEOUT:-420} python3 "$probe" --out "$OUT/${name}_h200.json" ${PROBE_ARGS:-} 2>&1 | tee "$OUT/$name.log" ;;

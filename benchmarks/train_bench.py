@@ -47,6 +47,7 @@ VARIANTS = {
     "fused_qkv": ["fused=ce,rope,qkv"],
     "fused_qk_xsa": ["fused=ce,rope,qk,xsa"],
     "fused_qkv_qk_xsa": ["fused=ce,rope,qkv,qk,xsa"],
+    "fused_mlp": ["fused=ce,rope,qkv,qk,xsa,mlp"],  # needs quack (CuTe DSL wheels: fa4_probe.sh)
     "fused_ce_rope_flash": ["fused=ce,rope", "sdpa_backend=flash"],
     # document attention (doc_attention): SDPA with its boolean mask, and as flash varlen (fusion "varlen")
     "doc_mask": ["doc_attention=true"],

@@ -39,6 +39,7 @@ OPTIONAL: dict[str, Callable[[Any], bool]] = {
     "pgolf_train.fused": lambda cfg: bool(cfg.fused.strip() or cfg.sdpa_backend),
     "pgolf_train.fused_attn": lambda cfg: bool({"qk", "xsa", "varlen"} & _fusions(cfg)),
     "pgolf_train.doc_attn": lambda cfg: "varlen" in _fusions(cfg),
+    "pgolf_train.fused_mlp": lambda cfg: "mlp" in _fusions(cfg),
 }
 
 

@@ -30,7 +30,7 @@ BASELINE_RECIPE = "*.weight=int8:percentile=99.99984;*=fp32"
 
 
 # The trainer's fused kernels (pgolf_train/fused.py) and the attention backends it can pin.
-FUSIONS = ("ce", "rope", "qkv", "qk", "xsa", "varlen", "epilogue", "tune")
+FUSIONS = ("ce", "rope", "qkv", "qk", "xsa", "mlp", "varlen", "epilogue", "tune")
 SDPA_BACKENDS = ("", "flash", "cudnn", "efficient", "math")  # "" = torch's choice
 
 
@@ -84,7 +84,7 @@ class TrainFields:
     compile: bool = True  # torch.compile the model (fullgraph, static shapes)
     bf16: bool = True  # bf16 autocast for the forward pass (only on CUDA)
     device: str = "auto"  # "auto" (cuda if available), "cuda" or "cpu"
-    fused: str = ""  # the trainer's fused kernels, comma-separated (pgolf_train/fused.py): "ce" (head + softcap + CE in row chunks), "rope" (tables made once), "qkv" (one matmul for q, k, v), "qk" (QK-norm + rotary + gain, one kernel), "xsa" (exclusive attention, one kernel), "varlen" (doc_attention as flash varlen over the packed documents), "epilogue" (max-autotune GEMMs), "tune" (coordinate-descent block sizes)
+    fused: str = ""  # the trainer's fused kernels, comma-separated (pgolf_train/fused.py): "ce" (head + softcap + CE in row chunks), "rope" (tables made once), "qkv" (one matmul for q, k, v), "qk" (QK-norm + rotary + gain, one kernel), "xsa" (exclusive attention, one kernel), "mlp" (the activation in the GEMM epilogues: quack, CUDA), "varlen" (doc_attention as flash varlen over the packed documents), "epilogue" (max-autotune GEMMs), "tune" (coordinate-descent block sizes)
     sdpa_backend: str = ""  # attention kernel in training: "" (torch's choice), "flash", "cudnn", "efficient" or "math"
 
     # --- logging, validation, checkpoints ---------------------------------------------------

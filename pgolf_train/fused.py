@@ -15,6 +15,9 @@ narrow ones (k and v are 256 wide in ``h200``, where a GEMM is bound by its memo
 self-attention, one Triton kernel each way (``pgolf_train.fused_attn``, bound to each attention
 module a ``FusedAttention``).
 
+``mlp``: the MLP's activation inside its two GEMMs' epilogues, forward and backward (quack's CuTe
+DSL kernels, an optional dependency: ``pgolf_train.fused_mlp``).
+
 ``varlen``: ``doc_attention`` without its boolean [B, 1, T, T] mask (which no flash kernel takes):
 FlashAttention's variable-length kernel over the batch packed into segments, one per document
 piece (``pgolf_train.doc_attn``); needs ``doc_attention``, and ``dynamo_context`` open over the compile.
@@ -186,6 +189,10 @@ def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_le
         from pgolf_train import fused_attn
 
         fused_attn.bind(model, "qk" in names, "xsa" in names, "varlen" in names)
+    if "mlp" in names or sys.modules.get("pgolf_train.fused_mlp") is not None:
+        from pgolf_train import fused_mlp
+
+        fused_mlp.bind(model, "mlp" in names)
     model.doc_segments = None
     if "varlen" in names:
         from pgolf_train import doc_attn

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pgolf_train.config import TrainConfig, load_recipe
+from pgolf_train.config import ConfigError, TrainConfig, load_recipe
 from pgolf_train.ema import EMA
 from pgolf_train.loader import DistributedTokenLoader
 from pgolf_train.model import GPT
@@ -192,8 +192,13 @@ def _train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pa
     base_model = build_model(cfg, device)
     options: dict = {}
     if cfg.fused or cfg.sdpa_backend:
-        from pgolf_train.fused import apply_fusions, compile_options, dynamo_context, sdpa_context
+        from pgolf_train.fused import apply_fusions, compile_options, dynamo_context, parse_fusions, sdpa_context
 
+        if "mlp" in parse_fusions(cfg.fused):  # an optional dependency: refuse before the compile, saying why
+            from pgolf_train.fused_mlp import unavailable
+
+            if (why := unavailable(device)) is not None:
+                raise ConfigError(f"fused: 'mlp' cannot run here: {why}")
         apply_fusions(base_model, cfg.fused, cfg.train_seq_len, device)
         options = compile_options(cfg.fused)
         steps_ctx.enter_context(sdpa_context(cfg.sdpa_backend))

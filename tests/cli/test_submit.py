@@ -170,7 +170,7 @@ def test_minified_modules_compile_and_keep_dataclass_fields():
     assert ns["C"]().x == 1 and ns["f"](3) is None
 
 
-FUSED_ALL = "ce,rope,qkv,qk,xsa,varlen"  # every fusion that brings a module: fused, fused_attn, triton_env, doc_attn
+FUSED_ALL = "ce,rope,qkv,qk,xsa,mlp,varlen"  # every fusion that brings a module: fused, fused_attn, triton_env, doc_attn, fused_mlp
 
 
 def _annotations(tree: ast.Module) -> dict[str, tuple[list[str], list[str], bool, bool]]:
@@ -253,6 +253,8 @@ o = doc_attn.varlen_attention(q, k, k, cu, 6, None)
 seg = q[:3].transpose(0, 1)[None], k[:3].repeat_interleave(2, 1).transpose(0, 1)[None]
 want = torch.nn.functional.scaled_dot_product_attention(seg[0], seg[1], seg[1], is_causal=True)[0].transpose(0, 1)
 torch.testing.assert_close(o[:3], want)
+from pgolf_train import fused_mlp
+assert fused_mlp.unavailable() is not None  # no CUDA here: the trainer would refuse it, saying why
 print("PROBE OK", len(NAMES))
 """
 
@@ -264,7 +266,8 @@ def test_bundled_fused_kernels_import_and_run(tmp_path):
     pytest.importorskip("triton")
     cfg = dataclasses.replace(load_config("h200"), fused=FUSED_ALL, doc_attention=True)
     names = closure(ENTRY, cfg)
-    assert {"pgolf_train.fused", "pgolf_train.fused_attn", "pgolf_train.triton_env", "pgolf_train.doc_attn"} <= set(names)
+    assert {"pgolf_train.fused", "pgolf_train.fused_attn", "pgolf_train.triton_env", "pgolf_train.doc_attn",
+            "pgolf_train.fused_mlp"} <= set(names)
     (tmp_path / "bundle.py").write_text(build(cfg).text)
     (tmp_path / "probe.py").write_text(f"NAMES = {names!r}\n" + BUNDLE_PROBE)
     proc = _run_isolated(tmp_path / "probe.py", tmp_path, {"TRITON_INTERPRET": "1"})
