@@ -5,7 +5,7 @@ trainer's compiled MLP (cuBLAS GEMMs + inductor's activation kernels) at h200's 
 
 x [131,072, 512] bf16 (one h200 step's tokens), W1 [1,536, 512], W2 [512, 1,536]: y = act(x W1ᵀ) W2ᵀ,
 forward and backward (dx, dW1, dW2). quack has ``relu_sq`` (relu²); h200's LeakyReLU(0.5)² is added to
-its tables by ``quack_leaky.register()``. ``torch_no_activation`` (the same six GEMMs with nothing
+its tables by ``pgolf_train.fused_mlp``. ``torch_no_activation`` (the same six GEMMs with nothing
 between them) bounds what putting the activation into the epilogues can gain. ``tuned=False``:
 quack's default tile configuration; ``--tuned`` adds a route through its autotuner (minutes on the
 first call). ``_compiled`` routes run the quack MLP inside ``torch.compile(fullgraph=True)``, as the
@@ -35,10 +35,9 @@ def main() -> int:
     ap.add_argument("--tuned", action="store_true", help="also time quack's autotuned configuration")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "quack_mlp_probe_h200.json")
     args = ap.parse_args()
-    from quack.mlp import mlp_func
-    from quack_leaky import register
+    from pgolf_train.fused_mlp import QUACK_ACT, _mlp_func
 
-    leaky = register()
+    mlp_func, leaky = _mlp_func(), QUACK_ACT[True]  # quack's, with LeakyReLU² registered
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x0 = torch.randn(N, C, device="cuda", generator=g).bfloat16()
