@@ -17,8 +17,6 @@ module runs the model's own ops.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -64,13 +62,18 @@ def _register() -> None:
     gemm_interface.act_to_pytorch_fn_map["leaky_relu_sq"] = lambda x: F.leaky_relu(x, 0.5).square()
 
 
-@functools.cache
+_quack_mlp = None  # quack.mlp.mlp_func once imported: a plain global, which torch.compile reads as a constant
+
+
 def _mlp_func():
     """quack's fused MLP (forward and backward), LeakyReLU² registered; ImportError without quack."""
-    from quack.mlp import mlp_func
+    global _quack_mlp
+    if _quack_mlp is None:
+        from quack.mlp import mlp_func
 
-    _register()
-    return mlp_func
+        _register()
+        _quack_mlp = mlp_func
+    return _quack_mlp
 
 
 def unavailable(device: torch.device | str | None = None) -> str | None:
@@ -96,7 +99,8 @@ def mlp_forward(m: MLP, x: Tensor) -> Tensor:
     if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return m.proj(_activation(m.fc(x), m.leaky))
     w1, w2 = _weight(m.fc).to(x.dtype), _weight(m.proj).to(x.dtype)
-    y = _mlp_func()(x.reshape(-1, x.size(-1)), w1, w2, activation=QUACK_ACT[m.leaky], tuned=False)
+    f = _quack_mlp if _quack_mlp is not None else _mlp_func()
+    y = f(x.reshape(-1, x.size(-1)), w1, w2, activation=QUACK_ACT[m.leaky], tuned=False)
     return y.view(*x.shape[:-1], y.size(-1))
 
 
