@@ -48,6 +48,8 @@ VARIANTS = {
     "fused_qk_xsa": ["fused=ce,rope,qk,xsa"],
     "fused_qkv_qk_xsa": ["fused=ce,rope,qkv,qk,xsa"],
     "fused_mlp": ["fused=ce,rope,qkv,qk,xsa,mlp"],  # needs quack (CuTe DSL wheels: fa4_probe.sh)
+    "fused_fa4": ["fused=ce,rope,qkv,qk,xsa,fa4"],  # needs flash-attn-4 (the same wheels)
+    "fused_mlp_fa4": ["fused=ce,rope,qkv,qk,xsa,mlp,fa4"],
     "fused_ce_rope_flash": ["fused=ce,rope", "sdpa_backend=flash"],
     # document attention (doc_attention): SDPA with its boolean mask, and as flash varlen (fusion "varlen")
     "doc_mask": ["doc_attention=true"],

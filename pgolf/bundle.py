@@ -37,7 +37,8 @@ def _fusions(cfg: Any) -> set[str]:
 OPTIONAL: dict[str, Callable[[Any], bool]] = {
     "pgolf_train.distill": lambda cfg: cfg.distill_teacher_frac > 0,
     "pgolf_train.fused": lambda cfg: bool(cfg.fused.strip() or cfg.sdpa_backend),
-    "pgolf_train.fused_attn": lambda cfg: bool({"qk", "xsa", "varlen"} & _fusions(cfg)),
+    "pgolf_train.fused_attn": lambda cfg: bool({"qk", "xsa", "varlen", "fa4"} & _fusions(cfg)),
+    "pgolf_train.fa4_attn": lambda cfg: "fa4" in _fusions(cfg),
     "pgolf_train.doc_attn": lambda cfg: "varlen" in _fusions(cfg),
     "pgolf_train.fused_mlp": lambda cfg: "mlp" in _fusions(cfg),
 }

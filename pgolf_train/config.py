@@ -30,7 +30,7 @@ BASELINE_RECIPE = "*.weight=int8:percentile=99.99984;*=fp32"
 
 
 # The trainer's fused kernels (pgolf_train/fused.py) and the attention backends it can pin.
-FUSIONS = ("ce", "rope", "qkv", "qk", "xsa", "mlp", "varlen", "epilogue", "tune")
+FUSIONS = ("ce", "rope", "qkv", "qk", "xsa", "mlp", "fa4", "varlen", "epilogue", "tune")
 SDPA_BACKENDS = ("", "flash", "cudnn", "efficient", "math")  # "" = torch's choice
 
 
@@ -84,7 +84,7 @@ class TrainFields:
     compile: bool = True  # torch.compile the model (fullgraph, static shapes)
     bf16: bool = True  # bf16 autocast for the forward pass (only on CUDA)
     device: str = "auto"  # "auto" (cuda if available), "cuda" or "cpu"
-    fused: str = ""  # the trainer's fused kernels, comma-separated (pgolf_train/fused.py): "ce" (head + softcap + CE in row chunks), "rope" (tables made once), "qkv" (one matmul for q, k, v), "qk" (QK-norm + rotary + gain, one kernel), "xsa" (exclusive attention, one kernel), "mlp" (the activation in the GEMM epilogues: quack, CUDA), "varlen" (doc_attention as flash varlen over the packed documents), "epilogue" (max-autotune GEMMs), "tune" (coordinate-descent block sizes)
+    fused: str = ""  # the trainer's fused kernels, comma-separated (pgolf_train/fused.py): "ce" (head + softcap + CE in row chunks), "rope" (tables made once), "qkv" (one matmul for q, k, v), "qk" (QK-norm + rotary + gain, one kernel), "xsa" (exclusive attention, one kernel), "mlp" (the activation in the GEMM epilogues: quack, CUDA), "fa4" (causal attention by FlashAttention 4, CUDA), "varlen" (doc_attention as flash varlen over the packed documents), "epilogue" (max-autotune GEMMs), "tune" (coordinate-descent block sizes)
     sdpa_backend: str = ""  # attention kernel in training: "" (torch's choice), "flash", "cudnn", "efficient" or "math"
 
     # --- logging, validation, checkpoints ---------------------------------------------------
@@ -365,6 +365,8 @@ def validate(cfg: "TrainConfig") -> None:
          f"must be a comma-separated list of {', '.join(FUSIONS)} ('' = none)")
     need("varlen" not in [f.strip() for f in cfg.fused.split(",")] or cfg.doc_attention, "fused",
          "'varlen' is document attention's kernel: it needs doc_attention = true")
+    need("fa4" not in [f.strip() for f in cfg.fused.split(",")] or not cfg.doc_attention, "fused",
+         "'fa4' is causal attention over whole rows: doc_attention's documents need 'varlen' instead")
     need(cfg.sdpa_backend in SDPA_BACKENDS, "sdpa_backend",
          "must be '' (torch's choice), " + ", ".join(repr(b) for b in SDPA_BACKENDS[1:]))
     need(cfg.sdpa_backend != "efficient" or cfg.num_kv_heads == cfg.num_heads, "sdpa_backend",

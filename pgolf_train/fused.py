@@ -18,6 +18,9 @@ module a ``FusedAttention``).
 ``mlp``: the MLP's activation inside its two GEMMs' epilogues, forward and backward (quack's CuTe
 DSL kernels, an optional dependency: ``pgolf_train.fused_mlp``).
 
+``fa4``: causal attention by FlashAttention 4's kernels (CuTe DSL, an optional dependency:
+``pgolf_train.fa4_attn``) instead of SDPA's.
+
 ``varlen``: ``doc_attention`` without its boolean [B, 1, T, T] mask (which no flash kernel takes):
 FlashAttention's variable-length kernel over the batch packed into segments, one per document
 piece (``pgolf_train.doc_attn``); needs ``doc_attention``, and ``dynamo_context`` open over the compile.
@@ -185,10 +188,10 @@ def apply_fusions(model: torch.nn.Module, fusions: str | tuple[str, ...], seq_le
         if hasattr(m, "fuse_qkv"):
             m.fuse_qkv = "qkv" in names
     # imported only when asked for (or to undo it): a generated train_gpt.py carries it only then
-    if {"qk", "xsa", "varlen"} & set(names) or sys.modules.get("pgolf_train.fused_attn") is not None:
+    if {"qk", "xsa", "varlen", "fa4"} & set(names) or sys.modules.get("pgolf_train.fused_attn") is not None:
         from pgolf_train import fused_attn
 
-        fused_attn.bind(model, "qk" in names, "xsa" in names, "varlen" in names)
+        fused_attn.bind(model, "qk" in names, "xsa" in names, "varlen" in names, "fa4" in names)
     if "mlp" in names or sys.modules.get("pgolf_train.fused_mlp") is not None:
         from pgolf_train import fused_mlp
 

@@ -370,7 +370,11 @@ def attention_forward(m, x: Tensor, cos: Tensor, sin: Tensor, scale: float | Non
     else:
         q = apply_rope(rms_norm(q.transpose(1, 2)), cos, sin) * m.q_gain.to(q.dtype)[:, None, None]
         k = apply_rope(rms_norm(k.transpose(1, 2)), cos, sin)
-    if mask is not None and mask.dim() == 1:  # doc_attention's segments (fusion "varlen", pgolf_train.doc_attn)
+    if m.fused_fa4 and mask is None:  # FlashAttention 4 (pgolf_train.fa4_attn): [B, T, heads, D] in and out
+        from pgolf_train.fa4_attn import fa4_attention
+
+        y = fa4_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale).transpose(1, 2)
+    elif mask is not None and mask.dim() == 1:  # doc_attention's segments (fusion "varlen", pgolf_train.doc_attn)
         from pgolf_train.doc_attn import varlen_attention
 
         # [B*T, heads, D]: a view where q, k, v are [B, T, heads, D] underneath (qk's output, v), else a copy
@@ -390,20 +394,22 @@ class FusedAttention(CausalSelfAttention):
     """The model's attention module with ``attention_forward``: the same parameters and state dict.
     ``bind`` switches a module's class to it and back, which ``torch.compile`` traces as any module
     (a bound partial on the instance it cannot) and ``copy.deepcopy`` carries."""
-    fused_qk = fused_xsa = False
+    fused_qk = fused_xsa = fused_fa4 = False
     forward = attention_forward
 
 
-def bind(model: torch.nn.Module, qk: bool, fuse_xsa: bool, varlen: bool = False) -> None:
+def bind(model: torch.nn.Module, qk: bool, fuse_xsa: bool, varlen: bool = False, fa4: bool = False) -> None:
     """Make every attention module of ``model`` a ``FusedAttention`` with these switches (all
     False: a ``CausalSelfAttention`` again, the model file's forward). ``varlen``: the model hands
-    attention document segments (``pgolf_train.doc_attn``), which only ``attention_forward`` reads."""
-    fused = qk or fuse_xsa or varlen
+    attention document segments (``pgolf_train.doc_attn``), which only ``attention_forward`` reads.
+    ``fa4``: causal attention by FlashAttention 4 (``pgolf_train.fa4_attn``) in place of SDPA."""
+    fused = qk or fuse_xsa or varlen or fa4
     for m in model.modules():
         if not isinstance(m, CausalSelfAttention):
             continue
         m.__dict__.pop("fused_qk", None)
         m.__dict__.pop("fused_xsa", None)
+        m.__dict__.pop("fused_fa4", None)
         m.__class__ = FusedAttention if fused else CausalSelfAttention
         if fused:
-            m.fused_qk, m.fused_xsa = qk, fuse_xsa
+            m.fused_qk, m.fused_xsa, m.fused_fa4 = qk, fuse_xsa, fa4

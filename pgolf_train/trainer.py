@@ -194,16 +194,23 @@ def _train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pa
     if cfg.fused or cfg.sdpa_backend:
         from pgolf_train.fused import apply_fusions, compile_options, dynamo_context, parse_fusions, sdpa_context
 
-        if "mlp" in parse_fusions(cfg.fused):  # an optional dependency: refuse before the compile, saying why
-            from pgolf_train.fused_mlp import unavailable
+        names = parse_fusions(cfg.fused)
+        if "mlp" in names:  # optional dependencies: refuse before the compile, saying why
+            from pgolf_train.fused_mlp import unavailable as mlp_unavailable
 
-            if (why := unavailable(device)) is not None:
+            if (why := mlp_unavailable(device)) is not None:
                 raise ConfigError(f"fused: 'mlp' cannot run here: {why}")
+        if "fa4" in names:
+            from pgolf_train.fa4_attn import unavailable as fa4_unavailable
+
+            if (why := fa4_unavailable(device)) is not None:
+                raise ConfigError(f"fused: 'fa4' cannot run here: {why}")
         apply_fusions(base_model, cfg.fused, cfg.train_seq_len, device)
         options = compile_options(cfg.fused)
         steps_ctx.enter_context(sdpa_context(cfg.sdpa_backend))
         steps_ctx.enter_context(dynamo_context(cfg.fused))
-        attention = "flash varlen (documents)" if "varlen" in cfg.fused else cfg.sdpa_backend or "torch's choice"
+        attention = ("flash varlen (documents)" if "varlen" in names else "FlashAttention 4" if "fa4" in names
+                     else cfg.sdpa_backend or "torch's choice")
         log(f"fused kernels: {cfg.fused or 'none'}  attention: {attention}")
     model: nn.Module = compile_model(base_model, extra=options) if cfg.compile else base_model
     if di.distributed:

@@ -170,7 +170,7 @@ def test_minified_modules_compile_and_keep_dataclass_fields():
     assert ns["C"]().x == 1 and ns["f"](3) is None
 
 
-FUSED_ALL = "ce,rope,qkv,qk,xsa,mlp,varlen"  # every fusion that brings a module: fused, fused_attn, triton_env, doc_attn, fused_mlp
+FUSED_ALL = "ce,rope,qkv,qk,xsa,mlp,fa4,varlen"  # every fusion that brings a module: fused, fused_attn, triton_env, doc_attn, fused_mlp, fa4_attn
 
 
 def _annotations(tree: ast.Module) -> dict[str, tuple[list[str], list[str], bool, bool]]:
@@ -253,8 +253,11 @@ o = doc_attn.varlen_attention(q, k, k, cu, 6, None)
 seg = q[:3].transpose(0, 1)[None], k[:3].repeat_interleave(2, 1).transpose(0, 1)[None]
 want = torch.nn.functional.scaled_dot_product_attention(seg[0], seg[1], seg[1], is_causal=True)[0].transpose(0, 1)
 torch.testing.assert_close(o[:3], want)
-from pgolf_train import fused_mlp
-assert fused_mlp.unavailable() is not None  # no CUDA here: the trainer would refuse it, saying why
+from pgolf_train import fa4_attn, fused_mlp
+assert fused_mlp.unavailable() is not None and fa4_attn.unavailable() is not None  # no CUDA: the trainer refuses them
+qf, kf = torch.randn(1, 5, 4, 8), torch.randn(1, 5, 2, 8)
+torch.testing.assert_close(fa4_attn.fa4_attention(qf, kf, kf, None), torch.nn.functional.scaled_dot_product_attention(
+    qf.transpose(1, 2), kf.transpose(1, 2), kf.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2))
 print("PROBE OK", len(NAMES))
 """
 
@@ -267,7 +270,7 @@ def test_bundled_fused_kernels_import_and_run(tmp_path):
     cfg = dataclasses.replace(load_config("h200"), fused=FUSED_ALL, doc_attention=True)
     names = closure(ENTRY, cfg)
     assert {"pgolf_train.fused", "pgolf_train.fused_attn", "pgolf_train.triton_env", "pgolf_train.doc_attn",
-            "pgolf_train.fused_mlp"} <= set(names)
+            "pgolf_train.fused_mlp", "pgolf_train.fa4_attn"} <= set(names)
     (tmp_path / "bundle.py").write_text(build(cfg).text)
     (tmp_path / "probe.py").write_text(f"NAMES = {names!r}\n" + BUNDLE_PROBE)
     proc = _run_isolated(tmp_path / "probe.py", tmp_path, {"TRITON_INTERPRET": "1"})

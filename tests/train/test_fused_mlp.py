@@ -1,7 +1,7 @@
 """``fused=mlp`` (pgolf_train/fused_mlp.py) on the CPU: the switch binds and unbinds, the module off
 CUDA is the model's MLP to the bit (so eval and the CPU tests keep the reference), the trainer
 refuses the fusion where quack cannot run, saying why. The kernels themselves are GPU-only
-(CuTe DSL): tests/train/test_fused_mlp_gpu.py."""
+(CuTe DSL): tests/train/test_cute_gpu.py."""
 from __future__ import annotations
 
 import pytest

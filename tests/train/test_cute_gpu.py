@@ -1,16 +1,19 @@
-"""``fused=mlp`` on a real GPU: quack's GEMMs with the activation in their epilogues (CuTe DSL,
-compiled for this GPU) against the model's MLP, alone at the ``h200`` shapes and inside the
-compiled GPT. Needs CUDA and quack (on the lent H200: the wheels of ``benchmarks/fa4_probe.sh``,
-``benchmarks/quack_step.sh``); without quack a test here fails with the reason, it does not skip.
+"""The CuTe DSL fusions on a real GPU: ``fused=mlp`` (quack's GEMMs with the activation in their
+epilogues) against the model's MLP, and ``fused=fa4`` (FlashAttention 4) against SDPA's cuDNN
+attention, each alone at the ``h200`` shapes and inside the compiled GPT. Needs CUDA, quack and
+flash-attn-4 (on the lent H200: the wheels of ``benchmarks/fa4_probe.sh``, run by
+``benchmarks/quack_step.sh``); without them a test here fails with the reason, it does not skip.
 
-Run on a GPU machine with ``python3 -m pytest tests/train/test_fused_mlp_gpu.py``.
+Run on a GPU machine with ``python3 -m pytest tests/train/test_cute_gpu.py``.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pgolf_train import fused, fused_mlp
+import torch.nn.functional as F
+
+from pgolf_train import fa4_attn, fused, fused_mlp
 from pgolf_train.build import compile_model
 from pgolf_train.model import GPT, MLP, GPTConfig
 
@@ -21,8 +24,38 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def test_gpu_quack_is_usable():
+def test_gpu_quack_and_fa4_are_usable():
     assert fused_mlp.unavailable() is None, fused_mlp.unavailable()
+    assert fa4_attn.unavailable() is None, fa4_attn.unavailable()
+
+
+def test_gpu_fa4_matches_cudnn_attention():
+    """Causal GQA attention at h200's shapes (B=16, T=1024, 8 heads over 4, D=64) in bf16: output and
+    gradients against SDPA (cuDNN) in bf16, both measured against float32 math attention: FA4 no
+    farther from it than 1.5× cuDNN's error (and within 2e-2 relative)."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(16, 1024, 8, 64, generator=g).cuda()
+    k, v = (torch.randn(16, 1024, 4, 64, generator=g).cuda() for _ in range(2))
+    do = torch.randn(16, 1024, 8, 64, generator=g).cuda()
+
+    def run(f, dtype):
+        inp = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = f(*inp)
+        out.backward(do.to(dtype))
+        return [out.detach().float()] + [t.grad.float() for t in inp]
+
+    def sdpa(a, b, c):
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (a, b, c)), is_causal=True,
+                                              enable_gqa=True).transpose(1, 2)
+
+    with fused.sdpa_context("math"):
+        ref = run(sdpa, torch.float32)
+    with fused.sdpa_context("cudnn"):
+        cudnn = run(sdpa, torch.bfloat16)
+    got = run(lambda a, b, c: fa4_attn.fa4_attention(a, b, c, None), torch.bfloat16)
+    for name, a, c, r in zip(("out", "dq", "dk", "dv"), got, cudnn, ref):
+        err, base = _rel(a, r), _rel(c, r)
+        assert err < 2e-2 and err <= 1.5 * base + 1e-4, (name, err, base)
 
 
 @pytest.mark.parametrize("activation", ["leaky_relu2", "relu2"])
@@ -53,8 +86,9 @@ def test_gpu_fused_mlp_matches_the_model_mlp(activation):
         assert _rel(got, ref) < 1e-2, (name, _rel(got, ref))
 
 
-def test_gpu_compiled_gpt_with_fused_mlp_matches_without():
-    """h200's block shapes at a small batch, compiled with every fusion of h200 plus mlp, against
+@pytest.mark.parametrize("extra", ["mlp", "fa4", "mlp,fa4"])
+def test_gpu_compiled_gpt_with_cute_fusions_matches_without(extra):
+    """h200's block shapes at a small batch, compiled with h200's fusions plus ``extra``, against
     h200's own fusions: loss and every parameter's gradient."""
     cfg = GPTConfig(vocab_size=4096, num_layers=3, model_dim=512, num_heads=8, num_kv_heads=4, seq_len=1024,
                     mlp_mult=3.0, activation="leaky_relu2", xsa_layers="all")
@@ -66,7 +100,7 @@ def test_gpu_compiled_gpt_with_fused_mlp_matches_without():
     x = torch.randint(0, 4096, (8, 1024), device="cuda")
     y = torch.randint(0, 4096, (8, 1024), device="cuda")
     out = {}
-    for name in ("ce,rope,qkv,qk,xsa", "ce,rope,qkv,qk,xsa,mlp"):
+    for name in ("ce,rope,qkv,qk,xsa", f"ce,rope,qkv,qk,xsa,{extra}"):
         torch._dynamo.reset()
         fused.apply_fusions(model, name, 1024, torch.device("cuda"))
         model.zero_grad()
@@ -74,9 +108,9 @@ def test_gpu_compiled_gpt_with_fused_mlp_matches_without():
             loss = compile_model(model)(x, y)
         loss.backward()
         out[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    ref, got = out["ce,rope,qkv,qk,xsa"], out["ce,rope,qkv,qk,xsa,mlp"]
+    ref, got = out["ce,rope,qkv,qk,xsa"], out[f"ce,rope,qkv,qk,xsa,{extra}"]
     torch.testing.assert_close(got[0], ref[0], rtol=2e-3, atol=2e-3)
     for n, g in ref[1].items():
         assert _rel(got[1][n], g) < 3e-2, (n, _rel(got[1][n], g))
     fused.apply_fusions(model, "")
-    assert not any(isinstance(b.mlp, fused_mlp.FusedMLP) for b in model.blocks)
+    assert not any(isinstance(b.mlp, fused_mlp.FusedMLP) or getattr(b.attn, "fused_fa4", False) for b in model.blocks)
