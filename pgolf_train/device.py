@@ -8,7 +8,7 @@ before any data is read, instead of torch's ``AssertionError`` from deep inside 
 """
 from __future__ import annotations
 
-__all__ = ["check_device", "cuda_unavailable_reason"]
+__all__ = ["check_device", "cuda_unavailable_reason", "hopper_kernels_unavailable"]
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -20,6 +20,28 @@ def cuda_unavailable_reason() -> str | None:
     if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
         return f"torch {torch.__version__} is built without CUDA"
     return f"torch {torch.__version__} (CUDA {torch.version.cuda or torch.version.hip}) finds no GPU"
+
+
+def hopper_kernels_unavailable(device, what: str, load, package: str) -> str | None:
+    """Why optional Hopper kernels (``what``, from pip ``package``) cannot run on ``device`` (a torch
+    device or its name; None = the current CUDA device), or None when they can: CUDA, sm90 or newer,
+    and ``load()`` (the import of the package) succeeding."""
+    import torch
+
+    why = cuda_unavailable_reason()
+    if why is not None:
+        return f"no CUDA device ({why})"
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda":
+        return f"device {dev} is not CUDA"
+    major, _ = torch.cuda.get_device_capability(dev)
+    if major < 9:
+        return f"{what} need Hopper (sm90) or newer; this GPU is sm{major}x"
+    try:
+        load()
+    except Exception as e:  # ImportError, or the CuTe DSL failing to load its libraries
+        return f"{package} is not importable ({type(e).__name__}: {e}); pip install {package}"
+    return None
 
 
 def check_device(spec: str, flag: str = "--device") -> str:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pgolf_train.device import hopper_kernels_unavailable
+
 _fa4 = None  # flash_attn.cute.interface once imported
 
 
@@ -29,19 +31,7 @@ def _interface():
 
 def unavailable(device: torch.device | str | None = None) -> str | None:
     """None when ``fused=fa4`` can run on ``device`` (default: the current CUDA device), else why not."""
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    dev = torch.device(device) if device is not None else torch.device("cuda")
-    if dev.type != "cuda":
-        return f"device {dev} is not CUDA"
-    major, _ = torch.cuda.get_device_capability(dev)
-    if major < 9:
-        return f"FlashAttention 4 needs Hopper (sm90) or newer; this GPU is sm{major}x"
-    try:
-        _interface()
-    except Exception as e:  # ImportError, or the CuTe DSL failing to load its libraries
-        return f"flash-attn-4 is not importable ({type(e).__name__}: {e}); pip install flash-attn-4"
-    return None
+    return hopper_kernels_unavailable(device, "FlashAttention 4's kernels", _interface, "flash-attn-4")
 
 
 def _probs(q: Tensor, k: Tensor, scale: float) -> tuple[Tensor, Tensor, int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pgolf_train.device import hopper_kernels_unavailable
 from pgolf_train.model import MLP, _activation, _weight
 
 QUACK_ACT = {True: "leaky_relu_sq", False: "relu_sq"}  # MLP.leaky → quack's activation name
@@ -78,19 +79,7 @@ def _mlp_func():
 
 def unavailable(device: torch.device | str | None = None) -> str | None:
     """None when ``fused=mlp`` can run on ``device`` (default: the current CUDA device), else why not."""
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    dev = torch.device(device) if device is not None else torch.device("cuda")
-    if dev.type != "cuda":
-        return f"device {dev} is not CUDA"
-    major, _ = torch.cuda.get_device_capability(dev)
-    if major < 9:
-        return f"quack's GEMMs need Hopper (sm90) or newer; this GPU is sm{major}x"
-    try:
-        _mlp_func()
-    except Exception as e:  # ImportError, or the CuTe DSL failing to load its libraries
-        return f"quack is not importable ({type(e).__name__}: {e}); pip install quack-kernels"
-    return None
+    return hopper_kernels_unavailable(device, "quack's GEMMs", _mlp_func, "quack-kernels")
 
 
 def mlp_forward(m: MLP, x: Tensor) -> Tensor:

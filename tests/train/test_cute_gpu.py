@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from pgolf_train import fa4_attn, fused, fused_mlp
-from pgolf_train.build import compile_model
-from pgolf_train.model import GPT, MLP, GPTConfig
+from pgolf_train.model import MLP, GPTConfig
+
+from .test_fused_gpu import assert_compiled_fusions_match
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -88,29 +88,9 @@ def test_gpu_fused_mlp_matches_the_model_mlp(activation):
 
 @pytest.mark.parametrize("extra", ["mlp", "fa4", "mlp,fa4"])
 def test_gpu_compiled_gpt_with_cute_fusions_matches_without(extra):
-    """h200's block shapes at a small batch, compiled with h200's fusions plus ``extra``, against
-    h200's own fusions: loss and every parameter's gradient."""
-    cfg = GPTConfig(vocab_size=4096, num_layers=3, model_dim=512, num_heads=8, num_kv_heads=4, seq_len=1024,
-                    mlp_mult=3.0, activation="leaky_relu2", xsa_layers="all")
-    torch.manual_seed(0)
-    model = GPT(cfg).cuda().train()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    x = torch.randint(0, 4096, (8, 1024), device="cuda")
-    y = torch.randint(0, 4096, (8, 1024), device="cuda")
-    out = {}
-    for name in ("ce,rope,qkv,qk,xsa", f"ce,rope,qkv,qk,xsa,{extra}"):
-        torch._dynamo.reset()
-        fused.apply_fusions(model, name, 1024, torch.device("cuda"))
-        model.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = compile_model(model)(x, y)
-        loss.backward()
-        out[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    ref, got = out["ce,rope,qkv,qk,xsa"], out[f"ce,rope,qkv,qk,xsa,{extra}"]
-    torch.testing.assert_close(got[0], ref[0], rtol=2e-3, atol=2e-3)
-    for n, g in ref[1].items():
-        assert _rel(got[1][n], g) < 3e-2, (n, _rel(got[1][n], g))
+    """h200's shapes and activation, compiled with h200's fusions plus ``extra`` against h200's own;
+    the empty spec unbinds them again."""
+    model = assert_compiled_fusions_match("ce,rope,qkv,qk,xsa", f"ce,rope,qkv,qk,xsa,{extra}", mlp_mult=3.0,
+                                          activation="leaky_relu2")
     fused.apply_fusions(model, "")
     assert not any(isinstance(b.mlp, fused_mlp.FusedMLP) or getattr(b.attn, "fused_fa4", False) for b in model.blocks)

@@ -58,12 +58,12 @@ def test_gpu_linear_softcap_ce_at_h200_shapes():
     assert rel_x < 1e-2 and rel_w < 1e-2, (rel_x, rel_w)
 
 
-@pytest.mark.parametrize("fusions", ["ce,rope", "ce,rope,qkv", "ce,rope,qk,xsa", "ce,rope,qkv,qk,xsa"])
-def test_gpu_compiled_gpt_with_fusions_matches_without(fusions):
-    """h200's block shapes (exclusive attention in every block) at a small batch, compiled with the
-    trainer's options, bf16 autocast."""
+def assert_compiled_fusions_match(ref: str, fusions: str, **cfg_kw) -> GPT:
+    """h200's block shapes (exclusive attention in every block, ``cfg_kw`` on top) at a small batch,
+    compiled with the trainer's options under bf16 autocast, with fusions ``ref`` and ``fusions``:
+    the loss within 2e-3 and every parameter's gradient within 3e-2 relative. Returns the model."""
     cfg = GPTConfig(vocab_size=4096, num_layers=3, model_dim=512, num_heads=8, num_kv_heads=4, seq_len=1024,
-                    xsa_layers="all")
+                    xsa_layers="all", **cfg_kw)
     torch.manual_seed(0)
     model = GPT(cfg).cuda().train()
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_gpu_compiled_gpt_with_fusions_matches_without(fusions):
     x = torch.randint(0, 4096, (8, 1024), device="cuda")
     y = torch.randint(0, 4096, (8, 1024), device="cuda")
     out = {}
-    for name in ("", fusions):
+    for name in (ref, fusions):
         torch._dynamo.reset()
         fused.apply_fusions(model, name, 1024, torch.device("cuda"))
         model.zero_grad()
@@ -80,11 +80,17 @@ def test_gpu_compiled_gpt_with_fusions_matches_without(fusions):
             loss = compile_model(model)(x, y)
         loss.backward()
         out[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    torch.testing.assert_close(out[fusions][0], out[""][0], rtol=2e-3, atol=2e-3)
-    for n, ref in out[""][1].items():
+    torch.testing.assert_close(out[fusions][0], out[ref][0], rtol=2e-3, atol=2e-3)
+    for n, want in out[ref][1].items():
         got = out[fusions][1][n]
-        rel = ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+        rel = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
         assert rel < 3e-2, (n, rel)
+    return model
+
+
+@pytest.mark.parametrize("fusions", ["ce,rope", "ce,rope,qkv", "ce,rope,qk,xsa", "ce,rope,qkv,qk,xsa"])
+def test_gpu_compiled_gpt_with_fusions_matches_without(fusions):
+    assert_compiled_fusions_match("", fusions)
 
 
 @pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient"])
