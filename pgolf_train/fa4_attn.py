@@ -1,9 +1,8 @@
 """``fused=fa4``: causal attention by FlashAttention 4's Hopper kernels (CuTe DSL, ``flash-attn-4``).
 
-One layer of ``h200`` forward + backward: 1.723 ms against cuDNN's 1.846 (``fa4_probe_h200.json``),
-and FlashAttention takes q, k, v as [B, T, heads, D], the layout the projections write: the
-transposes SDPA's [B, heads, T, D] asks for are views either way, but k and v of grouped-query
-attention go in without ``enable_gqa``'s head expansion.
+One layer of ``h200`` forward + backward, measured alone: 1.723 ms against cuDNN's 1.846
+(``fa4_probe_h200.json``); in the step, not measured yet. FlashAttention takes q, k, v as
+[B, T, heads, D], the layout the projections write (k and v of grouped-query attention as they are).
 
 The kernels sit behind a pair of custom ops (``pgolf::fa4_attn``, ``pgolf::fa4_attn_bwd``), so
 ``torch.compile`` keeps them opaque; off CUDA the ops compute SDPA's causal attention (float32

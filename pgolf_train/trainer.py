@@ -136,6 +136,22 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pat
                       stop_at_step=stop_at_step, export=export, steps_ctx=steps_ctx)
 
 
+def _check_optional_kernels(cfg: TrainConfig, device: torch.device) -> None:
+    """A ConfigError naming the fusion and the reason when ``cfg.fused`` asks for kernels of an
+    optional dependency (``mlp``: quack; ``fa4``: flash-attn-4) that cannot run on ``device``."""
+    names = {f.strip() for f in cfg.fused.split(",")}
+    if "mlp" in names:
+        from pgolf_train.fused_mlp import unavailable as mlp_unavailable
+
+        if (why := mlp_unavailable(device)) is not None:
+            raise ConfigError(f"fused: 'mlp' cannot run here: {why}")
+    if "fa4" in names:
+        from pgolf_train.fa4_attn import unavailable as fa4_unavailable
+
+        if (why := fa4_unavailable(device)) is not None:
+            raise ConfigError(f"fused: 'fa4' cannot run here: {why}")
+
+
 def _train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.PathLike, out_dir: str | os.PathLike,
            *, scorer: Scorer, resume: bool, force: bool, echo: bool, stop_at_step: int | None, export: bool,
            steps_ctx: contextlib.ExitStack) -> dict[str, Any]:
@@ -147,6 +163,7 @@ def _train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pa
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     recipe = load_recipe(cfg.recipe)  # fail on a bad recipe now, not after ten minutes of training
+    _check_optional_kernels(cfg, device)  # and on fused kernels this machine cannot run, before any file is written
     grad_accum = resolve_grad_accum(cfg, di.world_size)
     if not tokenizer.is_file():
         raise FileNotFoundError(f"tokenizer model not found: {tokenizer}")
@@ -195,16 +212,6 @@ def _train(cfg: TrainConfig, data_dir: str | os.PathLike, tokenizer: str | os.Pa
         from pgolf_train.fused import apply_fusions, compile_options, dynamo_context, parse_fusions, sdpa_context
 
         names = parse_fusions(cfg.fused)
-        if "mlp" in names:  # optional dependencies: refuse before the compile, saying why
-            from pgolf_train.fused_mlp import unavailable as mlp_unavailable
-
-            if (why := mlp_unavailable(device)) is not None:
-                raise ConfigError(f"fused: 'mlp' cannot run here: {why}")
-        if "fa4" in names:
-            from pgolf_train.fa4_attn import unavailable as fa4_unavailable
-
-            if (why := fa4_unavailable(device)) is not None:
-                raise ConfigError(f"fused: 'fa4' cannot run here: {why}")
         apply_fusions(base_model, cfg.fused, cfg.train_seq_len, device)
         options = compile_options(cfg.fused)
         steps_ctx.enter_context(sdpa_context(cfg.sdpa_backend))

@@ -66,3 +66,4 @@ def test_fa4_is_refused_where_it_cannot_run(tiny_data, sp1024, tmp_path):
     cfg = load_config("tiny", ["iterations=2", "fused=fa4"])
     with pytest.raises(ConfigError, match="fused: 'fa4' cannot run here: "):
         train(cfg, tiny_data, sp1024, tmp_path / "run", scorer=Scorer(), echo=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

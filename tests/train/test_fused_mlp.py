@@ -52,8 +52,9 @@ def test_quack_activation_names_follow_the_model():
 
 
 def test_trainer_refuses_mlp_where_quack_cannot_run(tiny_data, sp1024, tmp_path):
-    """On this CPU machine: a clear ConfigError naming the fusion and the reason, before any compile."""
+    """On this CPU machine: a clear ConfigError naming the fusion and the reason, before any file is written."""
     cfg = load_config("tiny", ["iterations=2", "fused=ce,mlp"])
     with pytest.raises(ConfigError, match="fused: 'mlp' cannot run here: "):
         train(cfg, tiny_data, sp1024, tmp_path / "run", scorer=Scorer(), echo=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
     assert load_config("tiny", ["fused=mlp"]).fused == "mlp"
