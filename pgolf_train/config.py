@@ -361,11 +361,11 @@ def validate(cfg: "TrainConfig") -> None:
     need(cfg.muon_wd_schedule in ("constant", "lr", "linear_to_zero"), "muon_wd_schedule",
          "must be 'constant', 'lr' or 'linear_to_zero'")
     need(cfg.device in ("auto", "cuda", "cpu"), "device", "must be 'auto', 'cuda' or 'cpu'")
-    need(all(f.strip() in FUSIONS for f in cfg.fused.split(",") if f.strip()), "fused",
-         f"must be a comma-separated list of {', '.join(FUSIONS)} ('' = none)")
-    need("varlen" not in [f.strip() for f in cfg.fused.split(",")] or cfg.doc_attention, "fused",
+    fusions = {f.strip() for f in cfg.fused.split(",")} - {""}
+    need(fusions <= set(FUSIONS), "fused", f"must be a comma-separated list of {', '.join(FUSIONS)} ('' = none)")
+    need("varlen" not in fusions or cfg.doc_attention, "fused",
          "'varlen' is document attention's kernel: it needs doc_attention = true")
-    need("fa4" not in [f.strip() for f in cfg.fused.split(",")] or not cfg.doc_attention, "fused",
+    need("fa4" not in fusions or not cfg.doc_attention, "fused",
          "'fa4' is causal attention over whole rows: doc_attention's documents need 'varlen' instead")
     need(cfg.sdpa_backend in SDPA_BACKENDS, "sdpa_backend",
          "must be '' (torch's choice), " + ", ".join(repr(b) for b in SDPA_BACKENDS[1:]))

@@ -8,6 +8,8 @@ before any data is read, instead of torch's ``AssertionError`` from deep inside 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 __all__ = ["check_device", "cuda_unavailable_reason", "hopper_kernels_unavailable"]
 
 
@@ -22,7 +24,8 @@ def cuda_unavailable_reason() -> str | None:
     return f"torch {torch.__version__} (CUDA {torch.version.cuda or torch.version.hip}) finds no GPU"
 
 
-def hopper_kernels_unavailable(device, what: str, load, package: str) -> str | None:
+def hopper_kernels_unavailable(device: torch.device | str | None, what: str, load: Callable[[], object],
+                               package: str) -> str | None:
     """Why optional Hopper kernels (``what``, from pip ``package``) cannot run on ``device`` (a torch
     device or its name; None = the current CUDA device), or None when they can: CUDA, sm90 or newer,
     and ``load()`` (the import of the package) succeeding."""
