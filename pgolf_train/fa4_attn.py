@@ -105,7 +105,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _fa4_bwd_op(do.contiguous(), q, k, v, out, lse, ctx.scale)
+    dq, dk, dv = _fa4_bwd_op(do, q, k, v, out, lse, ctx.scale)
     return dq, dk, dv, None
 
 
@@ -114,9 +114,11 @@ _fa4_op.register_autograd(_backward, setup_context=_setup)
 
 def fa4_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
     """Causal attention: q [B, T, H, D], k and v [B, T, KV, D] (grouped-query when KV < H) → [B, T, H, D].
-    ``scale`` None = 1/sqrt(D), as SDPA. Inputs are made contiguous (the kernels' TMA wants it)."""
+    ``scale`` None = 1/sqrt(D), as SDPA. Any layout: the kernels take a tensor whose last stride is 1
+    and whose other strides and pointer are 16-byte aligned as it is (v as a view of the qkv
+    projection's output, d out as the transposed view xsa's backward hands over) and copy the rest."""
     if q.size(2) % k.size(2) or k.shape != v.shape:
         raise ValueError(f"fa4_attention: q [B, T, H, D], k and v [B, T, KV, D] with H a multiple of KV; "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
-    return _fa4_op(q.contiguous(), k.contiguous(), v.contiguous(), scale)[0]
+    return _fa4_op(q, k, v, scale)[0]

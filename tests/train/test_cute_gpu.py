@@ -29,20 +29,35 @@ def test_gpu_quack_and_fa4_are_usable():
     assert fa4_attn.unavailable() is None, fa4_attn.unavailable()
 
 
-def test_gpu_fa4_matches_cudnn_attention():
+@pytest.mark.parametrize("layout", ["contiguous", "views"])
+def test_gpu_fa4_matches_cudnn_attention(layout):
     """Causal GQA attention at h200's shapes (B=16, T=1024, 8 heads over 4, D=64) in bf16: output and
     gradients against SDPA (cuDNN) in bf16, both measured against float32 math attention: FA4 no
-    farther from it than 1.5× cuDNN's error (and within 2e-2 relative)."""
+    farther from it than 1.5× cuDNN's error (and within 2e-2 relative). ``views``: FA4's inputs as
+    the step hands them over, uncopied: q, k, v slices of one [B, T, (8 + 4 + 4)·64] projection
+    output and d out a transposed view of a [B, H, T, D] tensor (xsa's backward)."""
     g = torch.Generator().manual_seed(2)
     q = torch.randn(16, 1024, 8, 64, generator=g).cuda()
     k, v = (torch.randn(16, 1024, 4, 64, generator=g).cuda() for _ in range(2))
     do = torch.randn(16, 1024, 8, 64, generator=g).cuda()
 
+    def leaves(dtype):
+        if layout == "contiguous":
+            return [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        qkv = torch.cat([t.flatten(2) for t in (q, k, v)], -1).to(dtype).requires_grad_()  # a new leaf
+        return [qkv, *(t.view(16, 1024, -1, 64) for t in qkv.split([512, 256, 256], -1))]
+
     def run(f, dtype):
-        inp = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        inp = leaves(dtype)
+        if len(inp) == 4:  # the projection's output and its three views
+            root, inp = inp[0], inp[1:]
+            assert not inp[2].is_contiguous()
+            out = f(*inp)
+            out.backward(do.to(dtype).transpose(1, 2).contiguous().transpose(1, 2))
+            return [out.detach().float(), *(t.float() for t in root.grad.split([512, 256, 256], -1))]
         out = f(*inp)
         out.backward(do.to(dtype))
-        return [out.detach().float()] + [t.grad.float() for t in inp]
+        return [out.detach().float()] + [t.grad.float().flatten(2) for t in inp]
 
     def sdpa(a, b, c):
         return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (a, b, c)), is_causal=True,
