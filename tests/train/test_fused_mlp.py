@@ -46,6 +46,28 @@ def test_mlp_fusion_binds_and_off_cuda_is_the_model_mlp(activation):
     assert all(type(b.mlp) is MLP for b in model.blocks)
 
 
+@pytest.mark.parametrize("quack_loads", [True, False])
+def test_bind_loads_quack_before_any_compile(monkeypatch, quack_loads):
+    """The bug the H100 found (2026-12-07): quack imported and LeakyReLU² registered inside the
+    compiled forward, a side effect dynamo replays only after the graph ran, so quack's kernels
+    raised KeyError 'leaky_relu_sq'. ``bind`` must load them eagerly where CUDA is, and still bind
+    (refusing is the trainer's job) where quack cannot load."""
+    calls = []
+
+    def load():
+        calls.append(1)
+        if not quack_loads:
+            raise ImportError("no quack here")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fused_mlp, "_mlp_func", load)
+    model = _model()
+    fused_mlp.bind(model, False)
+    assert calls == []
+    fused_mlp.bind(model, True)
+    assert calls == [1] and all(type(b.mlp) is fused_mlp.FusedMLP for b in model.blocks)
+
+
 def test_quack_activation_names_follow_the_model():
     assert fused_mlp.QUACK_ACT[True] == "leaky_relu_sq" and fused_mlp.QUACK_ACT[False] == "relu_sq"
     assert fused_mlp.unavailable("cpu") is not None
