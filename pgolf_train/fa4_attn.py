@@ -49,7 +49,7 @@ def _reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, T
     """The ops' CPU path: (out [B, T, H, D] in q's dtype, lse [B, H, T] float32)."""
     p, lse, g = _probs(q, k, scale)
     out = p @ v.to(p.dtype).transpose(1, 2).repeat_interleave(g, 1)
-    return out.transpose(1, 2).to(q.dtype), lse.float()
+    return out.transpose(1, 2).to(q.dtype).contiguous(), lse.float()
 
 
 def _reference_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -64,12 +64,14 @@ def _reference_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: floa
     dq = ds @ kf
     dk = (ds.transpose(-1, -2) @ q.to(p.dtype).transpose(1, 2)).view(B, KV, g, T, D).sum(2)
     dv = (p.transpose(-1, -2) @ dof).view(B, KV, g, T, D).sum(2)
-    return tuple(t.transpose(1, 2).to(ref.dtype) for t, ref in ((dq, q), (dk, k), (dv, v)))
+    return tuple(t.transpose(1, 2).to(ref.dtype).contiguous() for t, ref in ((dq, q), (dk, k), (dv, v)))
 
 
 @torch.library.custom_op("pgolf::fa4_attn", mutates_args=())
 def _fa4_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """q [B, T, H, D], k and v [B, T, KV, D] → (out [B, T, H, D], lse [B, H, T] float32), causal."""
+    """q [B, T, H, D], k and v [B, T, KV, D] (any strides) → (out [B, T, H, D] contiguous, lse [B, H, T]
+    float32), causal. Every output of both ops is contiguous whatever the inputs' layout: the fake
+    implementations say so, and torch.compile indexes the outputs by what they say."""
     if not q.is_cuda:
         return _reference(q, k, v, scale)
     out, lse = _interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True)[:2]
@@ -79,22 +81,23 @@ def _fa4_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tens
 @_fa4_op.register_fake
 def _(q, k, v, scale):
     B, T, H, _ = q.shape
-    return torch.empty_like(q), q.new_empty(B, H, T, dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(B, H, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("pgolf::fa4_attn_bwd", mutates_args=())
 def _fa4_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of ``_fa4_op``'s out given d out (all [B, T, heads, D])."""
+    """(dq, dk, dv) of ``_fa4_op``'s out given d out (all [B, T, heads, D]; the gradients contiguous)."""
     if not q.is_cuda:
         return _reference_backward(do, q, k, v, scale)
-    dq, dk, dv = _interface()._flash_attn_bwd(q, k, v, out, do, lse, scale, True)[:3]
-    return dq, dk, dv
+    grads = [t.new_empty(t.shape) for t in (q, k, v)]  # its own would take q's, k's and v's strides
+    _interface()._flash_attn_bwd(q, k, v, out, do, lse, scale, True, dq=grads[0], dk=grads[1], dv=grads[2])
+    return tuple(grads)
 
 
 @_fa4_bwd_op.register_fake
 def _(do, q, k, v, out, lse, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output):

@@ -67,3 +67,29 @@ def test_fa4_is_refused_where_it_cannot_run(tiny_data, sp1024, tmp_path):
     with pytest.raises(ConfigError, match="fused: 'fa4' cannot run here: "):
         train(cfg, tiny_data, sp1024, tmp_path / "run", scorer=Scorer(), echo=False)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_fa4_outputs_are_contiguous_whatever_the_inputs_layout():
+    """The kernels now take strided inputs as they are, so the ops must not let an output's layout
+    follow an input's: the fake implementations say contiguous, and torch.compile indexes the real
+    outputs by that. q here is a permuted dense tensor (the layout without fused qk), k and v views
+    of one buffer; eager and compiled agree, forward and backward."""
+    torch.manual_seed(0)
+    B, T = 2, 16
+    q = torch.randn(B, 4, T, 8).transpose(1, 2).requires_grad_()
+    kv = torch.randn(B, T, 32, requires_grad=True)
+    k, v = (t.view(B, T, 2, 8) for t in kv.split(16, -1))
+    out, lse = fa4_attn._fa4_op(q, k, v, 8 ** -0.5)
+    assert out.is_contiguous() and lse.is_contiguous()
+    assert all(g.is_contiguous() for g in fa4_attn._fa4_bwd_op(out.transpose(1, 2).contiguous().transpose(1, 2),
+                                                               q, k, v, out, lse, 8 ** -0.5))
+
+    def f(a, b, c):
+        return (fa4_attn.fa4_attention(a, b, c, None) * torch.arange(8.0)).sum(-1).transpose(1, 2).reshape(B, -1)
+
+    def run(fn):
+        y = fn(q, *(t.view(B, T, 2, 8) for t in kv.split(16, -1)))
+        return [y.detach(), *torch.autograd.grad(y.square().sum(), (q, kv))]
+
+    for a, b in zip(run(f), run(torch.compile(f, fullgraph=True, dynamic=False))):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
