@@ -107,13 +107,10 @@ def bind(model: torch.nn.Module, on: bool) -> None:
     ``on`` with CUDA here imports quack and registers LeakyReLU² now, before any ``torch.compile``:
     traced inside the compiled forward, the registration is a side effect dynamo replays only after
     the graph has run, so quack's kernels looked ``leaky_relu_sq`` up in tables that lacked it (a
-    ``KeyError`` on the H100, 2026-12-07). Without quack this does nothing: the trainer refuses
-    ``mlp`` with the reason (``unavailable``), and off CUDA the module runs the model's ops."""
-    if on and torch.cuda.is_available():
-        try:
-            _mlp_func()
-        except Exception:  # ImportError, or the CuTe DSL failing to load: unavailable() names it
-            pass
+    ``KeyError`` on the H100, 2026-12-07). Where quack cannot run this loads nothing: the trainer
+    refuses ``mlp`` with the reason ``unavailable`` gives, and off CUDA the module runs the model's ops."""
+    if on:
+        unavailable()  # loads quack where it can run; the reason it cannot is the trainer's to report
     for m in model.modules():
         if type(m) in (MLP, FusedMLP):
             m.__class__ = FusedMLP if on else MLP

@@ -60,6 +60,7 @@ def test_bind_loads_quack_before_any_compile(monkeypatch, quack_loads):
             raise ImportError("no quack here")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(fused_mlp, "_mlp_func", load)
     model = _model()
     fused_mlp.bind(model, False)
